@@ -1,0 +1,64 @@
+// The GPTQ solver: Hessian preparation and lazy-batch column quantization
+// with error feedback (Frantar et al., 2022), on the CPU.
+#pragma once
+
+#include <cstdint>
+
+#include "gptqkit/status.h"
+#include "gptqkit/tensor.h"
+
+namespace gptqkit {
+
+struct QuantizeOptions {
+  int bits = 4;              // 2, 3, 4 or 8
+  int64_t group_size = 128;  // -1: one group per output channel; else > 0 (last group may be partial)
+  bool sym = true;           // symmetric grid, zero point (maxq + 1) / 2
+  bool desc_act = false;     // act-order: quantize columns by descending diag(H)
+  bool static_groups = false;// group grids from the unpermuted weight, fixed before the sweep
+  double damp_percent = 0.01;// lambda = damp_percent * mean(diag H)
+  int64_t block_size = 128;  // lazy-batch width
+  int max_damp_retries = 8;  // extra attempts, each with 3x the damping, capped at 100 %
+};
+
+// Outputs, all preallocated by the caller, contiguous, on the CPU:
+//   codes  uint8 [N, K]     integer codes in the original column order
+//   scales float32 [G, N]   G = 1 if group_size == -1 else ceil(K / group_size)
+//   zeros  int32 [G, N]     true zero points (not the v1 "zero - 1")
+//   g_idx  int32 [K]        group of every original input column
+//   perm   int64 [K]        processing order (identity without desc_act)
+struct QuantizeOutputs {
+  TensorView codes, scales, zeros, g_idx, perm;
+};
+
+struct QuantizeStats {
+  double loss = 0.0;          // sum over entries of (w - q)^2 / d^2 / 2, as GPTQ prints it
+  double damp_percent_used = 0.0;
+  double damp_lambda = 0.0;   // absolute damping added to diag(H)
+  int damp_attempts = 0;      // 1 when the first damping worked
+  int64_t dead_columns = 0;   // inputs with H_ii == 0 (weights zeroed)
+};
+
+int64_t num_groups(int64_t in_features, int64_t group_size);
+
+// Checks option values; the message names the offending option.
+Status validate_options(const QuantizeOptions& options);
+
+// Quantizes W [N, K] (float32, float16 or bfloat16) given H [K, K] (float32 or
+// float64, symmetric). W and H are only read.
+//
+// Group grids when group_size < block_size: a group that starts inside a lazy
+// block takes its min/max from the weights as they stood at the start of that
+// block (the rule of the reference GPTQ implementation), not from weights
+// already updated by earlier columns of the same block.
+Status quantize_weight(const TensorView& weight, const TensorView& hessian,
+                       const QuantizeOptions& options, const QuantizeOutputs& out,
+                       QuantizeStats* stats);
+
+// H^-1 preparation on its own (used by quantize_weight; exposed for tests):
+// fills upper [K, K] float32 with U, the upper Cholesky factor of
+// (H + lambda I)^-1 (H^-1 = U^T U). Dead inputs must already have H_ii = 1.
+Status inverse_hessian_upper_factor(const TensorView& hessian, double damp_percent,
+                                    int max_retries, const TensorView& upper,
+                                    QuantizeStats* stats);
+
+}  // namespace gptqkit

@@ -1,0 +1,123 @@
+#include "gptqkit/hessian.h"
+
+#include <algorithm>
+#include <limits>
+#include <string>
+
+#include "blas.h"
+#include "checks.h"
+#include "half.h"
+
+namespace gptqkit {
+namespace {
+
+// Rows converted per BLAS call for 16-bit input or float64 accumulation:
+// bounds the scratch buffer to rows * K elements.
+constexpr int64_t kChunkRows = 2048;
+
+template <typename Out>
+void convert_rows(const TensorView& x, int64_t row0, int64_t rows, int64_t k, Out* dst) {
+  const int64_t count = rows * k;
+  const int64_t offset = row0 * k;
+  switch (x.dtype) {
+    case DType::kFloat32: {
+      const float* src = static_cast<const float*>(x.data) + offset;
+      for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<Out>(src[i]);
+      break;
+    }
+    case DType::kFloat16: {
+      const uint16_t* src = static_cast<const uint16_t*>(x.data) + offset;
+      for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<Out>(fp16_to_float(src[i]));
+      break;
+    }
+    case DType::kBFloat16: {
+      const uint16_t* src = static_cast<const uint16_t*>(x.data) + offset;
+      for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<Out>(bf16_to_float(src[i]));
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+}  // namespace
+
+HessianAccumulator::HessianAccumulator(int64_t in_features, AccumulateType acc)
+    : k_(in_features), acc_(acc) {}
+
+void HessianAccumulator::reset() {
+  n_ = 0;
+  std::fill(h32_.begin(), h32_.end(), 0.0f);
+  std::fill(h64_.begin(), h64_.end(), 0.0);
+}
+
+Status HessianAccumulator::add_batch(const TensorView& x) {
+  if (k_ <= 0 || k_ > std::numeric_limits<int>::max())
+    return Status::InvalidArgument("in_features: must be in [1, 2^31), got " + std::to_string(k_));
+  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(x, "x"));
+  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(x, "x", {DType::kFloat32, DType::kFloat16, DType::kBFloat16}));
+  if (x.ndim < 1 || x.ndim > 3 || x.shape[x.ndim - 1] != k_)
+    return Status::InvalidArgument("x: expected shape [rows, " + std::to_string(k_) + "] or [batch, seq, " +
+                                   std::to_string(k_) + "], got " + shape_string(x));
+  GPTQKIT_RETURN_IF_ERROR(checks::all_finite(x, "x"));
+  const int64_t rows = x.numel() / k_;
+  if (rows == 0) return Status::Ok();
+
+  const int k = static_cast<int>(k_);
+  const bool fp64 = acc_ == AccumulateType::kFloat64;
+  if (fp64 && h64_.empty()) h64_.assign(static_cast<size_t>(k_ * k_), 0.0);
+  if (!fp64 && h32_.empty()) h32_.assign(static_cast<size_t>(k_ * k_), 0.0f);
+
+  // Running formulation of GPTQ: H <- H * n/(n+b) + (2/(n+b)) X^T X.
+  const int64_t n_new = n_ + rows;
+  const double alpha = 2.0 / static_cast<double>(n_new);
+  double beta = static_cast<double>(n_) / static_cast<double>(n_new);
+
+  // The buffer is column-major K x K; row-major X [rows, K] is the column-major
+  // K x rows matrix A, and X^T X = A A^T: syrk with trans = 'N'.
+  for (int64_t row0 = 0; row0 < rows; row0 += kChunkRows) {
+    const int64_t chunk = std::min(kChunkRows, rows - row0);
+    const int c = static_cast<int>(chunk);
+    if (fp64) {
+      convert64_.resize(static_cast<size_t>(chunk * k_));
+      convert_rows(x, row0, chunk, k_, convert64_.data());
+      blas::dsyrk('U', 'N', k, c, alpha, convert64_.data(), k, beta, h64_.data(), k);
+    } else if (x.dtype == DType::kFloat32) {
+      const float* a = static_cast<const float*>(x.data) + row0 * k_;
+      blas::ssyrk('U', 'N', k, c, static_cast<float>(alpha), a, k, static_cast<float>(beta), h32_.data(), k);
+    } else {
+      convert32_.resize(static_cast<size_t>(chunk * k_));
+      convert_rows(x, row0, chunk, k_, convert32_.data());
+      blas::ssyrk('U', 'N', k, c, static_cast<float>(alpha), convert32_.data(), k, static_cast<float>(beta),
+                  h32_.data(), k);
+    }
+    beta = 1.0;  // later chunks of the same batch only add
+  }
+  n_ = n_new;
+  return Status::Ok();
+}
+
+Status HessianAccumulator::hessian(const TensorView& out) const {
+  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(out, "out"));
+  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(out, "out", {DType::kFloat32, DType::kFloat64}));
+  GPTQKIT_RETURN_IF_ERROR(checks::shape_is(out, "out", {k_, k_}));
+  const int64_t k = k_;
+  auto read = [&](int64_t r, int64_t c) -> double {
+    if (n_ == 0) return 0.0;
+    const int64_t lo = std::min(r, c), hi = std::max(r, c);  // upper triangle, column-major
+    const size_t idx = static_cast<size_t>(lo + hi * k);
+    return acc_ == AccumulateType::kFloat64 ? h64_[idx] : static_cast<double>(h32_[idx]);
+  };
+  if (out.dtype == DType::kFloat64) {
+    double* o = static_cast<double*>(out.data);
+    for (int64_t r = 0; r < k; ++r)
+      for (int64_t c = 0; c < k; ++c) o[r * k + c] = read(r, c);
+  } else {
+    float* o = static_cast<float*>(out.data);
+    for (int64_t r = 0; r < k; ++r)
+      for (int64_t c = 0; c < k; ++c) o[r * k + c] = static_cast<float>(read(r, c));
+  }
+  return Status::Ok();
+}
+
+}  // namespace gptqkit

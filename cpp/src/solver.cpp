@@ -1,0 +1,314 @@
+#include "gptqkit/solver.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "blas.h"
+#include "checks.h"
+#include "cholesky.h"
+#include "half.h"
+#include "parallel.h"
+#include "quantizer.h"
+
+namespace gptqkit {
+
+int64_t num_groups(int64_t in_features, int64_t group_size) {
+  if (group_size <= 0) return 1;
+  return std::max<int64_t>(1, (in_features + group_size - 1) / group_size);
+}
+
+Status validate_options(const QuantizeOptions& o) {
+  GPTQKIT_RETURN_IF_ERROR(checks::bits_supported(o.bits));
+  if (o.group_size == 0 || o.group_size < -1)
+    return Status::InvalidArgument("group_size: expected -1 (per output channel) or a positive value, got " +
+                                   std::to_string(o.group_size));
+  if (o.block_size <= 0 || o.block_size > (1 << 16))
+    return Status::InvalidArgument("block_size: expected a value in [1, 65536], got " + std::to_string(o.block_size));
+  if (!(o.damp_percent >= 0.0) || !std::isfinite(o.damp_percent))
+    return Status::InvalidArgument("damp_percent: expected a finite value >= 0, got " + std::to_string(o.damp_percent));
+  if (o.max_damp_retries < 0 || o.max_damp_retries > 64)
+    return Status::InvalidArgument("max_damp_retries: expected a value in [0, 64], got " +
+                                   std::to_string(o.max_damp_retries));
+  return Status::Ok();
+}
+
+Status inverse_hessian_upper_factor(const TensorView& hessian, double damp_percent, int max_retries,
+                                    const TensorView& upper, QuantizeStats* stats) {
+  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(hessian, "hessian"));
+  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(hessian, "hessian", {DType::kFloat32, DType::kFloat64}));
+  GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(hessian, "hessian", 2));
+  const int64_t k = hessian.shape[0];
+  if (k <= 0) return Status::InvalidArgument("hessian: expected a non-empty square matrix, got " + shape_string(hessian));
+  GPTQKIT_RETURN_IF_ERROR(checks::shape_is(hessian, "hessian", {k, k}));
+  GPTQKIT_RETURN_IF_ERROR(checks::all_finite(hessian, "hessian"));
+  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(upper, "upper"));
+  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(upper, "upper", {DType::kFloat32}));
+  GPTQKIT_RETURN_IF_ERROR(checks::shape_is(upper, "upper", {k, k}));
+  if (!(damp_percent >= 0.0) || !std::isfinite(damp_percent))
+    return Status::InvalidArgument("damp_percent: expected a finite value >= 0");
+  try {
+    return detail::inverse_upper_factor(hessian.data, hessian.dtype == DType::kFloat64, k, nullptr, nullptr,
+                                        damp_percent, max_retries, static_cast<float*>(upper.data), stats);
+  } catch (const std::bad_alloc&) {
+    return Status::Internal("out of memory preparing the inverse Hessian");
+  }
+}
+
+namespace {
+
+void load_weight(const TensorView& w, std::vector<float>& dst) {
+  const int64_t n = w.numel();
+  dst.resize(static_cast<size_t>(n));
+  switch (w.dtype) {
+    case DType::kFloat32: std::copy_n(static_cast<const float*>(w.data), n, dst.data()); break;
+    case DType::kFloat64: {
+      const double* p = static_cast<const double*>(w.data);
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(p[i]);
+      break;
+    }
+    case DType::kFloat16: {
+      const uint16_t* p = static_cast<const uint16_t*>(w.data);
+      for (int64_t i = 0; i < n; ++i) dst[i] = fp16_to_float(p[i]);
+      break;
+    }
+    case DType::kBFloat16: {
+      const uint16_t* p = static_cast<const uint16_t*>(w.data);
+      for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(p[i]);
+      break;
+    }
+    default: break;
+  }
+}
+
+Status validate_outputs(const QuantizeOutputs& out, int64_t n, int64_t k, int64_t g) {
+  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(out.codes, "codes"));
+  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(out.codes, "codes", {DType::kUInt8}));
+  GPTQKIT_RETURN_IF_ERROR(checks::shape_is(out.codes, "codes", {n, k}));
+  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(out.scales, "scales"));
+  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(out.scales, "scales", {DType::kFloat32}));
+  GPTQKIT_RETURN_IF_ERROR(checks::shape_is(out.scales, "scales", {g, n}));
+  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(out.zeros, "zeros"));
+  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(out.zeros, "zeros", {DType::kInt32}));
+  GPTQKIT_RETURN_IF_ERROR(checks::shape_is(out.zeros, "zeros", {g, n}));
+  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(out.g_idx, "g_idx"));
+  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(out.g_idx, "g_idx", {DType::kInt32}));
+  GPTQKIT_RETURN_IF_ERROR(checks::shape_is(out.g_idx, "g_idx", {k}));
+  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(out.perm, "perm"));
+  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(out.perm, "perm", {DType::kInt64}));
+  GPTQKIT_RETURN_IF_ERROR(checks::shape_is(out.perm, "perm", {k}));
+  return Status::Ok();
+}
+
+// The GPTQ sweep proper, on validated inputs. `w` is the weight in processing
+// order ([N, K] row-major, dead columns zeroed), `u` the upper factor of H^-1
+// in processing order.
+class ColumnSweep {
+ public:
+  ColumnSweep(const QuantizeOptions& o, int64_t n, int64_t k, std::vector<float>& w, const float* u,
+              const std::vector<int64_t>& perm, const std::vector<Grid>& fixed_grids,
+              const QuantizeOutputs& out)
+      : o_(o), n_(n), k_(k), w_(w), u_(u), perm_(perm), fixed_(fixed_grids), out_(out),
+        maxq_((1 << o.bits) - 1), row_loss_(static_cast<size_t>(n), 0.0) {}
+
+  double run() {
+    const int64_t block = std::min(o_.block_size, k_);
+    err_.resize(static_cast<size_t>(n_ * block));
+    for (int64_t i1 = 0; i1 < k_; i1 += block) {
+      const int64_t i2 = std::min(i1 + block, k_);
+      const int64_t width = i2 - i1;
+      // Rows are independent given H^-1: each thread sweeps its rows through
+      // the block with the row's working copy in L1 and the block's rows of U
+      // (at most 128 x 128 floats) shared in L2.
+      parallel_for(n_, 8, [&](int64_t r0, int64_t r1) {
+        std::vector<float> w1(static_cast<size_t>(width));
+        for (int64_t r = r0; r < r1; ++r) sweep_row(r, i1, width, w1.data());
+      });
+      if (i2 < k_) {
+        // Lazy batch update W[:, i2:] -= Err1 @ U[i1:i2, i2:], as one BLAS
+        // call (row-major operands seen column-major, hence the order).
+        blas::sgemm('N', 'N', static_cast<int>(k_ - i2), static_cast<int>(n_), static_cast<int>(width), -1.0f,
+                    u_ + i1 * k_ + i2, static_cast<int>(k_), err_.data(), static_cast<int>(width), 1.0f,
+                    w_.data() + i2, static_cast<int>(k_));
+      }
+    }
+    return std::accumulate(row_loss_.begin(), row_loss_.end(), 0.0) / 2.0;
+  }
+
+ private:
+  void sweep_row(int64_t r, int64_t i1, int64_t width, float* w1) {
+    const float* wrow = w_.data() + r * k_;  // state at the start of this block
+    std::copy_n(wrow + i1, width, w1);
+    float* err = err_.data() + r * width;
+    uint8_t* codes = static_cast<uint8_t*>(out_.codes.data) + r * k_;
+    float* scales = static_cast<float*>(out_.scales.data);
+    int32_t* zeros = static_cast<int32_t*>(out_.zeros.data);
+    double loss = 0.0;
+    Grid grid = o_.group_size < 0 ? fixed_[static_cast<size_t>(r)] : Grid{1.0f, 0};
+    for (int64_t i = 0; i < width; ++i) {
+      const int64_t col = i1 + i;
+      if (o_.group_size > 0) {
+        if (o_.static_groups) {
+          const int64_t g = perm_[static_cast<size_t>(col)] / o_.group_size;
+          grid = fixed_[static_cast<size_t>(g * n_ + r)];
+        } else if (col % o_.group_size == 0) {
+          // Block-start weights (wrow), not w1: the reference GPTQ rule.
+          const int64_t end = std::min(col + o_.group_size, k_);
+          grid = min_max_grid(wrow + col, end - col, maxq_, o_.sym);
+          const int64_t g = col / o_.group_size;
+          scales[g * n_ + r] = grid.scale;
+          zeros[g * n_ + r] = grid.zero;
+        }
+      }
+      const float x = w1[i];
+      const int32_t code = quantize_code(x, grid, maxq_);
+      const float q = dequantize_code(code, grid);
+      const float* urow = u_ + col * k_ + i1;
+      const float d = urow[i];
+      const float e = (x - q) / d;
+      loss += static_cast<double>(e) * static_cast<double>(e);
+      err[i] = e;
+      codes[perm_[static_cast<size_t>(col)]] = static_cast<uint8_t>(code);
+      for (int64_t j = i + 1; j < width; ++j) w1[j] -= e * urow[j];
+    }
+    row_loss_[static_cast<size_t>(r)] += loss;
+  }
+
+  const QuantizeOptions& o_;
+  const int64_t n_, k_;
+  std::vector<float>& w_;
+  const float* u_;
+  const std::vector<int64_t>& perm_;
+  const std::vector<Grid>& fixed_;
+  const QuantizeOutputs& out_;
+  const int maxq_;
+  std::vector<double> row_loss_;
+  std::vector<float> err_;
+};
+
+Status quantize_impl(const TensorView& weight, const TensorView& hessian, const QuantizeOptions& o,
+                     const QuantizeOutputs& out, QuantizeStats* stats) {
+  GPTQKIT_RETURN_IF_ERROR(validate_options(o));
+  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(weight, "weight"));
+  GPTQKIT_RETURN_IF_ERROR(
+      checks::dtype_is(weight, "weight", {DType::kFloat32, DType::kFloat16, DType::kBFloat16, DType::kFloat64}));
+  GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(weight, "weight", 2));
+  const int64_t n = weight.shape[0], k = weight.shape[1];
+  if (n <= 0 || k <= 0)
+    return Status::InvalidArgument("weight: expected a non-empty [out_features, in_features] matrix, got " +
+                                   shape_string(weight));
+  if (n > std::numeric_limits<int>::max() || k > std::numeric_limits<int>::max())
+    return Status::InvalidArgument("weight: dimensions must be below 2^31, got " + shape_string(weight));
+  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(hessian, "hessian"));
+  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(hessian, "hessian", {DType::kFloat32, DType::kFloat64}));
+  if (hessian.ndim != 2 || hessian.shape[0] != k || hessian.shape[1] != k)
+    return Status::InvalidArgument("hessian: expected shape [" + std::to_string(k) + ", " + std::to_string(k) +
+                                   "] to match weight " + shape_string(weight) + " (in_features = " +
+                                   std::to_string(k) + "), got " + shape_string(hessian));
+  const int64_t g = o.group_size > 0 ? num_groups(k, o.group_size) : 1;
+  GPTQKIT_RETURN_IF_ERROR(validate_outputs(out, n, k, g));
+  GPTQKIT_RETURN_IF_ERROR(checks::all_finite(weight, "weight"));
+  GPTQKIT_RETURN_IF_ERROR(checks::all_finite(hessian, "hessian"));
+
+  const int maxq = (1 << o.bits) - 1;
+  std::vector<float> w;
+  load_weight(weight, w);
+
+  // Dead inputs (never active in calibration): H_ii = 1 and weights zeroed.
+  const bool h64 = hessian.dtype == DType::kFloat64;
+  auto hdiag = [&](int64_t i) {
+    return h64 ? static_cast<const double*>(hessian.data)[i * k + i]
+               : static_cast<double>(static_cast<const float*>(hessian.data)[i * k + i]);
+  };
+  std::vector<uint8_t> dead(static_cast<size_t>(k), 0);
+  std::vector<double> diag(static_cast<size_t>(k));
+  int64_t dead_count = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    diag[i] = hdiag(i);
+    if (diag[i] == 0.0) {
+      dead[i] = 1;
+      diag[i] = 1.0;
+      ++dead_count;
+    }
+  }
+  if (dead_count > 0)
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t i = 0; i < k; ++i)
+        if (dead[i]) w[static_cast<size_t>(r * k + i)] = 0.0f;
+
+  // Grids fixed before the sweep: per output channel, or static groups taken
+  // from the unpermuted weight.
+  std::vector<Grid> fixed;
+  float* scales = static_cast<float*>(out.scales.data);
+  int32_t* zeros = static_cast<int32_t*>(out.zeros.data);
+  if (o.group_size < 0) {
+    fixed.resize(static_cast<size_t>(n));
+    for (int64_t r = 0; r < n; ++r) {
+      fixed[r] = min_max_grid(w.data() + r * k, k, maxq, o.sym);
+      scales[r] = fixed[r].scale;
+      zeros[r] = fixed[r].zero;
+    }
+  } else if (o.static_groups) {
+    fixed.resize(static_cast<size_t>(g * n));
+    for (int64_t gi = 0; gi < g; ++gi) {
+      const int64_t c0 = gi * o.group_size, c1 = std::min(k, c0 + o.group_size);
+      for (int64_t r = 0; r < n; ++r) {
+        const Grid grid = min_max_grid(w.data() + r * k + c0, c1 - c0, maxq, o.sym);
+        fixed[static_cast<size_t>(gi * n + r)] = grid;
+        scales[gi * n + r] = grid.scale;
+        zeros[gi * n + r] = grid.zero;
+      }
+    }
+  }
+
+  std::vector<int64_t> perm(static_cast<size_t>(k));
+  std::iota(perm.begin(), perm.end(), 0);
+  if (o.desc_act)
+    std::stable_sort(perm.begin(), perm.end(), [&](int64_t a, int64_t b) { return diag[a] > diag[b]; });
+  std::copy(perm.begin(), perm.end(), static_cast<int64_t*>(out.perm.data));
+
+  int32_t* g_idx = static_cast<int32_t*>(out.g_idx.data);
+  for (int64_t j = 0; j < k; ++j) {
+    if (o.group_size < 0) g_idx[j] = 0;
+    else if (o.static_groups || !o.desc_act) g_idx[j] = static_cast<int32_t>(j / o.group_size);
+    else g_idx[perm[j]] = static_cast<int32_t>(j / o.group_size);
+  }
+
+  if (o.desc_act) {
+    std::vector<float> row(static_cast<size_t>(k));
+    for (int64_t r = 0; r < n; ++r) {
+      float* wr = w.data() + r * k;
+      for (int64_t j = 0; j < k; ++j) row[j] = wr[perm[j]];
+      std::copy(row.begin(), row.end(), wr);
+    }
+  }
+
+  QuantizeStats local;
+  local.dead_columns = dead_count;
+  std::vector<float> upper(static_cast<size_t>(k * k));
+  GPTQKIT_RETURN_IF_ERROR(detail::inverse_upper_factor(hessian.data, h64, k, perm.data(), dead.data(),
+                                                       o.damp_percent, o.max_damp_retries, upper.data(), &local));
+
+  ColumnSweep sweep(o, n, k, w, upper.data(), perm, fixed, out);
+  local.loss = sweep.run();
+  if (stats) *stats = local;
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status quantize_weight(const TensorView& weight, const TensorView& hessian, const QuantizeOptions& options,
+                       const QuantizeOutputs& out, QuantizeStats* stats) {
+  try {
+    return quantize_impl(weight, hessian, options, out, stats);
+  } catch (const std::bad_alloc&) {
+    return Status::Internal("out of memory while quantizing a weight of shape " + shape_string(weight));
+  } catch (const std::exception& e) {
+    return Status::Internal(std::string("internal error while quantizing: ") + e.what());
+  }
+}
+
+}  // namespace gptqkit
