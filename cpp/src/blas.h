@@ -30,6 +30,9 @@ void GPTQKIT_BLAS_FN(dpotrf_)(const char* uplo, const int* n, double* a, const i
                               size_t);
 void GPTQKIT_BLAS_FN(dtrtri_)(const char* uplo, const char* diag, const int* n, double* a,
                               const int* lda, int* info, size_t, size_t);
+// OpenBLAS thread control; weak so other providers (which lack it) still link.
+void GPTQKIT_BLAS_FN(openblas_set_num_threads)(int) __attribute__((weak));
+int GPTQKIT_BLAS_FN(openblas_get_num_threads)(void) __attribute__((weak));
 }
 
 namespace gptqkit::blas {
@@ -59,5 +62,30 @@ inline int dtrtri(char uplo, char diag, int n, double* a, int lda) {
   GPTQKIT_BLAS_FN(dtrtri_)(&uplo, &diag, &n, a, &lda, &info, 1, 1);
   return info;
 }
+
+// Limits the BLAS provider's own threads for a scope. Why: OpenBLAS's threaded
+// potrf/trtri run 2-6x slower than single-threaded on small core counts, and
+// where gptqkit parallelises over rows itself each worker must call a
+// single-threaded BLAS. No effect with providers other than OpenBLAS. The
+// setting is process-wide: concurrent quantize calls from several threads
+// share it.
+class ScopedBlasThreads {
+ public:
+  explicit ScopedBlasThreads(int threads) {
+    if (&GPTQKIT_BLAS_FN(openblas_set_num_threads) != nullptr &&
+        &GPTQKIT_BLAS_FN(openblas_get_num_threads) != nullptr) {
+      previous_ = GPTQKIT_BLAS_FN(openblas_get_num_threads)();
+      GPTQKIT_BLAS_FN(openblas_set_num_threads)(threads);
+    }
+  }
+  ~ScopedBlasThreads() {
+    if (previous_ > 0) GPTQKIT_BLAS_FN(openblas_set_num_threads)(previous_);
+  }
+  ScopedBlasThreads(const ScopedBlasThreads&) = delete;
+  ScopedBlasThreads& operator=(const ScopedBlasThreads&) = delete;
+
+ private:
+  int previous_ = 0;
+};
 
 }  // namespace gptqkit::blas

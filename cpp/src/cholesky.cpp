@@ -46,18 +46,23 @@ Status inverse_upper_factor(const void* hessian, bool hessian_is_fp64, int64_t k
     return Status::NotPositiveDefinite(msg.str());
   }
 
+  // Single-threaded LAPACK: faster than OpenBLAS's threaded potrf/trtri here.
+  blas::ScopedBlasThreads one_thread(1);
   std::vector<double> a(static_cast<size_t>(k * k));
   const double cap = std::max(1.0, damp_percent);
   double percent = damp_percent;
   int info = 0;
   for (int attempt = 1;; ++attempt) {
     const double lambda = percent * mean_diag;
-    // Column-major A(i, j) = H(K-1-i, K-1-j) (+ lambda on the diagonal); dpotrf
-    // reads the lower triangle only.
-    for (int64_t j = 0; j < k; ++j)
-      for (int64_t i = j; i < k; ++i)
-        a[static_cast<size_t>(i + j * k)] = read(k - 1 - i, k - 1 - j) + (i == j ? lambda : 0.0);
-    info = blas::dpotrf('L', static_cast<int>(k), a.data(), static_cast<int>(k));
+    // Column-major upper triangle A(i, j) = H(K-1-j, K-1-i) for i <= j: each
+    // column of A is a reversed, contiguous row of H (H is symmetric).
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t src = k - 1 - j;
+      double* col = a.data() + j * k;
+      for (int64_t i = 0; i < j; ++i) col[i] = read(src, k - 1 - i);
+      col[j] = read(src, src) + lambda;
+    }
+    info = blas::dpotrf('U', static_cast<int>(k), a.data(), static_cast<int>(k));
     if (info == 0) {
       if (stats) {
         stats->damp_percent_used = percent;
@@ -78,15 +83,17 @@ Status inverse_upper_factor(const void* hessian, bool hessian_is_fp64, int64_t k
     percent = std::min(percent > 0.0 ? percent * 3.0 : 0.01, cap);
   }
 
-  info = blas::dtrtri('L', 'N', static_cast<int>(k), a.data(), static_cast<int>(k));
+  // A = Ru^T Ru with Ru upper, so L = Ru^T and, after trtri, the column-major
+  // array holds Ru^-1 = L^-T: read flat, that is L^-1 row-major. U = J L^-1 J
+  // reverses both indices, i.e. the flat array: U[t] = a[K*K - 1 - t].
+  info = blas::dtrtri('U', 'N', static_cast<int>(k), a.data(), static_cast<int>(k));
   if (info != 0)
     return Status::NotPositiveDefinite("hessian: Cholesky factor is singular at position " + std::to_string(info));
-  // U(i, j) = Linv(K-1-i, K-1-j), upper triangular, row-major.
+  const double* last = a.data() + (k * k - 1);
   for (int64_t i = 0; i < k; ++i) {
     float* row = upper + i * k;
     for (int64_t j = 0; j < i; ++j) row[j] = 0.0f;
-    for (int64_t j = i; j < k; ++j)
-      row[j] = static_cast<float>(a[static_cast<size_t>((k - 1 - i) + (k - 1 - j) * k)]);
+    for (int64_t j = i; j < k; ++j) row[j] = static_cast<float>(*(last - (i * k + j)));
   }
   return Status::Ok();
 }

@@ -116,33 +116,45 @@ class ColumnSweep {
 
   double run() {
     const int64_t block = std::min(o_.block_size, k_);
-    err_.resize(static_cast<size_t>(n_ * block));
-    for (int64_t i1 = 0; i1 < k_; i1 += block) {
-      const int64_t i2 = std::min(i1 + block, k_);
-      const int64_t width = i2 - i1;
-      // Rows are independent given H^-1: each thread sweeps its rows through
-      // the block with the row's working copy in L1 and the block's rows of U
-      // (at most 128 x 128 floats) shared in L2.
-      parallel_for(n_, 8, [&](int64_t r0, int64_t r1) {
-        std::vector<float> w1(static_cast<size_t>(width));
-        for (int64_t r = r0; r < r1; ++r) sweep_row(r, i1, width, w1.data());
-      });
-      if (i2 < k_) {
-        // Lazy batch update W[:, i2:] -= Err1 @ U[i1:i2, i2:], as one BLAS
-        // call (row-major operands seen column-major, hence the order).
-        blas::sgemm('N', 'N', static_cast<int>(k_ - i2), static_cast<int>(n_), static_cast<int>(width), -1.0f,
-                    u_ + i1 * k_ + i2, static_cast<int>(k_), err_.data(), static_cast<int>(width), 1.0f,
-                    w_.data() + i2, static_cast<int>(k_));
+    // Rows are independent given H^-1, so each worker takes a slice of rows
+    // through the whole sweep with no synchronisation: the in-block column
+    // loop keeps a row's working copy in L1 and shares the block's rows of U
+    // in L2, and the lazy update of the slice is a single-threaded BLAS call
+    // (threads are ours, not the BLAS provider's, so they never fight).
+    blas::ScopedBlasThreads one_thread(1);
+    const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(num_threads(), (n_ + 7) / 8));
+    const int64_t slice = (n_ + workers - 1) / workers;
+    parallel_for(workers, 1, [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t r0 = w * slice, r1 = std::min(n_, r0 + slice);
+        if (r0 < r1) sweep_rows(r0, r1, block);
       }
-    }
+    });
     return std::accumulate(row_loss_.begin(), row_loss_.end(), 0.0) / 2.0;
   }
 
+  void sweep_rows(int64_t r0, int64_t r1, int64_t block) {
+    const int64_t rows = r1 - r0;
+    std::vector<float> err(static_cast<size_t>(rows * block));
+    std::vector<float> w1(static_cast<size_t>(block));
+    for (int64_t i1 = 0; i1 < k_; i1 += block) {
+      const int64_t i2 = std::min(i1 + block, k_);
+      const int64_t width = i2 - i1;
+      for (int64_t r = r0; r < r1; ++r) sweep_row(r, i1, width, w1.data(), err.data() + (r - r0) * width);
+      if (i2 < k_) {
+        // Lazy batch update W[r0:r1, i2:] -= Err1 @ U[i1:i2, i2:] (row-major
+        // operands seen column-major, hence the order).
+        blas::sgemm('N', 'N', static_cast<int>(k_ - i2), static_cast<int>(rows), static_cast<int>(width), -1.0f,
+                    u_ + i1 * k_ + i2, static_cast<int>(k_), err.data(), static_cast<int>(width), 1.0f,
+                    w_.data() + r0 * k_ + i2, static_cast<int>(k_));
+      }
+    }
+  }
+
  private:
-  void sweep_row(int64_t r, int64_t i1, int64_t width, float* w1) {
+  void sweep_row(int64_t r, int64_t i1, int64_t width, float* w1, float* err) {
     const float* wrow = w_.data() + r * k_;  // state at the start of this block
     std::copy_n(wrow + i1, width, w1);
-    float* err = err_.data() + r * width;
     uint8_t* codes = static_cast<uint8_t*>(out_.codes.data) + r * k_;
     float* scales = static_cast<float*>(out_.scales.data);
     int32_t* zeros = static_cast<int32_t*>(out_.zeros.data);
@@ -186,7 +198,6 @@ class ColumnSweep {
   const QuantizeOutputs& out_;
   const int maxq_;
   std::vector<double> row_loss_;
-  std::vector<float> err_;
 };
 
 Status quantize_impl(const TensorView& weight, const TensorView& hessian, const QuantizeOptions& o,

@@ -1,0 +1,196 @@
+// Reference dequantization of a packed GPTQ layer to a dense float32 weight:
+//   W[n, k] = scales[g_idx[k], n] * (code[n, k] - zero[g_idx[k], n]).
+// The codes are decoded straight from qweight, 32 values (one chunk of `bits`
+// words) at a time; see pack.cpp and docs/format.md for the layout.
+#include <algorithm>
+#include <exception>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "checks.h"
+#include "gptqkit/pack.h"
+#include "half.h"
+#include "parallel.h"
+
+namespace gptqkit {
+namespace {
+
+constexpr int64_t kChunk = 32;
+constexpr int64_t kColTile = 16;
+
+// BITS words -> 32 values of BITS bits, LSB first (same stream as pack.cpp).
+template <int BITS>
+inline void decode_chunk(const uint32_t* words, uint32_t* values) {
+  if constexpr (32 % BITS == 0) {  // 2, 4, 8 bits: no value straddles a word
+    constexpr int kPerWord = 32 / BITS;
+    constexpr uint32_t kMask = (1u << BITS) - 1u;
+    for (int i = 0; i < 32; ++i) values[i] = (words[i / kPerWord] >> ((i % kPerWord) * BITS)) & kMask;
+  } else {  // 3 bits: continuous stream through a 64-bit window
+    constexpr uint64_t kMask = (uint64_t{1} << BITS) - 1u;
+    uint64_t acc = 0;
+    int avail = 0;
+    int in = 0;
+    for (int i = 0; i < 32; ++i) {
+      if (avail < BITS) {
+        acc |= static_cast<uint64_t>(words[in++]) << avail;
+        avail += 32;
+      }
+      values[i] = static_cast<uint32_t>(acc & kMask);
+      acc >>= BITS;
+      avail -= BITS;
+    }
+  }
+}
+
+// Output rows [n_begin, n_end). scale_t / zero_t are [N, G] (transposed), so
+// the per-k group lookups of one output row stay within G contiguous floats.
+template <int BITS>
+void dequantize_rows(const uint32_t* q, int64_t n_dim, int64_t k_dim, int64_t w_dim, const int32_t* g_idx,
+                     const int32_t* chunk_group, int64_t g_dim, const float* scale_t, const float* zero_t,
+                     float* out, int64_t n_begin, int64_t n_end) {
+  const int64_t chunks = (k_dim + kChunk - 1) / kChunk;
+  uint32_t words[BITS];
+  uint32_t values[kChunk];
+  for (int64_t tile = n_begin; tile < n_end; tile += kColTile) {
+    const int64_t tile_end = std::min(n_end, tile + kColTile);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t k0 = c * kChunk;
+      const int64_t len = std::min(kChunk, k_dim - k0);
+      const int64_t w0 = c * BITS;
+      const int64_t wlen = std::min<int64_t>(BITS, w_dim - w0);
+      const int32_t* gi = g_idx + k0;
+      for (int64_t n = tile; n < tile_end; ++n) {
+        for (int64_t j = 0; j < wlen; ++j) words[j] = q[(w0 + j) * n_dim + n];
+        for (int64_t j = wlen; j < BITS; ++j) words[j] = 0;
+        decode_chunk<BITS>(words, values);
+        const float* s = scale_t + n * g_dim;
+        const float* z = zero_t + n * g_dim;
+        float* dst = out + n * k_dim + k0;
+        const int32_t uniform = chunk_group[c];
+        if (uniform >= 0) {  // the whole chunk in one group (no act-order): broadcast, vectorizable
+          const float sg = s[uniform];
+          const float zg = z[uniform];
+          for (int64_t i = 0; i < len; ++i) dst[i] = sg * (static_cast<float>(values[i]) - zg);
+        } else {
+          for (int64_t i = 0; i < len; ++i) {
+            const int32_t g = gi[i];
+            dst[i] = s[g] * (static_cast<float>(values[i]) - z[g]);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+Status dequantize(const TensorView& qweight, const TensorView& qzeros, const TensorView& scales,
+                  const TensorView& g_idx, int bits, ZeroFormat format, const TensorView& weight) {
+  try {
+    GPTQKIT_RETURN_IF_ERROR(checks::bits_supported(bits));
+    if (format != ZeroFormat::kV1 && format != ZeroFormat::kV2)
+      return Status::InvalidArgument("format: expected ZeroFormat::kV1 or ZeroFormat::kV2, got value " +
+                                     std::to_string(static_cast<int>(format)));
+
+    // Every argument on its own: device, contiguity, dtype, rank.
+    GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(qweight, "qweight"));
+    GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(qweight, "qweight", {DType::kInt32}));
+    GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(qweight, "qweight", 2));
+    GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(qzeros, "qzeros"));
+    GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(qzeros, "qzeros", {DType::kInt32}));
+    GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(qzeros, "qzeros", 2));
+    GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(scales, "scales"));
+    GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(scales, "scales", {DType::kFloat16, DType::kFloat32}));
+    GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(scales, "scales", 2));
+    GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(g_idx, "g_idx"));
+    GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(g_idx, "g_idx", {DType::kInt32}));
+    GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(g_idx, "g_idx", 1));
+    GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(weight, "weight"));
+    GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(weight, "weight", {DType::kFloat32}));
+    GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(weight, "weight", 2));
+
+    // Shapes, all derived from weight [N, K] and G = scales.shape[0].
+    const int64_t n_dim = weight.shape[0];
+    const int64_t k_dim = weight.shape[1];
+    const int64_t g_dim = scales.shape[0];
+    const int64_t w_dim = packed_words(k_dim, bits);
+    const int64_t zw_dim = packed_words(n_dim, bits);
+    const std::string nk = " for [N, K] = weight.shape = [" + std::to_string(n_dim) + ", " +
+                           std::to_string(k_dim) + "]";
+    auto with_reason = [](Status s, const std::string& why) {
+      return s.ok() ? s : Status::InvalidArgument(s.message() + " (" + why + ")");
+    };
+    GPTQKIT_RETURN_IF_ERROR(with_reason(checks::shape_is(qweight, "qweight", {w_dim, n_dim}),
+                                        "[packed_words(K, " + std::to_string(bits) + "), N]" + nk));
+    GPTQKIT_RETURN_IF_ERROR(with_reason(checks::shape_is(scales, "scales", {-1, n_dim}), "[G, N]" + nk));
+    GPTQKIT_RETURN_IF_ERROR(
+        with_reason(checks::shape_is(qzeros, "qzeros", {g_dim, zw_dim}),
+                    "[G, packed_words(N, " + std::to_string(bits) + ")] with G = scales.shape[0] = " +
+                        std::to_string(g_dim) + nk));
+    GPTQKIT_RETURN_IF_ERROR(with_reason(checks::shape_is(g_idx, "g_idx", {k_dim}), "[K]" + nk));
+
+    const int32_t* gi = static_cast<const int32_t*>(g_idx.data);
+    for (int64_t k = 0; k < k_dim; ++k) {
+      if (gi[k] >= 0 && gi[k] < g_dim) continue;
+      return Status::InvalidArgument("g_idx: g_idx[" + std::to_string(k) + "] = " + std::to_string(gi[k]) +
+                                     " is out of range [0, " + std::to_string(g_dim) +
+                                     ") (G = scales.shape[0] = " + std::to_string(g_dim) + ")");
+    }
+    if (n_dim == 0 || k_dim == 0) return Status::Ok();
+
+    // True zero points [G, N] through the public unpacker, then [N, G] float
+    // tables for scales and zeros.
+    std::vector<int32_t> zeros(static_cast<size_t>(g_dim * n_dim));
+    GPTQKIT_RETURN_IF_ERROR(
+        unpack_qzeros(qzeros, bits, format, make_view(zeros.data(), DType::kInt32, g_dim, n_dim)));
+    std::vector<float> scale_t(static_cast<size_t>(n_dim * g_dim));
+    std::vector<float> zero_t(static_cast<size_t>(n_dim * g_dim));
+    const bool half = scales.dtype == DType::kFloat16;
+    const uint16_t* s16 = static_cast<const uint16_t*>(scales.data);
+    const float* s32 = static_cast<const float*>(scales.data);
+    parallel_for(n_dim, 256, [&](int64_t n0, int64_t n1) {
+      for (int64_t g = 0; g < g_dim; ++g) {
+        for (int64_t n = n0; n < n1; ++n) {
+          const int64_t src = g * n_dim + n;
+          scale_t[n * g_dim + g] = half ? fp16_to_float(s16[src]) : s32[src];
+          zero_t[n * g_dim + g] = static_cast<float>(zeros[src]);
+        }
+      }
+    });
+
+    // Per 32-column chunk of K: its group if all its columns share one, else -1.
+    const int64_t chunks = (k_dim + kChunk - 1) / kChunk;
+    std::vector<int32_t> chunk_group(static_cast<size_t>(chunks));
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t k0 = c * kChunk;
+      const int64_t k1 = std::min(k_dim, k0 + kChunk);
+      int32_t g = gi[k0];
+      for (int64_t k = k0 + 1; k < k1 && g >= 0; ++k)
+        if (gi[k] != g) g = -1;
+      chunk_group[c] = g;
+    }
+
+    const uint32_t* q = static_cast<const uint32_t*>(qweight.data);
+    float* out = static_cast<float*>(weight.data);
+    auto run = [&](auto b) {
+      constexpr int B = decltype(b)::value;
+      parallel_for(n_dim, kColTile, [&](int64_t n0, int64_t n1) {
+        dequantize_rows<B>(q, n_dim, k_dim, w_dim, gi, chunk_group.data(), g_dim, scale_t.data(), zero_t.data(), out, n0, n1);
+      });
+    };
+    switch (bits) {
+      case 2: run(std::integral_constant<int, 2>{}); break;
+      case 3: run(std::integral_constant<int, 3>{}); break;
+      case 4: run(std::integral_constant<int, 4>{}); break;
+      default: run(std::integral_constant<int, 8>{}); break;
+    }
+    return Status::Ok();
+  } catch (const std::exception& e) {
+    return Status::Internal(std::string("dequantize: ") + e.what());
+  } catch (...) {
+    return Status::Internal("dequantize: unknown exception");
+  }
+}
+
+}  // namespace gptqkit
