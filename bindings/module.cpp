@@ -7,6 +7,7 @@
 
 #include "dlpack_view.h"
 #include "gptqkit/gptqkit.h"
+#include "linear_bindings.h"
 
 namespace py = pybind11;
 using gptqkit::bindings::borrow;
@@ -69,6 +70,7 @@ class PyHessianAccumulator {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "gptqkit native core (internal: use the gptqkit package API)";
   gptqkit::bindings::register_exceptions(m);
+  gptqkit::bindings::register_linear(m);
   m.attr("__version__") = GPTQKIT_VERSION_STRING;
   m.attr("blas") = GPTQKIT_BLAS_NAME;
 
@@ -89,7 +91,8 @@ PYBIND11_MODULE(_C, m) {
       [](const py::handle& weight, const py::handle& hessian, const py::handle& codes, const py::handle& scales,
          const py::handle& zeros, const py::handle& g_idx, const py::handle& perm, int bits, int64_t group_size,
          bool sym, bool desc_act, bool static_groups, double damp_percent, int64_t block_size,
-         int max_damp_retries) {
+         int max_damp_retries, int clip_steps, double clip_min_ratio, double clip_norm, bool clip_hessian_weighted,
+         bool fp16_scales, int min_zero_point) {
         gptqkit::QuantizeOptions o;
         o.bits = bits;
         o.group_size = group_size;
@@ -99,6 +102,12 @@ PYBIND11_MODULE(_C, m) {
         o.damp_percent = damp_percent;
         o.block_size = block_size;
         o.max_damp_retries = max_damp_retries;
+        o.clip_steps = clip_steps;
+        o.clip_min_ratio = clip_min_ratio;
+        o.clip_norm = clip_norm;
+        o.clip_hessian_weighted = clip_hessian_weighted;
+        o.fp16_scales = fp16_scales;
+        o.min_zero_point = min_zero_point;
         throw_if_error(gptqkit::validate_options(o));
         auto bw = borrow(weight, "weight", false);
         auto bh = borrow(hessian, "hessian", false);
@@ -115,7 +124,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("weight"), py::arg("hessian"), py::arg("codes"), py::arg("scales"), py::arg("zeros"),
       py::arg("g_idx"), py::arg("perm"), py::arg("bits"), py::arg("group_size"), py::arg("sym"),
       py::arg("desc_act"), py::arg("static_groups"), py::arg("damp_percent"), py::arg("block_size"),
-      py::arg("max_damp_retries"));
+      py::arg("max_damp_retries"), py::arg("clip_steps") = 0, py::arg("clip_min_ratio") = 0.75,
+      py::arg("clip_norm") = 2.0, py::arg("clip_hessian_weighted") = true, py::arg("fp16_scales") = false, py::arg("min_zero_point") = 0);
 
   m.def(
       "inverse_hessian_upper_factor",

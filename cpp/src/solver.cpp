@@ -30,6 +30,14 @@ Status validate_options(const QuantizeOptions& o) {
     return Status::InvalidArgument("block_size: expected a value in [1, 65536], got " + std::to_string(o.block_size));
   if (!(o.damp_percent >= 0.0) || !std::isfinite(o.damp_percent))
     return Status::InvalidArgument("damp_percent: expected a finite value >= 0, got " + std::to_string(o.damp_percent));
+  if (o.clip_steps < 0 || o.clip_steps > 1000)
+    return Status::InvalidArgument("clip_steps: expected a value in [0, 1000], got " + std::to_string(o.clip_steps));
+  if (!(o.clip_min_ratio > 0.0 && o.clip_min_ratio <= 1.0))
+    return Status::InvalidArgument("clip_min_ratio: expected a value in (0, 1], got " + std::to_string(o.clip_min_ratio));
+  if (!(o.clip_norm > 0.0 && o.clip_norm <= 8.0))
+    return Status::InvalidArgument("clip_norm: expected a value in (0, 8], got " + std::to_string(o.clip_norm));
+  if (o.min_zero_point < 0 || o.min_zero_point > 1)
+    return Status::InvalidArgument("min_zero_point: expected 0 or 1, got " + std::to_string(o.min_zero_point));
   if (o.max_damp_retries < 0 || o.max_damp_retries > 64)
     return Status::InvalidArgument("max_damp_retries: expected a value in [0, 64], got " +
                                    std::to_string(o.max_damp_retries));
@@ -59,6 +67,16 @@ Status inverse_hessian_upper_factor(const TensorView& hessian, double damp_perce
 }
 
 namespace {
+
+GridSearch grid_search_of(const QuantizeOptions& o) {
+  GridSearch s;
+  s.steps = o.clip_steps;
+  s.min_ratio = static_cast<float>(o.clip_min_ratio);
+  s.norm = static_cast<float>(o.clip_norm);
+  s.fp16_scales = o.fp16_scales;
+  s.min_zero = o.min_zero_point;
+  return s;
+}
 
 void load_weight(const TensorView& w, std::vector<float>& dst) {
   const int64_t n = w.numel();
@@ -112,7 +130,12 @@ class ColumnSweep {
               const std::vector<int64_t>& perm, const std::vector<Grid>& fixed_grids,
               const QuantizeOutputs& out)
       : o_(o), n_(n), k_(k), w_(w), u_(u), perm_(perm), fixed_(fixed_grids), out_(out),
-        maxq_((1 << o.bits) - 1), row_loss_(static_cast<size_t>(n), 0.0) {}
+        maxq_((1 << o.bits) - 1), search_(grid_search_of(o)), row_loss_(static_cast<size_t>(n), 0.0) {
+    if (o.clip_steps > 0 && o.clip_hessian_weighted) {
+      col_weight_.resize(static_cast<size_t>(k));  // processing order
+      for (int64_t j = 0; j < k; ++j) col_weight_[j] = 1.0f / (u[j * k + j] * u[j * k + j]);
+    }
+  }
 
   double run() {
     const int64_t block = std::min(o_.block_size, k_);
@@ -160,6 +183,12 @@ class ColumnSweep {
     int32_t* zeros = static_cast<int32_t*>(out_.zeros.data);
     double loss = 0.0;
     Grid grid = o_.group_size < 0 ? fixed_[static_cast<size_t>(r)] : Grid{1.0f, 0};
+    if (o_.group_size > 0 && !o_.static_groups && i1 % o_.group_size != 0) {
+      // A group that began in an earlier block continues here: its grid was
+      // stored when the group started.
+      const int64_t g = i1 / o_.group_size;
+      grid = Grid{scales[g * n_ + r], zeros[g * n_ + r]};
+    }
     for (int64_t i = 0; i < width; ++i) {
       const int64_t col = i1 + i;
       if (o_.group_size > 0) {
@@ -169,7 +198,8 @@ class ColumnSweep {
         } else if (col % o_.group_size == 0) {
           // Block-start weights (wrow), not w1: the reference GPTQ rule.
           const int64_t end = std::min(col + o_.group_size, k_);
-          grid = min_max_grid(wrow + col, end - col, maxq_, o_.sym);
+          grid = search_grid(wrow + col, col_weight_.empty() ? nullptr : col_weight_.data() + col, end - col, maxq_,
+                             o_.sym, search_);
           const int64_t g = col / o_.group_size;
           scales[g * n_ + r] = grid.scale;
           zeros[g * n_ + r] = grid.zero;
@@ -197,6 +227,8 @@ class ColumnSweep {
   const std::vector<Grid>& fixed_;
   const QuantizeOutputs& out_;
   const int maxq_;
+  const GridSearch search_;
+  std::vector<float> col_weight_;
   std::vector<double> row_loss_;
 };
 
@@ -250,31 +282,6 @@ Status quantize_impl(const TensorView& weight, const TensorView& hessian, const 
       for (int64_t i = 0; i < k; ++i)
         if (dead[i]) w[static_cast<size_t>(r * k + i)] = 0.0f;
 
-  // Grids fixed before the sweep: per output channel, or static groups taken
-  // from the unpermuted weight.
-  std::vector<Grid> fixed;
-  float* scales = static_cast<float*>(out.scales.data);
-  int32_t* zeros = static_cast<int32_t*>(out.zeros.data);
-  if (o.group_size < 0) {
-    fixed.resize(static_cast<size_t>(n));
-    for (int64_t r = 0; r < n; ++r) {
-      fixed[r] = min_max_grid(w.data() + r * k, k, maxq, o.sym);
-      scales[r] = fixed[r].scale;
-      zeros[r] = fixed[r].zero;
-    }
-  } else if (o.static_groups) {
-    fixed.resize(static_cast<size_t>(g * n));
-    for (int64_t gi = 0; gi < g; ++gi) {
-      const int64_t c0 = gi * o.group_size, c1 = std::min(k, c0 + o.group_size);
-      for (int64_t r = 0; r < n; ++r) {
-        const Grid grid = min_max_grid(w.data() + r * k + c0, c1 - c0, maxq, o.sym);
-        fixed[static_cast<size_t>(gi * n + r)] = grid;
-        scales[gi * n + r] = grid.scale;
-        zeros[gi * n + r] = grid.zero;
-      }
-    }
-  }
-
   std::vector<int64_t> perm(static_cast<size_t>(k));
   std::iota(perm.begin(), perm.end(), 0);
   if (o.desc_act)
@@ -288,6 +295,55 @@ Status quantize_impl(const TensorView& weight, const TensorView& hessian, const 
     else g_idx[perm[j]] = static_cast<int32_t>(j / o.group_size);
   }
 
+  QuantizeStats local;
+  local.dead_columns = dead_count;
+  std::vector<float> upper(static_cast<size_t>(k * k));
+  GPTQKIT_RETURN_IF_ERROR(detail::inverse_upper_factor(hessian.data, h64, k, perm.data(), dead.data(),
+                                                       o.damp_percent, o.max_damp_retries, upper.data(), &local));
+
+  // GPTQ's per-column loss weight 1 / U_jj^2, indexed by original column,
+  // for the clipping search of grids fixed before the sweep.
+  const GridSearch search = grid_search_of(o);
+  std::vector<float> col_weight;
+  if (o.clip_steps > 0 && o.clip_hessian_weighted) {
+    col_weight.resize(static_cast<size_t>(k));
+    for (int64_t j = 0; j < k; ++j) {
+      const float d = upper[static_cast<size_t>(j * k + j)];
+      col_weight[static_cast<size_t>(perm[j])] = 1.0f / (d * d);
+    }
+  }
+  const float* weight_of = col_weight.empty() ? nullptr : col_weight.data();
+
+  // Grids fixed before the sweep: per output channel, or static groups taken
+  // from the unpermuted weight.
+  std::vector<Grid> fixed;
+  float* scales = static_cast<float*>(out.scales.data);
+  int32_t* zeros = static_cast<int32_t*>(out.zeros.data);
+  if (o.group_size < 0) {
+    fixed.resize(static_cast<size_t>(n));
+    parallel_for(n, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        fixed[r] = search_grid(w.data() + r * k, weight_of, k, maxq, o.sym, search);
+        scales[r] = fixed[r].scale;
+        zeros[r] = fixed[r].zero;
+      }
+    });
+  } else if (o.static_groups) {
+    fixed.resize(static_cast<size_t>(g * n));
+    parallel_for(n, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t gi = 0; gi < g; ++gi) {
+        const int64_t c0 = gi * o.group_size, c1 = std::min(k, c0 + o.group_size);
+        for (int64_t r = r0; r < r1; ++r) {
+          const Grid grid = search_grid(w.data() + r * k + c0, weight_of ? weight_of + c0 : nullptr, c1 - c0, maxq,
+                                        o.sym, search);
+          fixed[static_cast<size_t>(gi * n + r)] = grid;
+          scales[gi * n + r] = grid.scale;
+          zeros[gi * n + r] = grid.zero;
+        }
+      }
+    });
+  }
+
   if (o.desc_act) {
     std::vector<float> row(static_cast<size_t>(k));
     for (int64_t r = 0; r < n; ++r) {
@@ -296,12 +352,6 @@ Status quantize_impl(const TensorView& weight, const TensorView& hessian, const 
       std::copy(row.begin(), row.end(), wr);
     }
   }
-
-  QuantizeStats local;
-  local.dead_columns = dead_count;
-  std::vector<float> upper(static_cast<size_t>(k * k));
-  GPTQKIT_RETURN_IF_ERROR(detail::inverse_upper_factor(hessian.data, h64, k, perm.data(), dead.data(),
-                                                       o.damp_percent, o.max_damp_retries, upper.data(), &local));
 
   ColumnSweep sweep(o, n, k, w, upper.data(), perm, fixed, out);
   local.loss = sweep.run();

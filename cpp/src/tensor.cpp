@@ -11,6 +11,7 @@ int64_t TensorView::numel() const {
 }
 
 bool TensorView::is_contiguous() const {
+  if (numel() == 0) return true;  // nothing to address, strides are meaningless
   int64_t expected = 1;
   for (int d = ndim - 1; d >= 0; --d) {
     // Extents of 1 (and empty arrays) place no constraint on their stride.

@@ -17,8 +17,31 @@ from gptqkit.solver import QuantizeResult, quantize_weight
 
 __version__ = _C.__version__
 
+# The Hugging Face layer imports torch and transformers: loaded on first use so
+# the core API stays light.
+_LAZY = {
+    "GPTQForCausalLM": "gptqkit.model",
+    "QuantizeReport": "gptqkit.model",
+    "QuantizeConfig": "gptqkit.config",
+    "QuantLinear": "gptqkit.nn",
+    "ModelLayout": "gptqkit.discovery",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gptqkit' has no attribute {name!r}")
+
 __all__ = [
+    "GPTQForCausalLM",
     "HessianAccumulator",
+    "ModelLayout",
+    "QuantLinear",
+    "QuantizeConfig",
+    "QuantizeReport",
     "NotPositiveDefiniteError",
     "PackedLayer",
     "QuantizeResult",

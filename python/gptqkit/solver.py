@@ -69,6 +69,12 @@ def quantize_weight(
     damp_percent: float = 0.01,
     block_size: int = 128,
     max_damp_retries: int = 8,
+    clip_steps: int = 0,
+    clip_min_ratio: float = 0.75,
+    clip_norm: float = 2.0,
+    clip_hessian_weighted: bool = True,
+    fp16_scales: bool = False,
+    min_zero_point: int = 0,
 ) -> QuantizeResult:
     """Quantizes ``W [N, K]`` with GPTQ given the Hessian ``H [K, K]`` of its inputs.
 
@@ -92,6 +98,16 @@ def quantize_weight(
             3x per retry (up to ``max_damp_retries`` times, at most 100 %)
             when ``H + lambda I`` is not positive definite.
         block_size: lazy-batch width (columns updated together).
+        max_damp_retries: extra Cholesky attempts with growing damping.
+        clip_steps: clipping search. 0 keeps GPTQ's min-max grid; N > 0 also
+            tries N ranges shrunk evenly down to ``clip_min_ratio`` of the
+            min-max range and keeps, per row and group, the one with the least
+            error ``sum_j c_j |w_j - q_j|^clip_norm``, where ``c_j = 1/U_jj^2``
+            (GPTQ's own loss weight of column j) if ``clip_hessian_weighted``.
+        fp16_scales: round every scale to float16 before quantizing with it, so
+            the error feedback accounts for the float16 scales checkpoints store.
+        min_zero_point: 1 keeps asymmetric zero points >= 1, as the v1
+            checkpoint layout (which stores ``zero - 1``) requires.
 
     Returns:
         A :class:`QuantizeResult`; its arrays are torch tensors when ``W`` is
@@ -120,7 +136,9 @@ def quantize_weight(
         W, H, codes, scales, zeros, g_idx, perm,
         bits=int(bits), group_size=int(group_size), sym=bool(sym), desc_act=bool(desc_act),
         static_groups=bool(static_groups), damp_percent=float(damp_percent), block_size=int(block_size),
-        max_damp_retries=int(max_damp_retries),
+        max_damp_retries=int(max_damp_retries), clip_steps=int(clip_steps), clip_min_ratio=float(clip_min_ratio),
+        clip_norm=float(clip_norm), clip_hessian_weighted=bool(clip_hessian_weighted), fp16_scales=bool(fp16_scales),
+        min_zero_point=int(min_zero_point),
     )
     return QuantizeResult(
         codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, perm=perm,

@@ -18,6 +18,26 @@ struct QuantizeOptions {
   double damp_percent = 0.01;// lambda = damp_percent * mean(diag H)
   int64_t block_size = 128;  // lazy-batch width
   int max_damp_retries = 8;  // extra attempts, each with 3x the damping, capped at 100 %
+
+  // Clipping search: besides the min-max range, try ranges shrunk to
+  // p * [min, max] for clip_steps values of p evenly spaced down to
+  // clip_min_ratio, keeping the one with the least error
+  // sum_j c_j |x_j - q_j|^clip_norm. The column weights c_j are 1 / U_jj^2
+  // (U the upper factor of H^-1: GPTQ's own per-column loss weight) when
+  // clip_hessian_weighted, else 1. clip_steps = 0 keeps plain min-max (the
+  // reference GPTQ grid).
+  int clip_steps = 0;
+  double clip_min_ratio = 0.75;
+  double clip_norm = 2.0;
+  bool clip_hessian_weighted = true;
+  // Round every scale to float16 before quantizing with it, so the error
+  // feedback sees exactly the weights a float16-scale checkpoint will hold.
+  bool fp16_scales = false;
+  // Smallest zero point an asymmetric grid may use. The v1 checkpoint layout
+  // stores zero - 1 and so cannot hold a zero of 0: with 1 here, a group whose
+  // range would round its zero to 0 gets zero 1 and a scale widened to still
+  // cover the group's maximum.
+  int min_zero_point = 0;
 };
 
 // Outputs, all preallocated by the caller, contiguous, on the CPU:

@@ -1,0 +1,516 @@
+"""``GPTQForCausalLM``: quantize any Hugging Face causal LM block by block.
+
+    from gptqkit import GPTQForCausalLM, QuantizeConfig
+    cfg = QuantizeConfig(bits=4, group_size=128, desc_act=False, sym=True)
+    model = GPTQForCausalLM.from_pretrained("path/or/hub-id", cfg)   # fp weights, on CPU
+    model.quantize(examples, batch_size=1)                            # block by block
+    model.save_quantized("out/")                                      # GPTQ checkpoint
+    q = GPTQForCausalLM.from_quantized("out/", device="cpu")
+    q.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=20)
+
+How quantization runs (memory and compute):
+
+* The model's weights stay on the CPU. Calibration batches go through the
+  modules before the first block once; only the inputs of the first block are
+  kept (on the quantization device, or on the CPU with
+  ``cache_block_outputs=False``).
+* Each block moves to the quantization device on its own. For every
+  true-sequential group (q/k/v, then o, then gate/up, then down, as traced on
+  the first batch) the block runs on all batches with hooks that feed the
+  group's inputs into native Hessian accumulators (padded tokens dropped) and
+  stop the forward as soon as the group's inputs are seen, so nothing after
+  the group is computed. The group is quantized (GPTQ in the C++ core) and its
+  weights replaced by their quantized values before the next group's inputs
+  are computed. Finally the quantized block runs once more to produce the
+  next block's inputs.
+* Quantized layers become :class:`gptqkit.nn.QuantLinear` right away, so the
+  in-memory model after ``quantize`` is exactly what ``save_quantized``
+  writes and ``from_quantized`` reads.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from gptqkit.calibration import model_max_length, prepare_calibration
+from gptqkit.checkpoint import checkpoint_info, load_checkpoint, save_checkpoint
+from gptqkit.config import QuantizeConfig
+from gptqkit.discovery import LayerTracer, ModelLayout, find_layout, get_weight, set_weight
+from gptqkit.hessian import HessianAccumulator
+from gptqkit.nn import QuantLinear
+from gptqkit.solver import quantize_weight
+
+__all__ = ["GPTQForCausalLM", "LayerReport", "QuantizeReport"]
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the inputs it was run for have been seen."""
+
+
+@dataclass
+class LayerReport:
+    """What quantizing one layer did."""
+
+    name: str
+    shape: tuple  # (out_features, in_features)
+    bits: int
+    group_size: int
+    loss: float
+    damp: float
+    damp_attempts: int
+    seconds: float
+
+
+@dataclass
+class QuantizeReport:
+    """Summary of :meth:`GPTQForCausalLM.quantize`."""
+
+    layers: List[LayerReport] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    def summary(self) -> str:
+        n = len(self.layers)
+        if n == 0:
+            return "no layer was quantized"
+        worst = max(self.layers, key=lambda r: r.loss)
+        retried = [r.name for r in self.layers if r.damp_attempts > 1]
+        lines = [
+            f"quantized {n} layers ({len(self.skipped)} skipped) on {self.tokens} calibration tokens "
+            f"in {self.seconds:.1f} s; peak RSS {self.peak_rss_mb:.0f} MB",
+            f"GPTQ loss: total {sum(r.loss for r in self.layers):.4g}, largest {worst.loss:.4g} ({worst.name})",
+        ]
+        if retried:
+            lines.append(f"damping was raised for {len(retried)} layer(s): {', '.join(retried[:5])}"
+                         + (" ..." if len(retried) > 5 else ""))
+        return "\n".join(lines)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
+
+
+def _move(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_move(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_move(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _hidden_of(output: Any) -> torch.Tensor:
+    """The hidden states a decoder block returns (a tensor, or the first item of a tuple)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find the hidden states in a block output of type {type(output).__name__}")
+
+
+class _BlockInputs:
+    """What one block receives for one batch, besides its hidden states."""
+
+    def __init__(self, rest: tuple, kwargs: dict, mask: Optional[torch.Tensor]):
+        self.rest = rest  # positional arguments after the hidden states
+        self.kwargs = kwargs
+        self.mask = mask  # [b, T] token mask of the batch (1 = real token)
+
+    def call(self, block: nn.Module, hidden: torch.Tensor, dev) -> Any:
+        return block(hidden.to(dev), *_move(self.rest, dev), **_move(self.kwargs, dev))
+
+
+class GPTQForCausalLM:
+    """A Hugging Face causal LM together with its GPTQ quantization settings.
+
+    ``model`` is the underlying transformers model; calling the wrapper, and
+    ``generate``, forward to it, so ``q.model`` works in transformers'
+    ``TextGenerationPipeline``. Other attributes are looked up on the model.
+    """
+
+    def __init__(self, model: nn.Module, quantize_config: QuantizeConfig, tokenizer: Any = None,
+                 layout: Optional[ModelLayout] = None, quantized: bool = False):
+        if not isinstance(quantize_config, QuantizeConfig):
+            raise TypeError(f"quantize_config: expected a QuantizeConfig, got {type(quantize_config).__name__}")
+        self.model = model
+        self.quantize_config = quantize_config
+        self.tokenizer = tokenizer
+        self.layout = layout
+        self.quantized = quantized
+        self.report: Optional[QuantizeReport] = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, model_id_or_path: Union[str, os.PathLike], quantize_config: QuantizeConfig,
+                        layout: Optional[ModelLayout] = None, dtype: Optional[torch.dtype] = None,
+                        trust_remote_code: bool = False, **model_kwargs) -> "GPTQForCausalLM":
+        """Loads a full-precision model (on the CPU) to quantize.
+
+        Args:
+            model_id_or_path: a local folder or a Hugging Face hub id.
+            quantize_config: the GPTQ settings.
+            layout: an explicit :class:`gptqkit.discovery.ModelLayout` for
+                models whose block structure discovery gets wrong.
+            dtype: weights' dtype in memory (default: the checkpoint's
+                ``torch_dtype``; float32 is the most accurate for calibration).
+            trust_remote_code, **model_kwargs: passed to ``from_pretrained``.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kwargs = dict(model_kwargs)
+        kwargs["dtype"] = dtype if dtype is not None else "auto"
+        model = AutoModelForCausalLM.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code, **kwargs)
+        model.eval()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError):
+            tokenizer = None
+        return cls(model, quantize_config, tokenizer=tokenizer, layout=layout)
+
+    @classmethod
+    def from_quantized(cls, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
+                       dtype: Optional[torch.dtype] = None) -> "GPTQForCausalLM":
+        """Loads a GPTQ checkpoint (gptqkit's, AutoGPTQ's, GPTQModel's; v1 or v2).
+
+        The model is built from its config on the meta device (no
+        full-precision weights are ever materialised), its quantized layers
+        replaced by :class:`gptqkit.nn.QuantLinear`, and every tensor
+        validated while loading.
+        """
+        model = load_checkpoint(path, device=device, dtype=dtype)
+        qcfg = QuantizeConfig.from_quantization_config(model.config.quantization_config)
+        tokenizer = None
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(os.fspath(path))
+        except (OSError, ValueError):
+            pass
+        return cls(model, qcfg, tokenizer=tokenizer, quantized=True)
+
+    # ------------------------------------------------------------------ running
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """``model.generate`` (the quantized layers run in gptqkit's kernels)."""
+        return self.model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # Only reached for attributes the wrapper lacks: defer to the model.
+        if name in ("model", "__setstate__"):
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ saving
+    def save_quantized(self, out_dir: Union[str, os.PathLike], max_shard_size: Union[int, str] = "2GB") -> str:
+        """Writes a GPTQ checkpoint (safetensors, ``quantize_config.json``,
+        ``config.json`` with ``quantization_config``, tokenizer) atomically."""
+        if not self.quantized:
+            raise RuntimeError("save_quantized: the model is not quantized yet; call quantize(examples) first")
+        qc = self.quantize_config.to_quantization_config()
+        return save_checkpoint(self.model, out_dir, quantize_config_dict=qc, quantization_config_dict=qc,
+                               tokenizer=self.tokenizer, max_shard_size=max_shard_size)
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token: Optional[str] = None,
+                    commit_message: str = "Upload GPTQ checkpoint (gptqkit)", max_shard_size: str = "2GB") -> str:
+        """Saves the checkpoint to a temporary folder and uploads it with ``huggingface_hub``.
+
+        Returns the URL of the commit.
+        """
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_quantized(os.path.join(tmp, "checkpoint"), max_shard_size=max_shard_size)
+            info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+        return str(getattr(info, "commit_url", info))
+
+    def info(self, path: Union[str, os.PathLike]) -> Dict[str, Any]:
+        return checkpoint_info(path)
+
+    # ------------------------------------------------------------------ quantization
+    def quantize(self, examples: Any, batch_size: int = 1, *, nsamples: Optional[int] = None,
+                 seqlen: Optional[int] = None, seed: int = 0, device: Union[str, torch.device, None] = None,
+                 progress: bool = True) -> QuantizeReport:
+        """Quantizes the model with GPTQ, block by block, on calibration ``examples``.
+
+        Args:
+            examples: calibration data: a list of strings, a list of dicts with
+                ``input_ids`` (and ``attention_mask``), a tensor of token ids
+                ``[n, seqlen]``, or a path (text, JSONL, ``.npy``/``.pt``/
+                ``.safetensors`` token array) — see :mod:`gptqkit.calibration`.
+            batch_size: sequences per forward pass.
+            nsamples, seqlen, seed: window sampling for text sources (default
+                128 windows of ``QuantizeConfig.model_seqlen`` or 512 tokens).
+            device: where each block runs while it is quantized (default: CPU).
+            progress: show a tqdm bar over blocks with per-layer figures.
+
+        Returns:
+            A :class:`QuantizeReport` (also kept as ``self.report``); its
+            ``summary()`` is printed at the end when ``progress`` is on.
+        """
+        if self.quantized:
+            raise RuntimeError("quantize: this model is already quantized")
+        cfg = self.quantize_config
+        cfg.validate()
+        start = time.perf_counter()
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        cache_dev = dev if cfg.cache_block_outputs else torch.device("cpu")
+        model = self.model
+        config = getattr(model, "config", None)
+        batches = prepare_calibration(
+            examples, self.tokenizer, nsamples=nsamples, seqlen=seqlen or cfg.model_seqlen, seed=seed,
+            batch_size=batch_size, max_seqlen=model_max_length(config) if config is not None else None,
+            vocab_size=getattr(config, "vocab_size", None),
+        )
+        self.layout = find_layout(model, self.layout)
+        layout = self.layout
+        blocks = layout.blocks(model)
+        report = QuantizeReport(tokens=int(sum(int(b["attention_mask"].sum()) for b in batches)))
+
+        use_cache = getattr(config, "use_cache", None)
+        if config is not None:
+            config.use_cache = False
+        try:
+            with torch.no_grad():
+                hidden, inputs = self._capture_block_inputs(batches, blocks, dev, cache_dev)
+                self._quantize_blocks(blocks, hidden, inputs, dev, cache_dev, report, progress)
+        finally:
+            if config is not None and use_cache is not None:
+                config.use_cache = use_cache
+        self.quantized = True
+        if config is not None:
+            config.quantization_config = cfg.to_quantization_config()
+        report.seconds = time.perf_counter() - start
+        report.peak_rss_mb = peak_rss_mb()
+        self.report = report
+        if progress:
+            print(report.summary())
+        return report
+
+    def _capture_block_inputs(self, batches, blocks: nn.ModuleList, dev, cache_dev):
+        """Runs the modules before the blocks and records every block's arguments.
+
+        Blocks of one kind get identical keyword arguments (masks, rotary
+        embeddings, positions), but models that mix attention kinds (e.g.
+        sliding-window and global layers) pass each kind its own mask. So the
+        forward records the arguments of the first block of each distinct
+        ``attention_type`` and stops after the last of those; the
+        hidden-state input comes from block 0.
+
+        Returns ``(hidden states entering block 0 per batch, per-block list of
+        per-batch _BlockInputs)``.
+        """
+        kinds: Dict[Any, int] = {}
+        for i, blk in enumerate(blocks):
+            kinds.setdefault(getattr(blk, "attention_type", None), i)
+        first_of_kind = sorted(kinds.values())
+        owner = {i: first_of_kind[0] for i in range(len(blocks))}
+        for i, blk in enumerate(blocks):
+            owner[i] = kinds[getattr(blk, "attention_type", None)]
+        last = first_of_kind[-1]
+
+        model = self.model
+        records: Dict[int, tuple] = {}
+        handles = []
+
+        def recorder(index):
+            def hook(_mod, args, kwargs):
+                records[index] = (args, kwargs)
+                if index == last:
+                    raise _Stop
+            return hook
+
+        for i in first_of_kind:
+            handles.append(blocks[i].register_forward_pre_hook(recorder(i), with_kwargs=True))
+        # Only the modules before (and, for mixed kinds, the first few blocks) run.
+        moved = self._modules_to(dev, self.layout.pre_modules)
+        if last > 0:
+            for i in range(last):
+                blocks[i].to(dev)
+        per_block: List[List[_BlockInputs]] = [[] for _ in range(len(blocks))]
+        hidden: List[torch.Tensor] = []
+        try:
+            for batch in batches:
+                records.clear()
+                try:
+                    model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                          use_cache=False)
+                except _Stop:
+                    pass
+                else:
+                    raise RuntimeError("the model's forward never reached its decoder blocks")
+                args, kwargs = records[0]
+                hidden.append((args[0] if args else kwargs["hidden_states"]).to(cache_dev))
+                for i in range(len(blocks)):
+                    args, kwargs = records[owner[i]]
+                    kw = {k: v for k, v in kwargs.items()
+                          if k not in ("hidden_states", "past_key_value", "past_key_values")}
+                    if "use_cache" in kw:
+                        kw["use_cache"] = False
+                    per_block[i].append(_BlockInputs(_move(tuple(args[1:]), cache_dev), _move(kw, cache_dev),
+                                                     batch["attention_mask"]))
+        finally:
+            for h in handles:
+                h.remove()
+            self._modules_to(torch.device("cpu"), moved)
+            for i in range(last):
+                blocks[i].to("cpu")
+        return hidden, per_block
+
+    def _modules_to(self, dev: torch.device, names: Optional[Sequence[str]]) -> List[str]:
+        names = list(names or [])
+        for name in names:
+            self.model.get_submodule(name).to(dev)
+        return names
+
+    def _groups_for(self, block: nn.Module, first: _BlockInputs, hidden: torch.Tensor, dev) -> List[List[str]]:
+        cfg = self.quantize_config
+        if cfg.modules_in_block_to_quantize:
+            return [list(g) for g in cfg.modules_in_block_to_quantize]
+        if self.layout.groups is not None:
+            return self.layout.groups
+        with LayerTracer(block) as tracer:
+            first.call(block, hidden, dev)
+        groups = tracer.groups()
+        missing = tracer.not_executed
+        if missing:
+            groups.append(missing)
+        self.layout.groups = groups
+        return groups
+
+    def _quantize_blocks(self, blocks: nn.ModuleList, hidden: List[torch.Tensor], inputs: List[List[_BlockInputs]],
+                         dev, cache_dev, report: QuantizeReport, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        cfg = self.quantize_config
+        prefix = self.layout.blocks_path
+        bar = tqdm(total=len(blocks), desc="quantizing blocks", unit="block", disable=not progress)
+        for bi, block in enumerate(blocks):
+            block.to(dev)
+            batch_inputs = inputs[bi]
+            groups = self._groups_for(block, batch_inputs[0], hidden[0], dev)
+            if not cfg.true_sequential:
+                groups = [[name for g in groups for name in g]]
+            for group in groups:
+                todo = []
+                for name in group:
+                    full = f"{prefix}.{bi}.{name}"
+                    settings = cfg.resolve(full)
+                    if settings is None:
+                        report.skipped.append(full)
+                    else:
+                        todo.append((name, full, settings))
+                if not todo:
+                    continue
+                hessians = self._collect_hessians(block, [n for n, _, _ in todo], batch_inputs, hidden, dev)
+                for name, full, settings in todo:
+                    layer = block.get_submodule(name)
+                    t0 = time.perf_counter()
+                    weight = get_weight(layer, torch.float32).detach().to("cpu").contiguous()
+                    fmt = "v2" if cfg.checkpoint_format == "gptq_v2" else "v1"
+                    result = quantize_weight(
+                        weight, hessians[name], **settings.as_kwargs(),
+                        clip_steps=cfg.clip_steps, clip_min_ratio=cfg.clip_min_ratio,
+                        fp16_scales=True, min_zero_point=1 if (fmt == "v1" and not settings.sym) else 0,
+                    )
+                    del hessians[name]
+                    set_weight(layer, result.dequantize().to(weight.dtype))
+                    qlayer = QuantLinear.from_linear(layer, result, format=fmt)
+                    dtype = get_weight(layer).dtype
+                    if dtype in (torch.float16, torch.bfloat16, torch.float32):
+                        qlayer = qlayer.to(dtype)
+                    _set_module(block, name, qlayer.to(dev))
+                    seconds = time.perf_counter() - t0
+                    report.layers.append(LayerReport(
+                        name=full, shape=tuple(weight.shape), bits=settings.bits, group_size=settings.group_size,
+                        loss=result.loss, damp=result.damp_used, damp_attempts=result.damp_attempts,
+                        seconds=seconds))
+                    bar.set_postfix_str(f"{name}: loss {result.loss:.3g}, damp {result.damp_used:.3g}, "
+                                        f"{seconds * 1000:.0f} ms")
+            # The quantized block produces the next block's inputs.
+            hidden = [_hidden_of(entry.call(block, h, dev)).to(cache_dev) for entry, h in zip(batch_inputs, hidden)]
+            block.to("cpu")
+            inputs[bi] = []
+            bar.update(1)
+            gc.collect()
+        bar.close()
+
+    def _collect_hessians(self, block: nn.Module, names: List[str], batch_inputs: List[_BlockInputs],
+                          hidden: List[torch.Tensor], dev) -> Dict[str, Any]:
+        """Accumulates the Hessian of each named layer over all batches.
+
+        Pre-hooks feed the layers' inputs (padded tokens dropped) to native
+        accumulators; once every layer of the group has seen its input the
+        forward stops, so nothing after the group runs.
+        """
+        accs: Dict[str, HessianAccumulator] = {}
+        seen: set = set()
+        state: Dict[str, Optional[torch.Tensor]] = {"mask": None}
+
+        def make_hook(name: str):
+            def hook(_mod, args):
+                x = args[0]
+                mask = state["mask"]
+                if mask is not None and x.dim() >= 2 and tuple(x.shape[:-1]) == tuple(mask.shape):
+                    x = x[mask.to(x.device).bool()]
+                x = x.detach().reshape(-1, x.shape[-1])
+                if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                    x = x.float()
+                x = x.to("cpu").contiguous()
+                if name not in accs:
+                    accs[name] = HessianAccumulator(x.shape[-1])
+                accs[name].add_batch(x)
+                seen.add(name)
+                if len(seen) == len(names):
+                    raise _Stop
+            return hook
+
+        handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+        try:
+            for entry, h in zip(batch_inputs, hidden):
+                seen.clear()
+                state["mask"] = entry.mask
+                try:
+                    entry.call(block, h, dev)
+                except _Stop:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n in names if n not in accs]
+        if missing:
+            raise RuntimeError(f"layers {missing} received no input during the block's forward; "
+                               f"fix the groups with modules_in_block_to_quantize or a ModelLayout")
+        return {n: acc.hessian() for n, acc in accs.items()}

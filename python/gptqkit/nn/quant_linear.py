@@ -1,0 +1,264 @@
+"""``QuantLinear``: a GPTQ-quantized drop-in for ``nn.Linear`` / transformers' ``Conv1D``.
+
+The layer holds the checkpoint tensors (``qweight``, ``qzeros``, ``scales``,
+``g_idx`` and an optional ``bias``; layout in ``docs/format.md``) as buffers,
+so ``state_dict()`` produces exactly the keys a GPTQ checkpoint stores.
+
+On the CPU, ``forward`` runs in the native core (``_C.quantized_linear``):
+the weight is dequantized tile by tile and multiplied with BLAS in float32,
+the GIL released. Inputs of any leading shape are flattened to ``[M, K]``;
+the output has the input's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from gptqkit._native import _C
+from gptqkit.packing import FORMATS, PackedLayer, dequantize, pack, packed_words
+
+__all__ = ["QuantLinear"]
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+_NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _num_groups(in_features: int, group_size: int) -> int:
+    """G: 1 for ``group_size == -1``, else ``ceil(in_features / group_size)``."""
+    return int(_C.num_groups(int(in_features), int(group_size)))
+
+
+def _native_forward(layer: "QuantLinear", x2: torch.Tensor) -> torch.Tensor:
+    """``x2 [M, K]`` (contiguous, float32/float16/bfloat16) -> ``[M, N]`` through the native core."""
+    y = torch.empty((x2.shape[0], layer.out_features), dtype=x2.dtype)
+    _C.quantized_linear(x2, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bias,
+                        layer.bits, layer.format, y)
+    return y
+
+
+class _QuantLinearFunction(torch.autograd.Function):
+    """The native forward, with a gradient for the input (not for the frozen weight).
+
+    The backward (``grad_x = grad_y @ W``) dequantizes the weight once, so
+    adapters trained on top of a quantized model (LoRA and the like) get
+    their input gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x2, layer):  # x2: [M, K] contiguous, one of _NATIVE_DTYPES
+        ctx.layer = layer
+        return _native_forward(layer, x2.detach())
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        w = ctx.layer.dequantize_weight()  # float32 [N, K]
+        return (grad_y.float() @ w).to(grad_y.dtype), None
+
+
+class QuantLinear(nn.Module):
+    """A linear layer ``y = x W^T + b`` whose weight is stored GPTQ-packed.
+
+    Args:
+        bits: 2, 3, 4 or 8.
+        group_size: input columns per group, or -1 for one group.
+        in_features: K.
+        out_features: N.
+        bias: whether the layer has a bias (stored unquantized).
+        format: ``"v1"`` (``qzeros`` store ``zero - 1``; checkpoint_format
+            ``"gptq"``) or ``"v2"`` (true zeros; ``"gptq_v2"``).
+        device: where to allocate the buffers; ``"meta"`` builds a shell to be
+            filled from a checkpoint without allocating memory.
+        dtype: dtype of ``scales`` and ``bias`` (float16 by default, what
+            checkpoints store; float32 and bfloat16 also run natively).
+
+    Buffers (all C-contiguous):
+        qweight: int32 ``[packed_words(K, bits), N]``
+        qzeros: int32 ``[G, packed_words(N, bits)]``
+        scales: ``[G, N]``
+        g_idx: int32 ``[K]`` (initialised to ``k // group_size``)
+        bias: ``[N]`` or ``None``
+
+    Freshly constructed layers are all-zero placeholders; fill them with
+    :meth:`from_packed`, :meth:`from_linear` or ``load_state_dict``.
+
+    ``forward`` runs on the CPU only for now; CUDA tensors raise
+    ``NotImplementedError``. Gradients flow to the input, never to the
+    quantized weight.
+    """
+
+    def __init__(self, bits: int, group_size: int, in_features: int, out_features: int, bias: bool = True,
+                 format: str = "v1", *, device=None, dtype: torch.dtype = torch.float16):
+        super().__init__()
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits: expected one of {SUPPORTED_BITS}, got {bits!r}")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
+            raise ValueError(f"group_size: expected -1 or a positive integer, got {group_size!r}")
+        if format not in FORMATS:
+            raise ValueError(f"format: expected 'v1' or 'v2', got {format!r}")
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features} and {out_features}")
+        if dtype not in _NATIVE_DTYPES:
+            raise ValueError(f"dtype: expected float16, bfloat16 or float32 for scales and bias, got {dtype}")
+        self.bits = int(bits)
+        self.group_size = int(group_size)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.format = format
+        groups = _num_groups(self.in_features, self.group_size)
+        kw = {"device": device}
+        self.register_buffer("qweight", torch.zeros((packed_words(in_features, bits), out_features),
+                                                    dtype=torch.int32, **kw))
+        self.register_buffer("qzeros", torch.zeros((groups, packed_words(out_features, bits)), dtype=torch.int32, **kw))
+        self.register_buffer("scales", torch.zeros((groups, out_features), dtype=dtype, **kw))
+        g = torch.arange(in_features, dtype=torch.int32, **kw)
+        self.register_buffer("g_idx", g // self.group_size if self.group_size > 0 else torch.zeros_like(g))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw))
+        else:
+            self.register_buffer("bias", None)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_packed(cls, packed: PackedLayer, bias: Optional[torch.Tensor] = None,
+                    group_size: Optional[int] = None) -> "QuantLinear":
+        """A layer holding the tensors of ``packed`` (as returned by :func:`gptqkit.pack`).
+
+        Args:
+            packed: the checkpoint tensors (torch tensors, or numpy arrays that
+                are converted).
+            bias: optional ``[out_features]`` tensor, kept in its dtype when
+                that is float16/bfloat16/float32.
+            group_size: recorded on the layer (informational: the layout is
+                fully described by ``g_idx``). ``None`` infers it from the
+                number of groups: ``-1`` for one group, else
+                ``ceil(in_features / G)``.
+        """
+        t = {name: torch.as_tensor(getattr(packed, name)) for name in ("qweight", "qzeros", "scales", "g_idx")}
+        groups = int(t["scales"].shape[0])
+        k, n = int(packed.in_features), int(packed.out_features)
+        if group_size is None:
+            group_size = -1 if groups == 1 else math.ceil(k / groups)
+        elif _num_groups(k, group_size) != groups:
+            raise ValueError(f"group_size={group_size} gives {_num_groups(k, group_size)} groups for "
+                             f"in_features={k}, but scales has {groups} rows")
+        scales_dtype = t["scales"].dtype if t["scales"].dtype in _NATIVE_DTYPES else torch.float16
+        layer = cls(packed.bits, group_size, k, n, bias=bias is not None, format=packed.format, device="meta",
+                    dtype=scales_dtype)
+        if bias is not None:
+            bias = torch.as_tensor(bias).detach()
+            if bias.dtype not in _NATIVE_DTYPES:
+                bias = bias.float()
+        layer._assign(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bias)
+        return layer
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, result, format: str = "v1") -> "QuantLinear":
+        """A layer replacing ``module`` (``nn.Linear`` or transformers' ``Conv1D``)
+        with the output of :func:`gptqkit.quantize_weight` for its weight.
+
+        Args:
+            module: the original layer; supplies in/out features and the bias
+                (copied in the module's dtype). For ``Conv1D`` (weight
+                ``[in, out]``) the quantized matrix must be ``weight.T``.
+            result: a :class:`gptqkit.QuantizeResult` for the ``[out, in]`` weight.
+            format: ``"v1"`` (default) or ``"v2"``; v1 cannot store a zero
+                point of 0 (asymmetric grids) and raises ``ValueError`` then.
+        """
+        in_features, out_features = _linear_features(module)
+        codes = torch.as_tensor(result.codes)
+        if tuple(codes.shape) != (out_features, in_features):
+            raise ValueError(f"result.codes: expected shape ({out_features}, {in_features}) for "
+                             f"{type(module).__name__} with in_features={in_features}, "
+                             f"out_features={out_features}, got {tuple(codes.shape)}")
+        packed = pack(codes, torch.as_tensor(result.zeros), torch.as_tensor(result.scales),
+                      torch.as_tensor(result.g_idx), result.bits, format)
+        bias = getattr(module, "bias", None)
+        bias = None if bias is None else bias.detach().to("cpu")
+        return cls.from_packed(packed, bias=bias, group_size=result.group_size)
+
+    def _assign(self, qweight, qzeros, scales, g_idx, bias):
+        """Replaces the buffers (after checking their shapes); used by from_packed and the loader."""
+        k, n, b = self.in_features, self.out_features, self.bits
+        groups = scales.shape[0] if scales.dim() == 2 else -1
+        expected = {
+            "qweight": (qweight, torch.int32, (packed_words(k, b), n)),
+            "qzeros": (qzeros, torch.int32, (groups, packed_words(n, b))),
+            "scales": (scales, None, (groups, n)),
+            "g_idx": (g_idx, torch.int32, (k,)),
+        }
+        for name, (tensor, dtype, shape) in expected.items():
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{name}: expected shape {shape} for in_features={k}, out_features={n}, "
+                                 f"bits={b}, got {tuple(tensor.shape)}")
+            if dtype is not None and tensor.dtype != dtype:
+                raise ValueError(f"{name}: expected dtype {dtype}, got {tensor.dtype}")
+        if scales.dtype not in _NATIVE_DTYPES:
+            raise ValueError(f"scales: expected float16, bfloat16 or float32, got {scales.dtype}")
+        if bias is not None and tuple(bias.shape) != (n,):
+            raise ValueError(f"bias: expected shape ({n},), got {tuple(bias.shape)}")
+        self.qweight = qweight.contiguous()
+        self.qzeros = qzeros.contiguous()
+        self.scales = scales.contiguous()
+        self.g_idx = g_idx.contiguous()
+        if bias is None:
+            self.bias = None
+        else:
+            self.bias = bias.contiguous()
+
+    # ------------------------------------------------------------------ compute
+    def dequantize_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense ``[out_features, in_features]`` weight (float32 unless ``dtype`` is given)."""
+        self._check_runnable(None)
+        w = dequantize(self.qweight, self.qzeros, self.scales.float() if self.scales.dtype == torch.bfloat16
+                       else self.scales, self.g_idx, self.bits, self.format)
+        return w if dtype is None else w.to(dtype)
+
+    def _check_runnable(self, x: Optional[torch.Tensor]) -> None:
+        devices = {self.qweight.device.type}
+        if x is not None:
+            devices.add(x.device.type)
+        if "meta" in devices:
+            raise RuntimeError("QuantLinear: the layer (or its input) is on the meta device and holds no data; "
+                               "load a checkpoint into it first (gptqkit.load_checkpoint)")
+        if devices != {"cpu"}:
+            where = ", ".join(sorted(devices - {"cpu"}))
+            raise NotImplementedError(f"QuantLinear: got tensors on {where}; gptqkit runs quantized layers on the "
+                                      f"CPU in this release (the CUDA kernels come in a later release). Load the "
+                                      f"model with device='cpu'.")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in_features]`` -> ``[..., out_features]`` in ``x``'s dtype."""
+        self._check_runnable(x)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear: expected input with last dimension {self.in_features} "
+                             f"(in_features), got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        out_dtype = x.dtype
+        x2 = x.reshape(-1, self.in_features)
+        if out_dtype not in _NATIVE_DTYPES:
+            if not out_dtype.is_floating_point:
+                raise TypeError(f"QuantLinear: expected a floating-point input, got {out_dtype}")
+            x2 = x2.float()  # e.g. float64: computed in float32
+        x2 = x2.contiguous()
+        if x2.requires_grad and torch.is_grad_enabled():
+            y = _QuantLinearFunction.apply(x2, self)
+        else:
+            y = _native_forward(self, x2.detach())
+        return y.to(out_dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, format={self.format!r}")
+
+
+def _linear_features(module: nn.Module):
+    """``(in_features, out_features)`` of an ``nn.Linear`` or a transformers ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
+        return int(module.nx), int(module.nf)  # Conv1D: weight [in (nx), out (nf)], y = x @ W + b
+    raise TypeError(f"expected an nn.Linear or transformers Conv1D, got {type(module).__name__}")
