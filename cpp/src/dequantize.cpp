@@ -8,6 +8,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "bitstream.h"
 #include "checks.h"
 #include "gptqkit/pack.h"
 #include "half.h"
@@ -16,32 +17,10 @@
 namespace gptqkit {
 namespace {
 
-constexpr int64_t kChunk = 32;
-constexpr int64_t kColTile = 16;
+using bitstream::decode_chunk;
 
-// BITS words -> 32 values of BITS bits, LSB first (same stream as pack.cpp).
-template <int BITS>
-inline void decode_chunk(const uint32_t* words, uint32_t* values) {
-  if constexpr (32 % BITS == 0) {  // 2, 4, 8 bits: no value straddles a word
-    constexpr int kPerWord = 32 / BITS;
-    constexpr uint32_t kMask = (1u << BITS) - 1u;
-    for (int i = 0; i < 32; ++i) values[i] = (words[i / kPerWord] >> ((i % kPerWord) * BITS)) & kMask;
-  } else {  // 3 bits: continuous stream through a 64-bit window
-    constexpr uint64_t kMask = (uint64_t{1} << BITS) - 1u;
-    uint64_t acc = 0;
-    int avail = 0;
-    int in = 0;
-    for (int i = 0; i < 32; ++i) {
-      if (avail < BITS) {
-        acc |= static_cast<uint64_t>(words[in++]) << avail;
-        avail += 32;
-      }
-      values[i] = static_cast<uint32_t>(acc & kMask);
-      acc >>= BITS;
-      avail -= BITS;
-    }
-  }
-}
+using bitstream::kChunk;
+constexpr int64_t kColTile = 16;
 
 // Output rows [n_begin, n_end). scale_t / zero_t are [N, G] (transposed), so
 // the per-k group lookups of one output row stay within G contiguous floats.

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "blas.h"
+#include "bitstream.h"
 #include "checks.h"
 #include "half.h"
 #include "parallel.h"
@@ -26,7 +27,9 @@
 namespace gptqkit {
 namespace {
 
-constexpr int64_t kChunk = 32;  // values per decoded chunk (always `bits` whole words)
+using bitstream::decode_chunk;
+
+using bitstream::kChunk;
 // Upper bound of the float32 scratch of all workers together (weight tiles,
 // plus output tiles when y is 16-bit): 4 Mi floats = 16 MiB.
 constexpr int64_t kScratchFloats = int64_t{1} << 22;
@@ -53,33 +56,6 @@ inline void store_float(void* base, DType dtype, int64_t i, float v) {
     case DType::kFloat16: static_cast<uint16_t*>(base)[i] = float_to_fp16(v); break;
     case DType::kBFloat16: static_cast<uint16_t*>(base)[i] = float_to_bf16(v); break;
     default: static_cast<float*>(base)[i] = v; break;
-  }
-}
-
-// BITS words -> 32 values of BITS bits, LSB first, one continuous stream.
-template <int BITS>
-inline void decode_chunk(const uint32_t* words, uint32_t* values) {
-  if constexpr (32 % BITS == 0) {
-    constexpr int kPerWord = 32 / BITS;
-    constexpr uint32_t kMask = (1u << BITS) - 1u;
-    for (int w = 0; w < BITS; ++w) {
-      const uint32_t word = words[w];
-      for (int i = 0; i < kPerWord; ++i) values[w * kPerWord + i] = (word >> (i * BITS)) & kMask;
-    }
-  } else {  // 3 bits: values straddle words; read through a 64-bit window
-    constexpr uint64_t kMask = (uint64_t{1} << BITS) - 1u;
-    uint64_t window = 0;
-    int avail = 0;
-    int next = 0;
-    for (int i = 0; i < 32; ++i) {
-      if (avail < BITS) {
-        window |= static_cast<uint64_t>(words[next++]) << avail;
-        avail += 32;
-      }
-      values[i] = static_cast<uint32_t>(window & kMask);
-      window >>= BITS;
-      avail -= BITS;
-    }
   }
 }
 

@@ -13,64 +13,17 @@
 #include <string>
 #include <type_traits>
 
+#include "bitstream.h"
 #include "checks.h"
 #include "parallel.h"
 
 namespace gptqkit {
 namespace {
 
-constexpr int64_t kChunk = 32;     // values per chunk
+using bitstream::decode_chunk;
+using bitstream::encode_chunk;
+using bitstream::kChunk;
 constexpr int64_t kColTile = 16;   // columns handled together (one cache line of int32)
-
-// 32 values of BITS bits -> BITS words, LSB first, one continuous stream.
-template <int BITS>
-inline void encode_chunk(const uint32_t* values, uint32_t* words) {
-  if constexpr (32 % BITS == 0) {  // 2, 4, 8 bits: whole values per word
-    constexpr int kPerWord = 32 / BITS;
-    for (int w = 0; w < BITS; ++w) {
-      uint32_t x = 0;
-      for (int i = 0; i < kPerWord; ++i) x |= values[w * kPerWord + i] << (i * BITS);
-      words[w] = x;
-    }
-  } else {  // 3 bits: continuous stream through a 64-bit window
-    uint64_t acc = 0;
-    int filled = 0;
-    int out = 0;
-    for (int i = 0; i < 32; ++i) {
-      acc |= static_cast<uint64_t>(values[i]) << filled;
-      filled += BITS;
-      if (filled >= 32) {
-        words[out++] = static_cast<uint32_t>(acc);
-        acc >>= 32;
-        filled -= 32;
-      }
-    }
-  }
-}
-
-// BITS words -> 32 values of BITS bits (inverse of encode_chunk).
-template <int BITS>
-inline void decode_chunk(const uint32_t* words, uint32_t* values) {
-  if constexpr (32 % BITS == 0) {  // 2, 4, 8 bits: no value straddles a word
-    constexpr int kPerWord = 32 / BITS;
-    constexpr uint32_t kMask = (1u << BITS) - 1u;
-    for (int i = 0; i < 32; ++i) values[i] = (words[i / kPerWord] >> ((i % kPerWord) * BITS)) & kMask;
-  } else {  // 3 bits: continuous stream through a 64-bit window
-    constexpr uint64_t kMask = (uint64_t{1} << BITS) - 1u;
-    uint64_t acc = 0;
-    int avail = 0;
-    int in = 0;
-    for (int i = 0; i < 32; ++i) {
-      if (avail < BITS) {
-        acc |= static_cast<uint64_t>(words[in++]) << avail;
-        avail += 32;
-      }
-      values[i] = static_cast<uint32_t>(acc & kMask);
-      acc >>= BITS;
-      avail -= BITS;
-    }
-  }
-}
 
 // qweight [W, N] from codes [N, K], columns [n_begin, n_end).
 template <int BITS>
