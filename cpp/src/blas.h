@@ -26,6 +26,10 @@ void GPTQKIT_BLAS_FN(sgemm_)(const char* transa, const char* transb, const int* 
                              const int* k, const float* alpha, const float* a, const int* lda,
                              const float* b, const int* ldb, const float* beta, float* c,
                              const int* ldc, size_t, size_t);
+void GPTQKIT_BLAS_FN(dgemm_)(const char* transa, const char* transb, const int* m, const int* n,
+                             const int* k, const double* alpha, const double* a, const int* lda,
+                             const double* b, const int* ldb, const double* beta, double* c,
+                             const int* ldc, size_t, size_t);
 void GPTQKIT_BLAS_FN(dpotrf_)(const char* uplo, const int* n, double* a, const int* lda, int* info,
                               size_t);
 void GPTQKIT_BLAS_FN(dtrtri_)(const char* uplo, const char* diag, const int* n, double* a,
@@ -49,6 +53,10 @@ inline void sgemm(char transa, char transb, int m, int n, int k, float alpha, co
                   int lda, const float* b, int ldb, float beta, float* c, int ldc) {
   GPTQKIT_BLAS_FN(sgemm_)(&transa, &transb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc,
                           1, 1);
+}
+inline void dgemm(char transa, char transb, int m, int n, int k, double alpha, const double* a, int lda,
+                  const double* b, int ldb, double beta, double* c, int ldc) {
+  GPTQKIT_BLAS_FN(dgemm_)(&transa, &transb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc, 1, 1);
 }
 // Returns LAPACK's info: 0 on success, > 0 when the leading minor of that
 // order is not positive definite.

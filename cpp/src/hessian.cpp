@@ -1,12 +1,14 @@
 #include "gptqkit/hessian.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <string>
 
 #include "blas.h"
 #include "checks.h"
 #include "half.h"
+#include "parallel.h"
 
 namespace gptqkit {
 namespace {
@@ -14,6 +16,45 @@ namespace {
 // Rows converted per BLAS call for 16-bit input or float64 accumulation:
 // bounds the scratch buffer to rows * K elements.
 constexpr int64_t kChunkRows = 2048;
+
+// Column slices of the upper triangle holding equal work: slice t covers
+// columns [K*sqrt(t/T), K*sqrt((t+1)/T)) (the triangle's area grows with the
+// square of the column), rounded to multiples of 16.
+std::vector<int64_t> balanced_column_bounds(int64_t k, int slices) {
+  std::vector<int64_t> b{0};
+  for (int t = 1; t < slices; ++t) {
+    int64_t c = static_cast<int64_t>(static_cast<double>(k) * std::sqrt(static_cast<double>(t) / slices));
+    c = std::min(k, (c + 15) / 16 * 16);
+    if (c > b.back()) b.push_back(c);
+  }
+  if (b.back() < k) b.push_back(k);
+  return b;
+}
+
+// C (column-major K x K, upper triangle) = alpha * A A^T + beta * C for the
+// column-major K x rows matrix A, split over gptqkit's threads: each slice
+// of columns is one single-threaded gemm for the rectangle above its diagonal
+// block plus one syrk for the block. Why not OpenBLAS's threading: in the
+// quantization loop these calls interleave with PyTorch ops, and OpenBLAS's
+// idle threads busy-wait against PyTorch's for the same cores.
+template <typename T, typename Syrk, typename Gemm>
+void parallel_syrk(int64_t k, int64_t rows, T alpha, const T* a, T beta, T* c, Syrk syrk, Gemm gemm) {
+  blas::ScopedBlasThreads one_thread(1);
+  // Small updates are not worth waking threads for.
+  const int64_t flops = k * k * rows;
+  const int slices = flops < (int64_t{1} << 24) ? 1 : std::max(1, num_threads());
+  const auto bounds = balanced_column_bounds(k, slices);
+  const int ki = static_cast<int>(k), ri = static_cast<int>(rows);
+  parallel_for(static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t j0 = bounds[s], j1 = bounds[s + 1];
+      const int width = static_cast<int>(j1 - j0);
+      if (j0 > 0)  // C[0:j0, j0:j1] = alpha * A[0:j0, :] A[j0:j1, :]^T + beta * C
+        gemm('N', 'T', static_cast<int>(j0), width, ri, alpha, a, ki, a + j0, ki, beta, c + j0 * k, ki);
+      syrk('U', 'N', width, ri, alpha, a + j0, ki, beta, c + j0 + j0 * k, ki);
+    }
+  });
+}
 
 template <typename Out>
 void convert_rows(const TensorView& x, int64_t row0, int64_t rows, int64_t k, Out* dst) {
@@ -81,15 +122,16 @@ Status HessianAccumulator::add_batch(const TensorView& x) {
     if (fp64) {
       convert64_.resize(static_cast<size_t>(chunk * k_));
       convert_rows(x, row0, chunk, k_, convert64_.data());
-      blas::dsyrk('U', 'N', k, c, alpha, convert64_.data(), k, beta, h64_.data(), k);
+      parallel_syrk<double>(k, c, alpha, convert64_.data(), beta, h64_.data(), blas::dsyrk, blas::dgemm);
     } else if (x.dtype == DType::kFloat32) {
       const float* a = static_cast<const float*>(x.data) + row0 * k_;
-      blas::ssyrk('U', 'N', k, c, static_cast<float>(alpha), a, k, static_cast<float>(beta), h32_.data(), k);
+      parallel_syrk<float>(k, c, static_cast<float>(alpha), a, static_cast<float>(beta), h32_.data(), blas::ssyrk,
+                           blas::sgemm);
     } else {
       convert32_.resize(static_cast<size_t>(chunk * k_));
       convert_rows(x, row0, chunk, k_, convert32_.data());
-      blas::ssyrk('U', 'N', k, c, static_cast<float>(alpha), convert32_.data(), k, static_cast<float>(beta),
-                  h32_.data(), k);
+      parallel_syrk<float>(k, c, static_cast<float>(alpha), convert32_.data(), static_cast<float>(beta),
+                           h32_.data(), blas::ssyrk, blas::sgemm);
     }
     beta = 1.0;  // later chunks of the same batch only add
   }

@@ -443,7 +443,7 @@ def prepare_calibration(
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     if max_seqlen is not None and seqlen is not None and seqlen > max_seqlen:
         raise ValueError(f"seqlen={seqlen} is beyond the model's maximum context of {max_seqlen} tokens "
-                         f"(max_position_embeddings); use --seqlen {max_seqlen} or less")
+                         f"(max_position_embeddings); use a seqlen of at most {max_seqlen}")
 
     rows: List[torch.Tensor]
     masks: Optional[List[torch.Tensor]] = None

@@ -43,7 +43,7 @@ from torch import nn
 from gptqkit.calibration import model_max_length, prepare_calibration
 from gptqkit.checkpoint import checkpoint_info, load_checkpoint, save_checkpoint
 from gptqkit.config import QuantizeConfig
-from gptqkit.discovery import LayerTracer, ModelLayout, find_layout, get_weight, set_weight
+from gptqkit.discovery import LayerTracer, ModelLayout, find_layout, get_weight, set_weight, validate_groups
 from gptqkit.hessian import HessianAccumulator
 from gptqkit.nn import QuantLinear
 from gptqkit.solver import quantize_weight
@@ -99,6 +99,29 @@ class QuantizeReport:
 def peak_rss_mb() -> float:
     """Peak resident set size of this process in MB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
+                    "vocab.txt")
+
+
+def _load_tokenizer(path: Union[str, os.PathLike], trust_remote_code: bool = False):
+    """The tokenizer saved with a model, or ``None`` when there is none.
+
+    Why the file check: for a local folder without tokenizer files,
+    transformers 5 builds an empty tokenizer for many model types instead of
+    failing, which would tokenize every text to nothing.
+    """
+    from transformers import AutoTokenizer
+
+    local = os.path.isdir(os.fspath(path))
+    if local and not any(os.path.exists(os.path.join(os.fspath(path), f)) for f in _TOKENIZER_FILES):
+        return None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.fspath(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    return tokenizer if len(tokenizer) > 0 else None
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -181,10 +204,7 @@ class GPTQForCausalLM:
         kwargs["dtype"] = dtype if dtype is not None else "auto"
         model = AutoModelForCausalLM.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code, **kwargs)
         model.eval()
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError):
-            tokenizer = None
+        tokenizer = _load_tokenizer(model_id_or_path, trust_remote_code=trust_remote_code)
         return cls(model, quantize_config, tokenizer=tokenizer, layout=layout)
 
     @classmethod
@@ -199,14 +219,7 @@ class GPTQForCausalLM:
         """
         model = load_checkpoint(path, device=device, dtype=dtype)
         qcfg = QuantizeConfig.from_quantization_config(model.config.quantization_config)
-        tokenizer = None
-        try:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(os.fspath(path))
-        except (OSError, ValueError):
-            pass
-        return cls(model, qcfg, tokenizer=tokenizer, quantized=True)
+        return cls(model, qcfg, tokenizer=_load_tokenizer(path), quantized=True)
 
     # ------------------------------------------------------------------ running
     def __call__(self, *args, **kwargs):
@@ -305,10 +318,13 @@ class GPTQForCausalLM:
         try:
             with torch.no_grad():
                 hidden, inputs = self._capture_block_inputs(batches, blocks, dev, cache_dev)
-                self._quantize_blocks(blocks, hidden, inputs, dev, cache_dev, report, progress)
+                hidden = self._quantize_blocks(blocks, hidden, inputs, dev, cache_dev, report, progress)
+                if cfg.lm_head:
+                    self._quantize_lm_head(hidden, [b["attention_mask"] for b in batches], dev, report, progress)
         finally:
             if config is not None and use_cache is not None:
                 config.use_cache = use_cache
+        gc.collect()
         self.quantized = True
         if config is not None:
             config.quantization_config = cfg.to_quantization_config()
@@ -325,20 +341,22 @@ class GPTQForCausalLM:
         Blocks of one kind get identical keyword arguments (masks, rotary
         embeddings, positions), but models that mix attention kinds (e.g.
         sliding-window and global layers) pass each kind its own mask. So the
-        forward records the arguments of the first block of each distinct
-        ``attention_type`` and stops after the last of those; the
+        forward records the arguments of the first block of each distinct kind
+        (``config.layer_types``, else the blocks' ``attention_type``) and
+        stops after the last of those; the
         hidden-state input comes from block 0.
 
         Returns ``(hidden states entering block 0 per batch, per-block list of
         per-batch _BlockInputs)``.
         """
+        layer_types = getattr(getattr(self.model, "config", None), "layer_types", None)
+        if not isinstance(layer_types, (list, tuple)) or len(layer_types) != len(blocks):
+            layer_types = [getattr(blk, "attention_type", None) for blk in blocks]
         kinds: Dict[Any, int] = {}
-        for i, blk in enumerate(blocks):
-            kinds.setdefault(getattr(blk, "attention_type", None), i)
+        for i, kind in enumerate(layer_types):
+            kinds.setdefault(kind, i)
         first_of_kind = sorted(kinds.values())
-        owner = {i: first_of_kind[0] for i in range(len(blocks))}
-        for i, blk in enumerate(blocks):
-            owner[i] = kinds[getattr(blk, "attention_type", None)]
+        owner = {i: kinds[kind] for i, kind in enumerate(layer_types)}
         last = first_of_kind[-1]
 
         model = self.model
@@ -398,7 +416,7 @@ class GPTQForCausalLM:
     def _groups_for(self, block: nn.Module, first: _BlockInputs, hidden: torch.Tensor, dev) -> List[List[str]]:
         cfg = self.quantize_config
         if cfg.modules_in_block_to_quantize:
-            return [list(g) for g in cfg.modules_in_block_to_quantize]
+            return validate_groups(block, cfg.modules_in_block_to_quantize, "modules_in_block_to_quantize")
         if self.layout.groups is not None:
             return self.layout.groups
         with LayerTracer(block) as tracer:
@@ -411,7 +429,7 @@ class GPTQForCausalLM:
         return groups
 
     def _quantize_blocks(self, blocks: nn.ModuleList, hidden: List[torch.Tensor], inputs: List[List[_BlockInputs]],
-                         dev, cache_dev, report: QuantizeReport, progress: bool) -> None:
+                         dev, cache_dev, report: QuantizeReport, progress: bool) -> List[torch.Tensor]:
         from tqdm.auto import tqdm
 
         cfg = self.quantize_config
@@ -436,36 +454,78 @@ class GPTQForCausalLM:
                     continue
                 hessians = self._collect_hessians(block, [n for n, _, _ in todo], batch_inputs, hidden, dev)
                 for name, full, settings in todo:
-                    layer = block.get_submodule(name)
-                    t0 = time.perf_counter()
-                    weight = get_weight(layer, torch.float32).detach().to("cpu").contiguous()
-                    fmt = "v2" if cfg.checkpoint_format == "gptq_v2" else "v1"
-                    result = quantize_weight(
-                        weight, hessians[name], **settings.as_kwargs(),
-                        clip_steps=cfg.clip_steps, clip_min_ratio=cfg.clip_min_ratio,
-                        fp16_scales=True, min_zero_point=1 if (fmt == "v1" and not settings.sym) else 0,
-                    )
-                    del hessians[name]
-                    set_weight(layer, result.dequantize().to(weight.dtype))
-                    qlayer = QuantLinear.from_linear(layer, result, format=fmt)
-                    dtype = get_weight(layer).dtype
-                    if dtype in (torch.float16, torch.bfloat16, torch.float32):
-                        qlayer = qlayer.to(dtype)
-                    _set_module(block, name, qlayer.to(dev))
-                    seconds = time.perf_counter() - t0
-                    report.layers.append(LayerReport(
-                        name=full, shape=tuple(weight.shape), bits=settings.bits, group_size=settings.group_size,
-                        loss=result.loss, damp=result.damp_used, damp_attempts=result.damp_attempts,
-                        seconds=seconds))
-                    bar.set_postfix_str(f"{name}: loss {result.loss:.3g}, damp {result.damp_used:.3g}, "
-                                        f"{seconds * 1000:.0f} ms")
+                    self._quantize_layer(block, name, full, hessians.pop(name), settings, dev, report, bar)
             # The quantized block produces the next block's inputs.
             hidden = [_hidden_of(entry.call(block, h, dev)).to(cache_dev) for entry, h in zip(batch_inputs, hidden)]
             block.to("cpu")
             inputs[bi] = []
             bar.update(1)
-            gc.collect()
         bar.close()
+        return hidden
+
+    def _quantize_layer(self, parent: nn.Module, name: str, full: str, hessian, settings, dev,
+                        report: QuantizeReport, bar) -> None:
+        """GPTQ on one layer; its weight gets the quantized values, then it becomes a QuantLinear."""
+        cfg = self.quantize_config
+        layer = parent.get_submodule(name)
+        t0 = time.perf_counter()
+        weight = get_weight(layer, torch.float32).detach().to("cpu").contiguous()
+        fmt = "v2" if cfg.checkpoint_format == "gptq_v2" else "v1"
+        result = quantize_weight(
+            weight, hessian, **settings.as_kwargs(),
+            clip_steps=cfg.clip_steps, clip_min_ratio=cfg.clip_min_ratio,
+            fp16_scales=True, min_zero_point=1 if (fmt == "v1" and not settings.sym) else 0,
+        )
+        set_weight(layer, result.dequantize().to(weight.dtype))
+        qlayer = QuantLinear.from_linear(layer, result, format=fmt)
+        dtype = get_weight(layer).dtype
+        if dtype in (torch.float16, torch.bfloat16, torch.float32):
+            qlayer = qlayer.to(dtype)
+        _set_module(parent, name, qlayer.to(dev))
+        seconds = time.perf_counter() - t0
+        report.layers.append(LayerReport(
+            name=full, shape=tuple(weight.shape), bits=settings.bits, group_size=settings.group_size,
+            loss=result.loss, damp=result.damp_used, damp_attempts=result.damp_attempts, seconds=seconds))
+        bar.set_postfix_str(f"{name}: loss {result.loss:.3g}, damp {result.damp_used:.3g}, {seconds * 1000:.0f} ms")
+
+    def _quantize_lm_head(self, hidden: List[torch.Tensor], masks: List[torch.Tensor], dev,
+                          report: QuantizeReport, progress: bool) -> None:
+        """Quantizes the output projection on the final hidden states (``lm_head=True``)."""
+        from tqdm.auto import tqdm
+
+        model, layout = self.model, self.layout
+        name = layout.lm_head_name
+        if name is None:
+            raise ValueError("lm_head=True, but the model's output projection (get_output_embeddings) is not "
+                             "an nn.Linear/Conv1D layer")
+        settings = self.quantize_config.resolve(name)
+        if settings is None:
+            report.skipped.append(name)
+            return
+        between = [model.get_submodule(n) for n in (layout.post_modules or []) if n != name]
+        head = model.get_submodule(name)
+        for m in between + [head]:
+            m.to(dev)
+        acc = None
+        try:
+            for h, mask in zip(hidden, masks):
+                x = h.to(dev)
+                for m in between:
+                    x = _hidden_of(m(x))
+                if tuple(x.shape[:-1]) == tuple(mask.shape):
+                    x = x[mask.to(x.device).bool()]
+                x = x.reshape(-1, x.shape[-1]).float().to("cpu").contiguous()
+                acc = acc or HessianAccumulator(x.shape[-1])
+                acc.add_batch(x)
+            bar = tqdm(total=1, desc="quantizing lm_head", disable=not progress)
+            self._quantize_layer(model, name, name, acc.hessian(), settings, dev, report, bar)
+            bar.update(1)
+            bar.close()
+        finally:
+            for m in between + [model.get_submodule(name)]:
+                m.to("cpu")
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.config.tie_word_embeddings = False  # the head no longer shares the embedding's weight
 
     def _collect_hessians(self, block: nn.Module, names: List[str], batch_inputs: List[_BlockInputs],
                           hidden: List[torch.Tensor], dev) -> Dict[str, Any]:
@@ -485,6 +545,8 @@ class GPTQForCausalLM:
                 mask = state["mask"]
                 if mask is not None and x.dim() >= 2 and tuple(x.shape[:-1]) == tuple(mask.shape):
                     x = x[mask.to(x.device).bool()]
+                elif mask is not None and x.dim() == 2 and x.shape[0] == mask.numel():
+                    x = x[mask.reshape(-1).to(x.device).bool()]  # blocks that flatten tokens (OPT)
                 x = x.detach().reshape(-1, x.shape[-1])
                 if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                     x = x.float()

@@ -1,0 +1,271 @@
+"""The ``gptqkit`` command line (``gptqkit.cli``): help texts, quantize -> info -> eval-ppl
+on a tiny random Llama, and the error paths (one-line message, exit status 2 or 1).
+
+Everything runs in-process through ``main(argv)`` except two ``python -m gptqkit``
+calls that check the module entry point and the real exit status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+import string
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tiny_models import make_tiny_model, make_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def cli(gptqkit):
+    from gptqkit import cli as module
+    return module
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, cli):
+    """A tiny Llama (hidden 64, 2 blocks, vocab 128) with its tokenizer, plus calibration and eval data."""
+    import torch
+
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = root / "tiny-llama"
+    make_tiny_model("llama").save_pretrained(model_dir)
+    make_tiny_tokenizer().save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, 100, size=(8, 64))
+    np.save(root / "calib.npy", ids)
+    torch.save(torch.as_tensor(ids[:6]), root / "calib.pt")
+    words = ["".join(rng.choice(list(string.ascii_lowercase), size=5)) for _ in range(600)]
+    (root / "text.txt").write_text("\n".join(" ".join(words[i:i + 12]) for i in range(0, 600, 12)) + "\n")
+    no_tok = root / "no-tokenizer"
+    no_tok.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(model_dir / name, no_tok / name)
+    return {"root": root, "model": str(model_dir), "npy": str(root / "calib.npy"), "pt": str(root / "calib.pt"),
+            "text": str(root / "text.txt"), "no_tok": str(no_tok)}
+
+
+def run(cli, argv):
+    """``(status, stdout, stderr)`` of ``main(argv)``, outside capsys (for module fixtures)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main([str(a) for a in argv])
+    return status, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def quantized(cli, files):
+    """``(checkpoint folder, stdout, stderr)`` of one quantize run (4-bit g32, .npy calibration)."""
+    out_dir = files["root"] / "tiny-gptq"
+    status, out, err = run(cli, ["quantize", files["model"], out_dir, "--bits", "4", "--group-size", "32",
+                                 "--calibration", files["npy"], "-q"])
+    assert status == 0, err
+    return str(out_dir), out, err
+
+
+def assert_one_line_error(err: str, *needles: str):
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("gptqkit: error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+# =========================================================================== help
+
+@pytest.mark.parametrize("command, needles", [
+    ([], ["quantize", "eval-ppl", "info", "--verbose", "Exit status"]),
+    (["quantize"], ["--bits", "--group-size", "--desc-act", "--static-groups", "--asym", "--calibration",
+                    "--nsamples", "--seqlen", "--seed", "--damp", "--block-size", "--no-true-sequential",
+                    "--clip-steps", "--clip-min-ratio", "--format", "--batch-size", "--device",
+                    "--max-shard-size", "--dtype", "--eval", "act-order", "examples:", "(default: 128)"]),
+    (["eval-ppl"], ["--text", "--tokens", "--seqlen", "--windows", "--batch-size", "--compare", "KL",
+                    "examples:", "(default: 512)"]),
+    (["info"], ["--json", "CHECKPOINT", "examples:", "float16"]),
+])
+def test_help_teaches(cli, capsys, command, needles):
+    assert cli.main(command + ["--help"]) == 0
+    out = capsys.readouterr().out
+    for n in needles:
+        assert n in out, f"{n!r} missing from `gptqkit {' '.join(command)} --help`"
+
+
+def test_version_and_no_command(cli, capsys, gptqkit):
+    assert cli.main(["--version"]) == 0
+    assert gptqkit.__version__ in capsys.readouterr().out
+    assert cli.main([]) == 2
+    assert "choose a command" in capsys.readouterr().err
+
+
+# =========================================================================== quantize -> info -> eval-ppl
+
+def test_quantize_prints_summary_and_writes_checkpoint(quantized):
+    out_dir, out, _ = quantized
+    assert "quantized 14 layers" in out                    # report.summary()
+    assert "GPTQ loss" in out
+    assert f"saved GPTQ checkpoint to {os.path.realpath(out_dir)}" in out
+    assert "size on disk:" in out
+    with open(os.path.join(out_dir, "config.json")) as f:
+        qc = json.load(f)["quantization_config"]
+    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == ("gptq", 4, 32, True,
+                                                                                            False)
+    for name in ("quantize_config.json", "model.safetensors", "tokenizer.json"):
+        assert os.path.isfile(os.path.join(out_dir, name)), name
+
+
+def test_quantize_options_pt_calibration_and_eval(cli, files, capsys):
+    out_dir = files["root"] / "tiny-gptq-ao"
+    status = cli.main(["quantize", files["model"], str(out_dir), "--bits", "3", "--group-size", "16",
+                       "--desc-act", "--asym", "--format", "gptq_v2", "--damp", "0.05", "--clip-steps", "4",
+                       "--no-true-sequential", "--calibration", files["pt"], "--nsamples", "4", "--seqlen", "48",
+                       "--eval", "--eval-text", files["text"], "--eval-windows", "2", "-q"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "quantized 14 layers" in out and "on 192 calibration tokens" in out   # 4 rows x 48 tokens
+    ppl_line = next(ln for ln in out.splitlines() if ln.startswith("perplexity:"))
+    assert "2 windows of 256 tokens" in ppl_line                                  # capped at the model's context
+    assert math.isfinite(float(ppl_line.split()[1]))
+    qc = json.loads((out_dir / "quantize_config.json").read_text())
+    assert (qc["bits"], qc["group_size"], qc["desc_act"], qc["sym"], qc["checkpoint_format"]) == \
+        (3, 16, True, False, "gptq_v2")
+    assert (qc["damp_percent"], qc["true_sequential"], qc["meta"]["clip_steps"]) == (0.05, False, 4)
+
+    assert cli.main(["info", str(out_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["checkpoint_format"] == "gptq_v2"
+    assert any(layer["act_order"] for layer in info["layers"].values())
+
+
+def test_info_text(cli, quantized, capsys):
+    out_dir = quantized[0]
+    assert cli.main(["info", out_dir]) == 0
+    out = capsys.readouterr().out
+    assert os.path.abspath(out_dir) in out
+    assert "bits 4, group size 32, sym" in out
+    table = [ln for ln in out.splitlines() if ln.startswith("model.layers.")]
+    assert len(table) == 14
+    assert table[0].split()[:2] == ["model.layers.0.mlp.down_proj", "64"]          # name, out x in
+    assert "bits per weight" in out and "in float16" in out
+
+
+def test_info_json(cli, quantized, capsys):
+    out_dir = quantized[0]
+    assert cli.main(["info", out_dir, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["bits"], info["group_size"], info["num_quantized_layers"]) == (4, 32, 14)
+    q = info["layers"]["model.layers.1.self_attn.q_proj"]
+    assert (q["in_features"], q["out_features"], q["groups"], q["act_order"]) == (64, 64, 2, False)
+    assert info["quantized_bytes"] < info["fp16_bytes"]
+    assert info["disk_bytes"] > info["total_bytes"] > 0
+
+
+def test_eval_ppl_on_text(cli, quantized, files, capsys):
+    assert cli.main(["eval-ppl", quantized[0], "--text", files["text"], "--seqlen", "64", "--windows", "3",
+                     "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "GPTQ checkpoint, 4-bit, group size 32" in out
+    ppl = float(next(ln for ln in out.splitlines() if ln.startswith("perplexity:")).split()[1])
+    assert 1.0 < ppl < 1000.0
+    assert "189 predicted (3 windows of 64)" in out                                   # 3 x 63 positions
+    assert "seconds:" in out
+
+
+def test_eval_ppl_tokens_compare_json(cli, quantized, files, capsys):
+    argv = ["--tokens", files["npy"], "--seqlen", "32", "--windows", "4", "--json", "-q"]
+    assert cli.main(["eval-ppl", quantized[0], "--compare", files["model"]] + argv) == 0
+    q = json.loads(capsys.readouterr().out)
+    assert (q["tokens"], q["windows"]) == (4 * 31, 4)
+    assert 0.0 <= q["kl_divergence"] <= q["kl_divergence_max_window"] < 1.0
+    assert cli.main(["eval-ppl", files["model"]] + argv) == 0                         # fp32 model alone
+    fp = json.loads(capsys.readouterr().out)
+    assert fp["model_kind"].startswith("full-precision")
+    assert fp["perplexity"] == pytest.approx(q["compare_perplexity"], rel=1e-5)
+    assert cli.main(["eval-ppl", quantized[0]] + argv) == 0                           # quantized alone
+    alone = json.loads(capsys.readouterr().out)
+    assert alone["perplexity"] == pytest.approx(q["perplexity"], rel=1e-5)
+
+
+# =========================================================================== errors
+
+def test_missing_model_folder(cli, files, capsys):
+    missing = str(files["root"] / "no-such-model")
+    assert cli.main(["quantize", missing, str(files["root"] / "o1"), "--calibration", files["npy"]]) == 2
+    assert_one_line_error(capsys.readouterr().err, "no such model folder")
+    assert cli.main(["eval-ppl", missing, "--tokens", files["npy"]]) == 2
+    assert_one_line_error(capsys.readouterr().err, "no such model folder")
+
+
+def test_bad_bits(cli, files, capsys):
+    assert cli.main(["quantize", files["model"], str(files["root"] / "o2"), "--bits", "5"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--bits", "2, 3, 4 or 8")
+
+
+def test_missing_calibration_file(cli, files, capsys):
+    out = str(files["root"] / "o3")
+    assert cli.main(["quantize", files["model"], out, "--calibration", str(files["root"] / "nope.npy")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--calibration", "no such file")
+    assert not os.path.exists(out)
+
+
+def test_no_default_calibration(cli, files, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "data_search_paths", lambda name: [tmp_path / "wikitext-2" / name])
+    assert cli.main(["quantize", files["model"], str(tmp_path / "out")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--calibration")
+
+
+def test_data_env_variable(cli, monkeypatch, tmp_path):
+    (tmp_path / "wikitext-2").mkdir()
+    (tmp_path / "wikitext-2" / "wiki.valid.tokens").write_text("hello\n")
+    monkeypatch.setenv("GPTQKIT_DATA", str(tmp_path))
+    assert cli.find_data_file("wiki.valid.tokens") == str(tmp_path / "wikitext-2" / "wiki.valid.tokens")
+
+
+def test_refuses_non_checkpoint_output_folder(cli, files, capsys):
+    # the output folder holds something else (here: the fp model itself) -> refused before any work
+    assert cli.main(["quantize", files["model"], files["no_tok"], "--calibration", files["npy"]]) == 2
+    assert_one_line_error(capsys.readouterr().err, "not a GPTQ checkpoint")
+
+
+def test_text_calibration_needs_tokenizer(cli, files, capsys):
+    assert cli.main(["quantize", files["no_tok"], str(files["root"] / "o4"), "--calibration", files["text"],
+                     "-q"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "no tokenizer", "--tokenizer")
+
+
+def test_info_on_non_checkpoint(cli, files, capsys):
+    assert cli.main(["info", files["model"]]) == 2
+    assert_one_line_error(capsys.readouterr().err, "not a GPTQ checkpoint")
+    assert cli.main(["info", str(files["root"] / "missing")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "no such folder")
+
+
+def test_corrupt_checkpoint(cli, quantized, files, capsys):
+    bad = files["root"] / "corrupt"
+    shutil.copytree(quantized[0], bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    assert cli.main(["info", str(bad)]) == 1
+    assert_one_line_error(capsys.readouterr().err, "model.safetensors")
+    assert cli.main(["eval-ppl", str(bad), "--tokens", files["npy"], "--seqlen", "32", "-q"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "model.safetensors")
+    assert cli.main(["info", str(bad), "--verbose"]) == 1                              # --verbose: traceback
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("gptqkit: error: ")
+
+
+def test_python_m_gptqkit(files, tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "gptqkit", "info", "--help"], capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0 and "--json" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "gptqkit", "info", str(tmp_path / "missing")], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2
+    assert_one_line_error(bad.stderr, "no such folder")
