@@ -43,7 +43,8 @@ from torch import nn
 from gptqkit.calibration import model_max_length, prepare_calibration
 from gptqkit.checkpoint import checkpoint_info, load_checkpoint, save_checkpoint
 from gptqkit.config import QuantizeConfig
-from gptqkit.discovery import LayerTracer, ModelLayout, find_layout, get_weight, set_weight, validate_groups
+from gptqkit.discovery import (LayerTracer, ModelLayout, find_layout, find_linear_layers, get_weight, set_weight,
+                               validate_groups)
 from gptqkit.hessian import HessianAccumulator
 from gptqkit.nn import QuantLinear
 from gptqkit.solver import quantize_weight
@@ -161,6 +162,77 @@ class _BlockInputs:
 
     def call(self, block: nn.Module, hidden: torch.Tensor, dev) -> Any:
         return block(hidden.to(dev), *_move(self.rest, dev), **_move(self.kwargs, dev))
+
+
+def _clone(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, tuple):
+        return tuple(_clone(o) for o in obj)
+    if isinstance(obj, list):
+        return [_clone(o) for o in obj]
+    return obj
+
+
+class _FrozenOutputs:
+    """Replays, batch by batch, the outputs of block parts whose layers are final.
+
+    Why: true-sequential GPTQ runs a block once per layer group, but a child of
+    the block (``self_attn`` once q/k/v/o are quantized) gives the same output
+    on every later pass. Its output is stored the first time it runs with all
+    its layers final and replayed afterwards, so later passes (the MLP
+    groups, the block's output pass) skip attention entirely. Outputs are
+    stored and replayed as copies, so in-place updates downstream cannot
+    corrupt them. A child called more than once per forward is never cached.
+    """
+
+    def __init__(self, block: nn.Module):
+        self.children = {name: mod for name, mod in block.named_children() if find_linear_layers(mod)}
+        self.layers = {name: {f"{name}.{sub}" for sub in find_linear_layers(mod)}
+                       for name, mod in self.children.items()}
+        self.store: Dict[str, Dict[int, Any]] = {}
+        self.uncachable: set = set()
+        self.batch = 0
+        self._calls: Dict[str, int] = {}
+
+    def start_batch(self, index: int) -> None:
+        self.batch = index
+        self._calls = {}
+
+    def active(self, pending: set, record: bool = True):
+        """Context manager: patch every child none of whose layers is in ``pending``."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def patched():
+            names = [c for c in self.children
+                     if c not in self.uncachable and not (self.layers[c] & pending)]
+            for c in names:
+                mod = self.children[c]
+                store = self.store.setdefault(c, {})
+                mod.forward = self._replaying(c, mod.forward, store, record)
+            try:
+                yield
+            finally:
+                for c in names:
+                    del self.children[c].forward  # drop the instance attribute: back to the class's forward
+        return patched()
+
+    def _replaying(self, name: str, original, store: Dict[int, Any], record: bool):
+        def forward(*args, **kwargs):
+            calls = self._calls.get(name, 0) + 1
+            self._calls[name] = calls
+            if calls > 1:  # used twice in one forward: outputs are not per-batch
+                self.uncachable.add(name)
+                store.clear()
+                return original(*args, **kwargs)
+            if self.batch in store:
+                return _clone(store[self.batch])
+            out = original(*args, **kwargs)
+            if record:
+                store[self.batch] = _clone(out)
+            return out
+        return forward
 
 
 class GPTQForCausalLM:
@@ -441,7 +513,9 @@ class GPTQForCausalLM:
             groups = self._groups_for(block, batch_inputs[0], hidden[0], dev)
             if not cfg.true_sequential:
                 groups = [[name for g in groups for name in g]]
-            for group in groups:
+            frozen = _FrozenOutputs(block)
+            for gi, group in enumerate(groups):
+                pending = {name for g in groups[gi:] for name in g}
                 todo = []
                 for name in group:
                     full = f"{prefix}.{bi}.{name}"
@@ -452,11 +526,19 @@ class GPTQForCausalLM:
                         todo.append((name, full, settings))
                 if not todo:
                     continue
-                hessians = self._collect_hessians(block, [n for n, _, _ in todo], batch_inputs, hidden, dev)
+                with frozen.active(pending):
+                    hessians = self._collect_hessians(block, [n for n, _, _ in todo], batch_inputs, hidden, dev,
+                                                      frozen)
                 for name, full, settings in todo:
                     self._quantize_layer(block, name, full, hessians.pop(name), settings, dev, report, bar)
             # The quantized block produces the next block's inputs.
-            hidden = [_hidden_of(entry.call(block, h, dev)).to(cache_dev) for entry, h in zip(batch_inputs, hidden)]
+            outputs = []
+            with frozen.active(set(), record=False):
+                for b, (entry, h) in enumerate(zip(batch_inputs, hidden)):
+                    frozen.start_batch(b)
+                    outputs.append(_hidden_of(entry.call(block, h, dev)).to(cache_dev))
+            hidden = outputs
+            del frozen
             block.to("cpu")
             inputs[bi] = []
             bar.update(1)
@@ -528,7 +610,7 @@ class GPTQForCausalLM:
             model.config.tie_word_embeddings = False  # the head no longer shares the embedding's weight
 
     def _collect_hessians(self, block: nn.Module, names: List[str], batch_inputs: List[_BlockInputs],
-                          hidden: List[torch.Tensor], dev) -> Dict[str, Any]:
+                          hidden: List[torch.Tensor], dev, frozen: Optional[_FrozenOutputs] = None) -> Dict[str, Any]:
         """Accumulates the Hessian of each named layer over all batches.
 
         Pre-hooks feed the layers' inputs (padded tokens dropped) to native
@@ -561,9 +643,11 @@ class GPTQForCausalLM:
 
         handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
         try:
-            for entry, h in zip(batch_inputs, hidden):
+            for b, (entry, h) in enumerate(zip(batch_inputs, hidden)):
                 seen.clear()
                 state["mask"] = entry.mask
+                if frozen is not None:
+                    frozen.start_batch(b)
                 try:
                     entry.call(block, h, dev)
                 except _Stop:

@@ -715,3 +715,24 @@ def test_padded_calibration_matches_unpadded(gptqkit):
         total += a[name][0].numel()
         same += int((a[name][0] == b[name][0]).sum())
     assert same / total > 0.99, same / total
+
+
+# --------------------------------------------------------------------------- replayed frozen outputs
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2", "phi", "gpt_neox"])
+def test_replaying_frozen_outputs_changes_nothing(gptqkit, arch, monkeypatch):
+    """Replaying the outputs of finished block parts (model._FrozenOutputs) is an optimisation only: the
+    codes and the model's outputs must be exactly those of recomputing every pass."""
+    import contextlib
+
+    from gptqkit import model as model_mod
+
+    torch.manual_seed(0)
+    fast = _quantize(arch, model=make_tiny_model(arch))
+    monkeypatch.setattr(model_mod._FrozenOutputs, "active",
+                        lambda self, pending, record=True: contextlib.nullcontext())
+    torch.manual_seed(0)
+    slow = _quantize(arch, model=make_tiny_model(arch))
+    _assert_same_packed(_packed(fast), _packed(slow))
+    ids = _tokens(1, 16)
+    assert torch.equal(fast(ids).logits, slow(ids).logits)
