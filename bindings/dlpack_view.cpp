@@ -1,6 +1,7 @@
 #include "dlpack_view.h"
 
 #include <string>
+#include <utility>
 
 #include "dlpack_abi.h"
 
@@ -47,13 +48,19 @@ BorrowedTensor borrow(const py::handle& obj, const char* name, bool writable) {
   if (!py::hasattr(obj, "__dlpack__"))
     throw py::type_error(std::string(name) + ": expected a torch.Tensor or numpy.ndarray (an object with "
                          "__dlpack__), got " + std::string(py::str(py::type::of(obj))));
-  BorrowedTensor b;
+  py::object capsule;
   try {
-    b.capsule = obj.attr("__dlpack__")(py::arg("max_version") = py::make_tuple(1, 0));
+    capsule = obj.attr("__dlpack__")(py::arg("max_version") = py::make_tuple(1, 0));
   } catch (py::error_already_set& e) {
     if (!e.matches(PyExc_TypeError)) throw;
-    b.capsule = obj.attr("__dlpack__")();  // producer predates DLPack 1.0
+    capsule = obj.attr("__dlpack__")();  // producer predates DLPack 1.0
   }
+  return borrow_capsule(std::move(capsule), name, writable);
+}
+
+BorrowedTensor borrow_capsule(py::object capsule, const char* name, bool writable) {
+  BorrowedTensor b;
+  b.capsule = std::move(capsule);
   PyObject* cap = b.capsule.ptr();
   const dlpack::Tensor* t = nullptr;
   bool read_only = false;

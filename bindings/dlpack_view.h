@@ -19,6 +19,10 @@ struct BorrowedTensor {
 // `writable` rejects read-only exports (outputs).
 BorrowedTensor borrow(const pybind11::handle& obj, const char* name, bool writable);
 
+// The same for a DLPack capsule already obtained from the producer
+// ("dltensor" or "dltensor_versioned"), which the result keeps alive.
+BorrowedTensor borrow_capsule(pybind11::object capsule, const char* name, bool writable);
+
 // Raises the Python exception matching a non-OK status.
 void throw_if_error(const Status& status);
 

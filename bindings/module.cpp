@@ -7,6 +7,7 @@
 
 #include "dlpack_view.h"
 #include "gptqkit/gptqkit.h"
+#include "cpu_gemm_bindings.h"
 #include "linear_bindings.h"
 
 namespace py = pybind11;
@@ -71,6 +72,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "gptqkit native core (internal: use the gptqkit package API)";
   gptqkit::bindings::register_exceptions(m);
   gptqkit::bindings::register_linear(m);
+  gptqkit::bindings::register_cpu_gemm(m);
   m.attr("__version__") = GPTQKIT_VERSION_STRING;
   m.attr("blas") = GPTQKIT_BLAS_NAME;
 

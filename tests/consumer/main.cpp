@@ -1,5 +1,6 @@
 // Quantizes a small layer with gptqkit's C++ API, packs it, dequantizes the
 // packed tensors and checks the round trip. Exit code 0 on success.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -44,13 +45,29 @@ int main() {
                              make_view(qzeros.data(), DType::kInt32, g, packed_words(n, opt.bits)),
                              make_view(scales.data(), DType::kFloat32, g, n), make_view(g_idx.data(), DType::kInt32, k),
                              opt.bits, ZeroFormat::kV1, make_view(dense.data(), DType::kFloat32, n, k));
+  // Inference: prepare the packed layer once, then y = x · Wᵀ with the fused CPU kernel.
+  PreparedWeight prepared;
+  if (s.ok())
+    s = prepare_cpu_weight(make_view(qweight.data(), DType::kInt32, packed_words(k, opt.bits), n),
+                           make_view(qzeros.data(), DType::kInt32, g, packed_words(n, opt.bits)),
+                           make_view(scales.data(), DType::kFloat32, g, n), make_view(g_idx.data(), DType::kInt32, k),
+                           opt.bits, ZeroFormat::kV1, &prepared);
+  std::vector<float> y(4 * n);
+  if (s.ok()) s = cpu_gemm(make_view(x.data(), DType::kFloat32, 4, k), prepared, nullptr, make_view(y.data(), DType::kFloat32, 4, n));
   if (!s.ok()) {
     std::fprintf(stderr, "gptqkit error: %s\n", s.message().c_str());
     return 1;
   }
   double err = 0.0, ref = 0.0;
   for (int64_t i = 0; i < n * k; ++i) err += (w[i] - dense[i]) * (w[i] - dense[i]), ref += w[i] * w[i];
-  std::printf("gptqkit %s consumer: loss %.4f, relative weight error %.4f\n", GPTQKIT_VERSION_STRING, stats.loss,
-              std::sqrt(err / ref));
-  return std::sqrt(err / ref) < 0.2 ? 0 : 1;
+  double gemm_err = 0.0;
+  for (int64_t r = 0; r < 4; ++r)
+    for (int64_t j = 0; j < n; ++j) {
+      double want = 0.0;
+      for (int64_t i = 0; i < k; ++i) want += static_cast<double>(x[r * k + i]) * dense[j * k + i];
+      gemm_err = std::max(gemm_err, std::fabs(want - y[r * n + j]));
+    }
+  std::printf("gptqkit %s consumer: loss %.4f, relative weight error %.4f, cpu_gemm (%s) max error %.2g\n",
+              GPTQKIT_VERSION_STRING, stats.loss, std::sqrt(err / ref), cpu_kernel_name(), gemm_err);
+  return std::sqrt(err / ref) < 0.2 && gemm_err < 1e-3 ? 0 : 1;
 }

@@ -44,7 +44,9 @@ def test_forward_matches_dense_reference(gptqkit, bits, fmt, act_order, bias):
     ref = x.double() @ w.T + (b.double() if bias else 0)
     y = layer(x)
     assert y.shape == (2, 3, n) and y.dtype == torch.float32
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    # float32 accumulation: the error scales with sum |x w| (8-bit weights reach ~12 here)
+    mag = x.double().abs() @ w.abs().T + (b.double().abs() if bias else 0)
+    assert ((y.double() - ref).abs() <= 2e-6 * mag + 1e-6).all()
     torch.testing.assert_close(layer.dequantize_weight(), packed.dequantize())
 
 

@@ -4,15 +4,20 @@ The layer holds the checkpoint tensors (``qweight``, ``qzeros``, ``scales``,
 ``g_idx`` and an optional ``bias``; layout in ``docs/format.md``) as buffers,
 so ``state_dict()`` produces exactly the keys a GPTQ checkpoint stores.
 
-On the CPU, ``forward`` runs in the native core (``_C.quantized_linear``):
-the weight is dequantized tile by tile and multiplied with BLAS in float32,
-the GIL released. Inputs of any leading shape are flattened to ``[M, K]``;
-the output has the input's dtype.
+On the CPU, ``forward`` runs in the native core's fused low-bit GEMM
+(``_C.cpu_gemm``, AVX-512 / AVX2 / portable kernels chosen at import): on
+the first forward the layer repacks its buffers once into the kernels' layout
+(``_C.CpuPreparedWeight``, about the size of ``qweight``; see "In-memory CPU
+layout" in ``docs/format.md``) and keeps that copy until its buffers change.
+Inputs of any leading shape are flattened to ``[M, K]``; the output has the
+input's dtype. Large batches (many rows) are routed by the core to
+dequantize + BLAS automatically.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -32,11 +37,24 @@ def _num_groups(in_features: int, group_size: int) -> int:
     return int(_C.num_groups(int(in_features), int(group_size)))
 
 
+_PREPARED_FROM = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def _versions(tensors) -> tuple:
+    """Version counters (bumped by every in-place change); inference tensors have none."""
+    out = []
+    for t in tensors:
+        try:
+            out.append(t._version)
+        except RuntimeError:  # created under torch.inference_mode()
+            out.append(None)
+    return tuple(out)
+
+
 def _native_forward(layer: "QuantLinear", x2: torch.Tensor) -> torch.Tensor:
     """``x2 [M, K]`` (contiguous, float32/float16/bfloat16) -> ``[M, N]`` through the native core."""
     y = torch.empty((x2.shape[0], layer.out_features), dtype=x2.dtype)
-    _C.quantized_linear(x2, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bias,
-                        layer.bits, layer.format, y)
+    _C.cpu_gemm(x2, layer.prepared_cpu_weight(), layer._buffers["bias"], y)
     return y
 
 
@@ -200,6 +218,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"scales: expected float16, bfloat16 or float32, got {scales.dtype}")
         if bias is not None and tuple(bias.shape) != (n,):
             raise ValueError(f"bias: expected shape ({n},), got {tuple(bias.shape)}")
+        self.release_cpu_weight()
         self.qweight = qweight.contiguous()
         self.qzeros = qzeros.contiguous()
         self.scales = scales.contiguous()
@@ -208,6 +227,52 @@ class QuantLinear(nn.Module):
             self.bias = None
         else:
             self.bias = bias.contiguous()
+
+    # ------------------------------------------------------------------ CPU kernels' copy
+    def prepared_cpu_weight(self):
+        """The layer repacked for the CPU GEMM (``_C.CpuPreparedWeight``), made on first use.
+
+        The copy is rebuilt when any of ``qweight``, ``qzeros``, ``scales`` or
+        ``g_idx`` was replaced (``_assign``, attribute assignment, ``.to()``)
+        or modified in place (``load_state_dict``, ``copy_``): the cache keys
+        on each tensor's identity and version counter. It holds about as many
+        bytes as ``qweight`` (its ``nbytes``), never a dense weight.
+        """
+        cache = self.__dict__.get("_cpu_prepared")
+        buffers = self._buffers  # (not getattr: nn.Module.__getattr__ costs a microsecond per buffer)
+        tensors = [buffers[name] for name in _PREPARED_FROM]
+        if cache is not None:
+            prepared, refs, versions = cache
+            if all(r() is t for r, t in zip(refs, tensors)) and versions == _versions(tensors):
+                return prepared
+            self.release_cpu_weight()
+        self._check_runnable(None)
+        prepared = _C.CpuPreparedWeight(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.format)
+        self.__dict__["_cpu_prepared"] = (prepared, tuple(weakref.ref(t) for t in tensors), _versions(tensors))
+        return prepared
+
+    def release_cpu_weight(self) -> None:
+        """Drops the CPU kernels' prepared copy (it is rebuilt on the next forward)."""
+        self.__dict__.pop("_cpu_prepared", None)
+
+    def __setattr__(self, name, value):
+        if name in _PREPARED_FROM:
+            self.__dict__.pop("_cpu_prepared", None)
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cpu(), .half(), ... replace the buffers
+        self.release_cpu_weight()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.release_cpu_weight()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):  # copy.deepcopy / pickle: the prepared copy is rebuilt on demand
+        state = super().__getstate__()
+        state = dict(state)
+        state.pop("_cpu_prepared", None)
+        return state
 
     # ------------------------------------------------------------------ compute
     def dequantize_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -232,6 +297,14 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in_features]`` -> ``[..., out_features]`` in ``x``'s dtype."""
+        if (x.is_cpu and x.dtype in _NATIVE_DTYPES and "_cpu_prepared" in self.__dict__
+                and not (x.requires_grad and torch.is_grad_enabled()) and x.shape[-1] == self.in_features):
+            # Fast path (token-by-token decoding calls this hundreds of times per token): the
+            # prepared copy exists, so the buffers are on the CPU; prepared_cpu_weight() still
+            # checks that they did not change.
+            lead = x.shape[:-1]
+            y = _native_forward(self, x.reshape(-1, self.in_features).contiguous())
+            return y.view(*lead, self.out_features)
         self._check_runnable(x)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear: expected input with last dimension {self.in_features} "
@@ -248,7 +321,9 @@ class QuantLinear(nn.Module):
             y = _QuantLinearFunction.apply(x2, self)
         else:
             y = _native_forward(self, x2.detach())
-        return y.to(out_dtype).reshape(*lead, self.out_features)
+        if y.dtype != out_dtype:
+            y = y.to(out_dtype)
+        return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
