@@ -240,12 +240,18 @@ class QuantLinear(nn.Module):
         """
         cache = self.__dict__.get("_cpu_prepared")
         buffers = self._buffers  # (not getattr: nn.Module.__getattr__ costs a microsecond per buffer)
-        tensors = [buffers[name] for name in _PREPARED_FROM]
-        if cache is not None:
-            prepared, refs, versions = cache
-            if all(r() is t for r, t in zip(refs, tensors)) and versions == _versions(tensors):
-                return prepared
+        q, z, s, g = buffers["qweight"], buffers["qzeros"], buffers["scales"], buffers["g_idx"]
+        if cache is not None:  # checked on every forward: kept to a few attribute reads
+            prepared, (rq, rz, rs, rg), versions = cache
+            if rq() is q and rz() is z and rs() is s and rg() is g:
+                try:
+                    if versions == (q._version, z._version, s._version, g._version):
+                        return prepared
+                except RuntimeError:  # inference tensors carry no version counter
+                    if versions == _versions((q, z, s, g)):
+                        return prepared
             self.release_cpu_weight()
+        tensors = (q, z, s, g)
         self._check_runnable(None)
         prepared = _C.CpuPreparedWeight(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.format)
         self.__dict__["_cpu_prepared"] = (prepared, tuple(weakref.ref(t) for t in tensors), _versions(tensors))
