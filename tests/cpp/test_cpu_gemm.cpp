@@ -253,9 +253,8 @@ TEST(CpuGemm, ChosenKernelAndNames) {
   EXPECT_TRUE(name == "generic" || name == "avx2" || name == "avx512") << name;
   EXPECT_TRUE(gptqkit::cpu_kernel_supported(CpuKernel::kGeneric));
   EXPECT_TRUE(gptqkit::cpu_kernel_built(CpuKernel::kGeneric));
-#if defined(__x86_64__) || defined(_M_X64)
-  EXPECT_TRUE(gptqkit::cpu_kernel_built(CpuKernel::kAvx2));
-#endif
+  for (CpuKernel k : {CpuKernel::kAvx2, CpuKernel::kAvx512})
+    if (gptqkit::cpu_kernel_supported(k)) EXPECT_TRUE(gptqkit::cpu_kernel_built(k));
   if (gptqkit::cpu_kernel_supported(CpuKernel::kAvx512) && std::getenv("GPTQKIT_CPU_KERNEL") == nullptr)
     EXPECT_EQ(name, "avx512");
 }
