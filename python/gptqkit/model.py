@@ -19,13 +19,24 @@ How quantization runs (memory and compute):
   the first batch) the block runs on all batches with hooks that feed the
   group's inputs into native Hessian accumulators (padded tokens dropped) and
   stop the forward as soon as the group's inputs are seen, so nothing after
-  the group is computed. The group is quantized (GPTQ in the C++ core) and its
-  weights replaced by their quantized values before the next group's inputs
-  are computed. Finally the quantized block runs once more to produce the
-  next block's inputs.
-* Quantized layers become :class:`gptqkit.nn.QuantLinear` right away, so the
-  in-memory model after ``quantize`` is exactly what ``save_quantized``
-  writes and ``from_quantized`` reads.
+  the group is computed. Layers fed the same tensor (q/k/v) share one
+  accumulator. The group is quantized (GPTQ in the C++ core) and its weights
+  replaced by their quantized values before the next group's inputs are
+  computed. Finally the quantized block runs once more to produce the next
+  block's inputs, each batch's output replacing its input in the cache.
+* Nothing is recomputed that a quantized layer did not change: a block part
+  whose layers are all final (attention, once o_proj is done) is never run
+  again; its output on each batch is stored once and replayed. When that
+  part returns its last layer's output as is (attention returns o_proj's),
+  the output is computed straight from the last layer's cached input, so
+  attention runs once per block in all.
+* During a block, quantized layers keep their dequantized weights in the
+  original dense layers (dense matmuls suit calibration batches); at the end
+  of the block they become :class:`gptqkit.nn.QuantLinear`, so the in-memory
+  model after ``quantize`` is exactly what ``save_quantized`` writes and
+  ``from_quantized`` reads. The original weights' memory is then given back
+  to the OS (see :mod:`gptqkit._memory`), so peak memory is about one block
+  plus the activation caches, not the whole fp model.
 """
 
 from __future__ import annotations
@@ -43,8 +54,9 @@ from torch import nn
 from gptqkit.calibration import model_max_length, prepare_calibration
 from gptqkit.checkpoint import checkpoint_info, load_checkpoint, save_checkpoint
 from gptqkit.config import QuantizeConfig
-from gptqkit.discovery import (LayerTracer, ModelLayout, find_layout, find_linear_layers, get_weight, set_weight,
-                               validate_groups)
+from gptqkit.discovery import (LayerTracer, ModelLayout, _tensor_key, find_layout, find_linear_layers, get_weight,
+                               is_conv1d, set_weight, validate_groups)
+from gptqkit._memory import exclusive_file_ranges, release_file_pages, trim_heap
 from gptqkit.hessian import HessianAccumulator
 from gptqkit.nn import QuantLinear
 from gptqkit.solver import quantize_weight
@@ -164,6 +176,21 @@ class _BlockInputs:
         return block(hidden.to(dev), *_move(self.rest, dev), **_move(self.kwargs, dev))
 
 
+def _share_equal(obj: Any, prev: Any) -> Any:
+    """``obj`` with every tensor that equals the one at the same place in ``prev`` replaced by
+    ``prev``'s: batches' block arguments are then stored once, not once per batch."""
+    if isinstance(obj, torch.Tensor):
+        if (isinstance(prev, torch.Tensor) and prev.shape == obj.shape and prev.dtype == obj.dtype
+                and prev.device == obj.device and torch.equal(prev, obj)):
+            return prev
+        return obj
+    if isinstance(obj, (tuple, list)) and isinstance(prev, (tuple, list)) and len(obj) == len(prev):
+        return type(obj)(_share_equal(o, p) for o, p in zip(obj, prev))
+    if isinstance(obj, dict) and isinstance(prev, dict):
+        return {k: _share_equal(v, prev.get(k)) for k, v in obj.items()}
+    return obj
+
+
 def _clone(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.clone()
@@ -194,6 +221,64 @@ class _FrozenOutputs:
         self.uncachable: set = set()
         self.batch = 0
         self._calls: Dict[str, int] = {}
+        self.tails: Dict[str, tuple] = {}
+
+    def find_tails(self, block: nn.Module, entry: "_BlockInputs", hidden: torch.Tensor, dev) -> Dict[str, tuple]:
+        """Finds children whose output *is* the output of one of their layers.
+
+        Why: once such a child's last layer (its "tail", e.g. ``o_proj`` of
+        attention) is quantized, the child's output on every batch is just
+        ``tail(cached input of tail)``; the pass that quantized the tail
+        already saw that input, so the child need not run again at all.
+        Decided on one real forward by tensor identity (the child returns the
+        very tensor the layer produced, as a tensor or as element 0 of a tuple
+        whose other elements are ``None``), never by names.
+
+        Returns ``{child: (tail layer name, output structure, input width / output width)}``.
+        """
+        outputs: Dict[str, List[Any]] = {c: [] for c in self.children}
+        layer_outs: Dict[str, List[torch.Tensor]] = {}
+        handles = []
+        for c, mod in self.children.items():
+            handles.append(mod.register_forward_hook(lambda _m, _a, out, c=c: outputs[c].append(out)))
+            for sub in find_linear_layers(mod):
+                full = f"{c}.{sub}"
+                layer_outs[full] = []
+                handles.append(mod.get_submodule(sub).register_forward_hook(
+                    lambda _m, _a, out, full=full: layer_outs[full].append(out)))
+        try:
+            entry.call(block, hidden, dev)
+        finally:
+            for h in handles:
+                h.remove()
+        tails: Dict[str, tuple] = {}
+        for c, outs in outputs.items():
+            if len(outs) != 1:
+                continue
+            out = outs[0]
+            if isinstance(out, torch.Tensor):
+                main, structure = out, None
+            elif (isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor)
+                  and all(o is None for o in out[1:])):
+                main, structure = out[0], (type(out), len(out))
+            else:
+                continue
+            for full in sorted(self.layers[c]):
+                produced = layer_outs.get(full, [])
+                layer = block.get_submodule(full)
+                k_in, n_out = _in_out_features(layer)
+                if len(produced) == 1 and produced[0] is main and k_in is not None:
+                    tails[c] = (full, structure, k_in / max(n_out, 1))
+                    break
+        self.tails = tails
+        return tails
+
+    def seed(self, child: str, outputs: List[torch.Tensor]) -> None:
+        """Stores ``child``'s per-batch outputs computed from its tail layer (see :meth:`find_tails`)."""
+        structure = self.tails[child][1]
+        store = self.store.setdefault(child, {})
+        for b, out in enumerate(outputs):
+            store[b] = out if structure is None else structure[0]([out] + [None] * (structure[1] - 1))
 
     def start_batch(self, index: int) -> None:
         self.batch = index
@@ -233,6 +318,39 @@ class _FrozenOutputs:
                 store[self.batch] = _clone(out)
             return out
         return forward
+
+
+# Extra activation memory the tail-input caches may take, as a multiple of one
+# hidden-state cache (see _tail_batches).
+_TAIL_CACHE_BUDGET = 1.0
+
+
+def _tail_batches(width_ratio: float, hidden: List[torch.Tensor], budget: float) -> int:
+    """How many batches' tail inputs to cache.
+
+    A tail input as wide as the hidden states (attention's o_proj) costs
+    nothing extra: its replayed output would take the same memory, so every
+    batch is cached. A wider one (the MLP's down_proj, ~2.7x) is cached for as
+    many batches as fit in ``budget`` hidden caches; the rest recompute the
+    MLP's input in the output pass, trading compute for memory.
+    """
+    if width_ratio <= 1.0:
+        return len(hidden)
+    return min(len(hidden), int(budget * len(hidden) / width_ratio))
+
+
+def _weight_param(layer: nn.Module) -> Optional[torch.Tensor]:
+    w = getattr(layer, "weight", None)
+    return w if isinstance(w, torch.Tensor) else None
+
+
+def _in_out_features(layer: nn.Module) -> tuple:
+    w = getattr(layer, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return None, None
+    if is_conv1d(layer):
+        return w.shape[0], w.shape[1]  # transformers' Conv1D stores [in, out]
+    return w.shape[1], w.shape[0]
 
 
 class GPTQForCausalLM:
@@ -390,6 +508,7 @@ class GPTQForCausalLM:
         try:
             with torch.no_grad():
                 hidden, inputs = self._capture_block_inputs(batches, blocks, dev, cache_dev)
+                trim_heap()
                 hidden = self._quantize_blocks(blocks, hidden, inputs, dev, cache_dev, report, progress)
                 if cfg.lm_head:
                     self._quantize_lm_head(hidden, [b["attention_mask"] for b in batches], dev, report, progress)
@@ -469,8 +588,11 @@ class GPTQForCausalLM:
                           if k not in ("hidden_states", "past_key_value", "past_key_values")}
                     if "use_cache" in kw:
                         kw["use_cache"] = False
-                    per_block[i].append(_BlockInputs(_move(tuple(args[1:]), cache_dev), _move(kw, cache_dev),
-                                                     batch["attention_mask"]))
+                    rest, kw = _move(tuple(args[1:]), cache_dev), _move(kw, cache_dev)
+                    if per_block[i]:  # rotary tables, positions, masks: usually equal in every batch
+                        prev = per_block[i][-1]
+                        rest, kw = _share_equal(rest, prev.rest), _share_equal(kw, prev.kwargs)
+                    per_block[i].append(_BlockInputs(rest, kw, batch["attention_mask"]))
         finally:
             for h in handles:
                 h.remove()
@@ -514,8 +636,11 @@ class GPTQForCausalLM:
             if not cfg.true_sequential:
                 groups = [[name for g in groups for name in g]]
             frozen = _FrozenOutputs(block)
+            tails = frozen.find_tails(block, batch_inputs[0], hidden[0], dev)
+            finished = []
             for gi, group in enumerate(groups):
                 pending = {name for g in groups[gi:] for name in g}
+                later = {name for g in groups[gi + 1:] for name in g}
                 todo = []
                 for name in group:
                     full = f"{prefix}.{bi}.{name}"
@@ -526,49 +651,82 @@ class GPTQForCausalLM:
                         todo.append((name, full, settings))
                 if not todo:
                     continue
+                # Children whose last layer is in this group and that are final after it:
+                # keep their tail's input, and never run them again (see find_tails).
+                capture = {tail: child for child, (tail, _, _) in tails.items()
+                           if tail in group and not (frozen.layers[child] & later) and child not in frozen.uncachable}
+                limits = {tail: _tail_batches(tails[child][2], hidden, budget=_TAIL_CACHE_BUDGET)
+                          for tail, child in capture.items()}
                 with frozen.active(pending):
-                    hessians = self._collect_hessians(block, [n for n, _, _ in todo], batch_inputs, hidden, dev,
-                                                      frozen)
+                    hessians, captured = self._collect_hessians(block, [n for n, _, _ in todo], batch_inputs, hidden,
+                                                                dev, frozen, capture=limits)
+                trim_heap()
                 for name, full, settings in todo:
-                    self._quantize_layer(block, name, full, hessians.pop(name), settings, dev, report, bar)
+                    result = self._quantize_layer(block, name, full, hessians.pop(name), settings, dev, report, bar)
+                    finished.append((name, result))
+                for tail, child in capture.items():
+                    layer, inputs_of_tail = block.get_submodule(tail), captured.pop(tail)  # first batches only
+                    outs = []
+                    for b in range(len(inputs_of_tail)):  # each input dropped as soon as it is used
+                        x, inputs_of_tail[b] = inputs_of_tail[b], None
+                        outs.append(layer(x.to(dev)))
+                    frozen.seed(child, outs)
             # The quantized block produces the next block's inputs.
-            outputs = []
+            # Each batch's output replaces its input at once: two full activation caches never coexist.
             with frozen.active(set(), record=False):
-                for b, (entry, h) in enumerate(zip(batch_inputs, hidden)):
+                for b, entry in enumerate(batch_inputs):
                     frozen.start_batch(b)
-                    outputs.append(_hidden_of(entry.call(block, h, dev)).to(cache_dev))
-            hidden = outputs
+                    hidden[b] = _hidden_of(entry.call(block, hidden[b], dev)).to(cache_dev)
             del frozen
+            # Calibration ran on the dequantized weights in plain layers (dense matmuls are
+            # what a 512-token batch wants); only now do they become packed QuantLinear.
+            old_weights = [_weight_param(block.get_submodule(name)) for name, _ in finished]
+            noted = exclusive_file_ranges(old_weights)
+            del old_weights
+            for name, result in finished:
+                self._to_quant_linear(block, name, result, dev)
             block.to("cpu")
+            del finished
+            release_file_pages(noted)
+            trim_heap()
             inputs[bi] = []
             bar.update(1)
         bar.close()
         return hidden
 
     def _quantize_layer(self, parent: nn.Module, name: str, full: str, hessian, settings, dev,
-                        report: QuantizeReport, bar) -> None:
-        """GPTQ on one layer; its weight gets the quantized values, then it becomes a QuantLinear."""
+                        report: QuantizeReport, bar):
+        """GPTQ on one layer; its weight gets the quantized values (it stays a plain layer
+        until :meth:`_to_quant_linear`). Returns the :class:`QuantizeResult`."""
         cfg = self.quantize_config
         layer = parent.get_submodule(name)
         t0 = time.perf_counter()
         weight = get_weight(layer, torch.float32).detach().to("cpu").contiguous()
-        fmt = "v2" if cfg.checkpoint_format == "gptq_v2" else "v1"
+        fmt = self._format()
         result = quantize_weight(
             weight, hessian, **settings.as_kwargs(),
             clip_steps=cfg.clip_steps, clip_min_ratio=cfg.clip_min_ratio,
             fp16_scales=True, min_zero_point=1 if (fmt == "v1" and not settings.sym) else 0,
         )
         set_weight(layer, result.dequantize().to(weight.dtype))
-        qlayer = QuantLinear.from_linear(layer, result, format=fmt)
-        dtype = get_weight(layer).dtype
-        if dtype in (torch.float16, torch.bfloat16, torch.float32):
-            qlayer = qlayer.to(dtype)
-        _set_module(parent, name, qlayer.to(dev))
         seconds = time.perf_counter() - t0
         report.layers.append(LayerReport(
             name=full, shape=tuple(weight.shape), bits=settings.bits, group_size=settings.group_size,
             loss=result.loss, damp=result.damp_used, damp_attempts=result.damp_attempts, seconds=seconds))
         bar.set_postfix_str(f"{name}: loss {result.loss:.3g}, damp {result.damp_used:.3g}, {seconds * 1000:.0f} ms")
+        return result
+
+    def _format(self) -> str:
+        return "v2" if self.quantize_config.checkpoint_format == "gptq_v2" else "v1"
+
+    def _to_quant_linear(self, parent: nn.Module, name: str, result, dev) -> None:
+        """Replaces a quantized layer by a :class:`QuantLinear` holding its packed weights."""
+        layer = parent.get_submodule(name)
+        qlayer = QuantLinear.from_linear(layer, result, format=self._format())
+        dtype = layer.weight.dtype
+        if dtype in (torch.float16, torch.bfloat16, torch.float32):
+            qlayer = qlayer.to(dtype)
+        _set_module(parent, name, qlayer.to(dev))
 
     def _quantize_lm_head(self, hidden: List[torch.Tensor], masks: List[torch.Tensor], dev,
                           report: QuantizeReport, progress: bool) -> None:
@@ -600,7 +758,8 @@ class GPTQForCausalLM:
                 acc = acc or HessianAccumulator(x.shape[-1])
                 acc.add_batch(x)
             bar = tqdm(total=1, desc="quantizing lm_head", disable=not progress)
-            self._quantize_layer(model, name, name, acc.hessian(), settings, dev, report, bar)
+            result = self._quantize_layer(model, name, name, acc.hessian(), settings, dev, report, bar)
+            self._to_quant_linear(model, name, result, dev)
             bar.update(1)
             bar.close()
         finally:
@@ -610,32 +769,56 @@ class GPTQForCausalLM:
             model.config.tie_word_embeddings = False  # the head no longer shares the embedding's weight
 
     def _collect_hessians(self, block: nn.Module, names: List[str], batch_inputs: List[_BlockInputs],
-                          hidden: List[torch.Tensor], dev, frozen: Optional[_FrozenOutputs] = None) -> Dict[str, Any]:
+                          hidden: List[torch.Tensor], dev, frozen: Optional[_FrozenOutputs] = None,
+                          capture: Optional[Dict[str, int]] = None) -> tuple:
         """Accumulates the Hessian of each named layer over all batches.
 
         Pre-hooks feed the layers' inputs (padded tokens dropped) to native
         accumulators; once every layer of the group has seen its input the
-        forward stops, so nothing after the group runs.
+        forward stops, so nothing after the group runs. Layers fed the very
+        same input tensor (q/k/v, gate/up) share one accumulator: their
+        Hessians are identical, so it is computed once. ``capture`` maps
+        layers to a number of batches: the full inputs of those layers on
+        the first that many batches are also kept.
+
+        Returns ``({name: hessian}, {captured name: [input per batch]})``.
         """
         accs: Dict[str, HessianAccumulator] = {}
+        owner_of: Dict[str, str] = {}  # layer -> layer whose accumulator it shares (first batch decides)
         seen: set = set()
-        state: Dict[str, Optional[torch.Tensor]] = {"mask": None}
+        state: Dict[str, Any] = {"mask": None, "batch": 0, "inputs": {}, "keep": []}
+        capture = capture or {}
+        captured: Dict[str, List[torch.Tensor]] = {n: [] for n in capture}
 
         def make_hook(name: str):
             def hook(_mod, args):
                 x = args[0]
-                mask = state["mask"]
-                if mask is not None and x.dim() >= 2 and tuple(x.shape[:-1]) == tuple(mask.shape):
-                    x = x[mask.to(x.device).bool()]
-                elif mask is not None and x.dim() == 2 and x.shape[0] == mask.numel():
-                    x = x[mask.reshape(-1).to(x.device).bool()]  # blocks that flatten tokens (OPT)
-                x = x.detach().reshape(-1, x.shape[-1])
-                if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                    x = x.float()
-                x = x.to("cpu").contiguous()
-                if name not in accs:
-                    accs[name] = HessianAccumulator(x.shape[-1])
-                accs[name].add_batch(x)
+                if name in captured and state["batch"] < capture[name]:
+                    captured[name].append(x.detach().clone())
+                key = _tensor_key(x)
+                owner = state["inputs"].get(key)
+                if state["batch"] == 0:
+                    if owner is not None:
+                        owner_of[name] = owner
+                elif owner_of.get(name) != owner:
+                    raise RuntimeError(f"layer {name} shared its input with {owner_of.get(name) or 'no layer'} "
+                                       f"on the first batch but with {owner or 'no layer'} on batch "
+                                       f"{state['batch']}; the block's structure changes between batches")
+                if owner is None:
+                    state["inputs"][key] = name
+                    state["keep"].append(x)  # held until the batch ends, so its memory is not reused
+                    mask = state["mask"]
+                    if mask is not None and x.dim() >= 2 and tuple(x.shape[:-1]) == tuple(mask.shape):
+                        x = x[mask.to(x.device).bool()]
+                    elif mask is not None and x.dim() == 2 and x.shape[0] == mask.numel():
+                        x = x[mask.reshape(-1).to(x.device).bool()]  # blocks that flatten tokens (OPT)
+                    x = x.detach().reshape(-1, x.shape[-1])
+                    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                        x = x.float()
+                    x = x.to("cpu").contiguous()
+                    if name not in accs:
+                        accs[name] = HessianAccumulator(x.shape[-1])
+                    accs[name].add_batch(x)
                 seen.add(name)
                 if len(seen) == len(names):
                     raise _Stop
@@ -645,7 +828,10 @@ class GPTQForCausalLM:
         try:
             for b, (entry, h) in enumerate(zip(batch_inputs, hidden)):
                 seen.clear()
-                state["mask"] = entry.mask
+                mask = entry.mask
+                if mask is not None and bool(mask.all()):
+                    mask = None  # nothing padded: skip the per-layer copy that masking makes
+                state.update(mask=mask, batch=b, inputs={}, keep=[])
                 if frozen is not None:
                     frozen.start_batch(b)
                 try:
@@ -655,8 +841,12 @@ class GPTQForCausalLM:
         finally:
             for h in handles:
                 h.remove()
-        missing = [n for n in names if n not in accs]
+            state["keep"] = []
+        missing = [n for n in names if n not in accs and n not in owner_of]
         if missing:
             raise RuntimeError(f"layers {missing} received no input during the block's forward; "
                                f"fix the groups with modules_in_block_to_quantize or a ModelLayout")
-        return {n: acc.hessian() for n, acc in accs.items()}
+        hessians = {n: acc.hessian() for n, acc in accs.items()}
+        for n, owner in owner_of.items():
+            hessians[n] = hessians[owner]
+        return hessians, captured

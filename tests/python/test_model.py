@@ -690,9 +690,10 @@ def test_hessians_count_only_real_tokens(gptqkit, arch, monkeypatch):
         examples.append({"input_ids": ids, "attention_mask": mask})
     q = _quantize(arch, examples=examples, batch_size=4)
     assert q.report.tokens == sum(lengths)
-    per_layer = len(_quant_layers(q.model))
-    assert len(_CountingAccumulator.log) == per_layer
-    assert [acc.rows for acc in _CountingAccumulator.log] == [sum(lengths)] * per_layer
+    # one accumulator per distinct layer input (q/k/v share one, gate/up another): one per traced group
+    per_input = len(q.layout.groups) * len(q.layout.blocks(q.model))
+    assert len(_CountingAccumulator.log) == per_input < len(_quant_layers(q.model)) + (arch == "gpt2")
+    assert [acc.rows for acc in _CountingAccumulator.log] == [sum(lengths)] * per_input
 
 
 def test_padded_calibration_matches_unpadded(gptqkit):
@@ -718,6 +719,37 @@ def test_padded_calibration_matches_unpadded(gptqkit):
 
 
 # --------------------------------------------------------------------------- replayed frozen outputs
+
+def test_attention_output_comes_from_its_tail_layer(gptqkit):
+    """Llama's attention returns o_proj's output as is, and the MLP down_proj's: after those layers are
+    quantized, the parts need not run again (their outputs are tail(cached input)). down_proj's input is
+    wider than its output, so it is cached only within a memory budget (model._tail_batches)."""
+    from gptqkit import model as model_mod
+
+    model = make_tiny_model("llama")
+    layout = model_mod.find_layout(model)
+    block = layout.blocks(model)[0]
+    ids = _tokens(2, 16)
+    captured = {}
+
+    def grab(_m, args, kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+    h = block.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    h.remove()
+    kwargs = {k: v for k, v in captured["kwargs"].items() if k != "hidden_states"}
+    entry = model_mod._BlockInputs(tuple(captured["args"][1:]), kwargs, None)
+    hidden = captured["args"][0] if captured["args"] else captured["kwargs"]["hidden_states"]
+    frozen = model_mod._FrozenOutputs(block)
+    with torch.no_grad():
+        tails = frozen.find_tails(block, entry, hidden, torch.device("cpu"))
+    assert tails["self_attn"] == ("self_attn.o_proj", (tuple, 2), 1.0)
+    assert tails["mlp"][0] == "mlp.down_proj" and tails["mlp"][2] > 1
+    hidden8 = [torch.zeros(1)] * 8
+    assert model_mod._tail_batches(1.0, hidden8, budget=1.0) == 8
+    assert model_mod._tail_batches(2.5, hidden8, budget=1.0) == 3  # 3 x 2.5 <= 8 hidden caches' worth
+    assert model_mod._tail_batches(2.5, hidden8, budget=0.0) == 0
 
 @pytest.mark.parametrize("arch", ["llama", "opt", "gpt2", "phi", "gpt_neox"])
 def test_replaying_frozen_outputs_changes_nothing(gptqkit, arch, monkeypatch):

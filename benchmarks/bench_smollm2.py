@@ -1,0 +1,216 @@
+"""Real-model quantization benchmark: SmolLM2-135M, GPTQ vs round-to-nearest vs fp32.
+
+The setup of the GPTQ issue (and of ``../shared/data/README.md``): calibration
+on ``nsamples`` windows of ``seqlen`` tokens from WikiText-2's validation
+split (seed 0); evaluation over the first 40 windows of 512 tokens of
+``wiki.test.raw`` (no BOS): perplexity, and the mean KL divergence of the
+next-token distribution against the fp32 model over the same tokens.
+
+Every configuration is quantized in a fresh worker process, so its wall time
+and peak RSS (``ru_maxrss`` at the end of ``quantize``, before any
+evaluation) belong to the quantization alone. The worker also scores its
+in-memory model and saves a checkpoint; the parent reloads that checkpoint
+and scores it against the fp32 model, and checks that the reloaded model's
+perplexity is the in-memory one (save -> load changes nothing).
+
+Round-to-nearest (``rtn``) is computed here with a few lines of torch
+(symmetric min-max per group), independent of gptqkit's solver.
+
+Usage (after ``scripts/fetch_smollm2.py``)::
+
+    python benchmarks/bench_smollm2.py                       # default configurations
+    python benchmarks/bench_smollm2.py --configs gptq,gptq-act-clip --bits 3
+    python benchmarks/bench_smollm2.py --json results.json   # also write the rows
+
+Configuration names: ``rtn``, ``gptq`` (plain GPTQ: min-max grid, natural
+order), ``gptq-act`` (act-order), ``gptq-clip`` (clipping search),
+``gptq-act-clip`` (both: gptqkit's recommended setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+DEFAULT_MODEL = os.path.join(os.environ.get("GPTQKIT_CACHE", os.path.expanduser("~/.cache/gptqkit")),
+                             "models", "SmolLM2-135M")
+DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext-2")
+CONFIGS = {
+    "gptq": dict(desc_act=False, clip_steps=0),
+    "gptq-act": dict(desc_act=True, clip_steps=0),
+    "gptq-clip": dict(desc_act=False, clip_steps=16),
+    "gptq-act-clip": dict(desc_act=True, clip_steps=16),
+}
+
+
+def rtn_quantize_(model, bits: int, group_size: int) -> None:
+    """Round-to-nearest in place: symmetric min-max grid per group of every block Linear."""
+    import torch
+    from gptqkit.discovery import find_layout, find_linear_layers, get_weight, set_weight
+
+    maxq = 2 ** bits - 1
+    layout = find_layout(model)
+    for block in layout.blocks(model):
+        for _, layer in find_linear_layers(block).items():
+            w = get_weight(layer, torch.float64)
+            n, k = w.shape
+            g = k if group_size == -1 else group_size
+            out = torch.empty_like(w)
+            for s in range(0, k, g):
+                part = w[:, s:s + g]
+                xmax = torch.maximum(part.min(1).values.abs(), part.max(1).values).clamp_min(1e-12)
+                scale = (2 * xmax / maxq)[:, None]
+                zero = (maxq + 1) / 2
+                q = torch.clamp(torch.round(part / scale) + zero, 0, maxq)
+                out[:, s:s + g] = scale * (q - zero)
+            set_weight(layer, out.to(layer.weight.dtype))
+
+
+def worker(args) -> dict:
+    """One configuration: quantize, measure, score in memory, save."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from gptqkit import GPTQForCausalLM, QuantizeConfig
+    from gptqkit.evaluation import perplexity
+
+    test_text = os.path.join(args.data, "wiki.test.raw")
+    row = {"config": args.config, "bits": args.bits, "group_size": args.group_size}
+    if args.config == "rtn":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(args.model)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            rtn_quantize_(model, args.bits, args.group_size)
+        row["seconds"] = time.perf_counter() - t0
+        row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        row["ppl_in_memory"] = perplexity(model, tok, test_text, seqlen=512, windows=40, progress=False).ppl
+        model.save_pretrained(args.out)  # plain fp32 weights holding the RTN values
+        tok.save_pretrained(args.out)
+        return row
+    opts = CONFIGS[args.config]
+    cfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=True, damp_percent=args.damp,
+                         desc_act=opts["desc_act"], clip_steps=opts["clip_steps"])
+    model = GPTQForCausalLM.from_pretrained(args.model, cfg, dtype=torch.float32)
+    t0 = time.perf_counter()
+    report = model.quantize(os.path.join(args.data, "wiki.valid.tokens"), nsamples=args.nsamples,
+                            seqlen=args.seqlen, seed=0, progress=args.progress)
+    row["seconds"] = time.perf_counter() - t0
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row["gptq_loss"] = sum(layer.loss for layer in report.layers)
+    row["ppl_in_memory"] = perplexity(model.model, model.tokenizer, test_text, seqlen=512, windows=40,
+                                      progress=False).ppl
+    model.save_quantized(args.out)
+    return row
+
+
+def evaluate(rows, args) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gptqkit import GPTQForCausalLM
+    from gptqkit.evaluation import kl_divergence
+
+    torch.set_num_threads(args.threads)
+    test_text = os.path.join(args.data, "wiki.test.raw")
+    ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    for row in rows:
+        if row["config"] == "rtn":
+            q = AutoModelForCausalLM.from_pretrained(row["path"], dtype=torch.float32).eval()
+        else:
+            q = GPTQForCausalLM.from_quantized(row["path"]).model
+        k = kl_divergence(ref, q, tok, test_text, seqlen=512, windows=40, progress=False)
+        row.update(kl=k.kl, ppl=k.ppl_q, ppl_fp32=k.ppl_ref)
+        row["save_load_identical"] = abs(k.ppl_q - row["ppl_in_memory"]) <= 1e-4 * row["ppl_in_memory"]
+        del q
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="fp32 SmolLM2-135M folder (scripts/fetch_smollm2.py)")
+    p.add_argument("--data", default=DATA, help="folder with wiki.valid.tokens and wiki.test.raw")
+    p.add_argument("--configs", default="rtn,gptq,gptq-act-clip", help="comma-separated configuration names")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", metavar="FILE", help="write the result rows as JSON")
+    p.add_argument("--keep", metavar="DIR", help="keep the checkpoints in DIR (default: a temporary folder)")
+    p.add_argument("--progress", action="store_true", help="show quantization progress bars")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+
+    for path, what in ((args.model, "model folder (run scripts/fetch_smollm2.py)"),
+                       (os.path.join(args.data, "wiki.test.raw"), "WikiText-2 test split")):
+        if not os.path.exists(path):
+            print(f"bench_smollm2: {what} not found at {path}", file=sys.stderr)
+            return 2
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in names if c != "rtn" and c not in CONFIGS]
+    if unknown:
+        p.error(f"unknown configurations {unknown}; choose from rtn, {', '.join(CONFIGS)}")
+
+    root = args.keep or tempfile.mkdtemp(prefix="bench_smollm2_")
+    env = dict(os.environ, GPTQKIT_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
+    rows = []
+    for name in names:
+        out = os.path.join(root, f"{name}-{args.bits}bit-g{args.group_size}")
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--config", name, "--out", out,
+               "--model", args.model, "--data", args.data, "--bits", str(args.bits),
+               "--group-size", str(args.group_size), "--damp", str(args.damp), "--nsamples", str(args.nsamples),
+               "--seqlen", str(args.seqlen), "--threads", str(args.threads)] + (["--progress"] if args.progress else [])
+        print(f"== {name}: quantizing ({args.bits}-bit, g{args.group_size}, {args.nsamples}x{args.seqlen})",
+              flush=True)
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(proc.stdout[-3000:], file=sys.stderr)
+            print(f"bench_smollm2: configuration {name} failed (exit {proc.returncode})", file=sys.stderr)
+            return 1
+        row = json.loads(lines[-1][len("RESULT "):])
+        row["path"] = out
+        rows.append(row)
+        print(f"   {row['seconds']:.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB, "
+              f"in-memory PPL {row['ppl_in_memory']:.3f}", flush=True)
+    print("== scoring the saved checkpoints against fp32 (KL, perplexity)", flush=True)
+    evaluate(rows, args)
+
+    fp32 = rows[0]["ppl_fp32"]
+    print(f"\nSmolLM2-135M, WikiText-2 test (40 x 512 tokens, no BOS); fp32 perplexity {fp32:.3f}")
+    print(f"calibration {args.nsamples} x {args.seqlen} tokens of wiki.valid.tokens (seed 0), "
+          f"{args.threads} threads\n")
+    print("| method | bits | group | perplexity | KL vs fp32 | quantize time | peak RSS | save->load same PPL |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['config']} | {r['bits']} | {r['group_size']} | {r['ppl']:.2f} | {r['kl']:.4f} | "
+              f"{r['seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB | {'yes' if r['save_load_identical'] else 'NO'} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if not args.keep:
+        import shutil
+        shutil.rmtree(root, ignore_errors=True)
+    return 0 if all(r["save_load_identical"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Returning memory to the OS during quantization (Linux; a no-op elsewhere).
+
+Why this exists: transformers 5 loads safetensors weights as views of a
+private file mapping. Pages of a block's weights become resident when the
+block is first used and, once gptqkit writes the quantized values into them,
+turn into private copies. After the block's layers become QuantLinear those
+pages are garbage, but the mapping stays alive (the embedding and norms still
+live in it), so without help the whole fp model ends up resident by the last
+block. :func:`release_file_pages` drops them with ``madvise(MADV_DONTNEED)``,
+which for a private file mapping means "re-read from the file if ever touched
+again" — harmless, as no tensor uses that memory any more (checked).
+
+:func:`trim_heap` asks glibc to hand freed heap memory back
+(``malloc_trim``): calibration allocates and frees many megabyte-sized
+activations, and glibc's dynamic mmap threshold otherwise keeps them in a
+fragmented heap.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import sys
+import weakref
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+_MADV_DONTNEED = 4
+_libc: Optional[ctypes.CDLL] = None
+_libc_loaded = False
+
+
+def _get_libc() -> Optional[ctypes.CDLL]:
+    global _libc, _libc_loaded
+    if not _libc_loaded:
+        _libc_loaded = True
+        if sys.platform.startswith("linux"):
+            try:
+                _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+                _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                _libc.madvise.restype = ctypes.c_int
+            except (OSError, AttributeError):
+                _libc = None
+    return _libc
+
+
+def _private_file_mappings() -> List[Tuple[int, int]]:
+    spans = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) < 6 or not parts[1].endswith("p") or not parts[5].strip().startswith("/"):
+                    continue
+                lo, hi = (int(v, 16) for v in parts[0].split("-"))
+                spans.append((lo, hi))
+    except OSError:
+        return []
+    return spans
+
+
+def exclusive_file_ranges(tensors: Sequence[torch.Tensor]) -> List[tuple]:
+    """Notes the CPU tensors that lie in a private file mapping and share their
+    storage with no other tensor. Call before dropping them; pass the result to
+    :func:`release_file_pages` after: only those that are then really gone
+    (nobody else held them) are released."""
+    if _get_libc() is None:
+        return []
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return []
+    spans = None
+    out = []
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+            continue
+        storage = t.untyped_storage()
+        # 2 = the tensor we were given + the `storage` wrapper itself: no view elsewhere.
+        if use_count(storage._cdata) != 2:
+            continue
+        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        if spans is None:
+            spans = _private_file_mappings()
+        if any(lo <= ptr and ptr + nbytes <= hi for lo, hi in spans):
+            out.append((weakref.ref(t), ptr, nbytes))
+    return out
+
+
+def release_file_pages(noted: Sequence[tuple]) -> int:
+    """Drops the whole pages of the noted tensors that no longer exist; returns the bytes released."""
+    libc = _get_libc()
+    if libc is None:
+        return 0
+    page = mmap.PAGESIZE
+    released = 0
+    for ref, ptr, nbytes in noted:
+        if ref() is not None:  # still referenced somewhere: keep it
+            continue
+        lo = (ptr + page - 1) // page * page
+        hi = (ptr + nbytes) // page * page
+        if hi > lo and libc.madvise(ctypes.c_void_p(lo), hi - lo, _MADV_DONTNEED) == 0:
+            released += hi - lo
+    return released
+
+
+def trim_heap() -> None:
+    libc = _get_libc()
+    if libc is not None:
+        try:
+            libc.malloc_trim(0)
+        except AttributeError:  # not glibc
+            pass
