@@ -56,7 +56,7 @@ from gptqkit.checkpoint import checkpoint_info, load_checkpoint, save_checkpoint
 from gptqkit.config import QuantizeConfig
 from gptqkit.discovery import (LayerTracer, ModelLayout, _tensor_key, find_layout, find_linear_layers, get_weight,
                                is_conv1d, set_weight, validate_groups)
-from gptqkit._memory import exclusive_file_ranges, release_file_pages, trim_heap
+from gptqkit._memory import exclusive_file_ranges, release_file_pages, trim_heap, unpooled_large_allocations
 from gptqkit.hessian import HessianAccumulator
 from gptqkit.nn import QuantLinear
 from gptqkit.solver import quantize_weight
@@ -320,11 +320,6 @@ class _FrozenOutputs:
         return forward
 
 
-# Extra activation memory the tail-input caches may take, as a multiple of one
-# hidden-state cache (see _tail_batches).
-_TAIL_CACHE_BUDGET = 1.0
-
-
 def _tail_batches(width_ratio: float, hidden: List[torch.Tensor], budget: float) -> int:
     """How many batches' tail inputs to cache.
 
@@ -465,7 +460,7 @@ class GPTQForCausalLM:
     # ------------------------------------------------------------------ quantization
     def quantize(self, examples: Any, batch_size: int = 1, *, nsamples: Optional[int] = None,
                  seqlen: Optional[int] = None, seed: int = 0, device: Union[str, torch.device, None] = None,
-                 progress: bool = True) -> QuantizeReport:
+                 progress: bool = True, extra_cache: float = 0.0) -> QuantizeReport:
         """Quantizes the model with GPTQ, block by block, on calibration ``examples``.
 
         Args:
@@ -478,6 +473,13 @@ class GPTQForCausalLM:
                 128 windows of ``QuantizeConfig.model_seqlen`` or 512 tokens).
             device: where each block runs while it is quantized (default: CPU).
             progress: show a tqdm bar over blocks with per-layer figures.
+            extra_cache: memory that may be spent, in units of one hidden-state
+                cache (``nsamples * seqlen * hidden_size`` values), on keeping
+                the inputs of wide last layers (the MLP's ``down_proj``), so
+                that their part of the block need not be recomputed for the
+                next block's inputs. 0 (default) keeps peak memory lowest;
+                about 2.7 (``intermediate / hidden``) caches them all, which
+                saves roughly a fifth of the compute.
 
         Returns:
             A :class:`QuantizeReport` (also kept as ``self.report``); its
@@ -485,6 +487,8 @@ class GPTQForCausalLM:
         """
         if self.quantized:
             raise RuntimeError("quantize: this model is already quantized")
+        if not isinstance(extra_cache, (int, float)) or isinstance(extra_cache, bool) or not extra_cache >= 0:
+            raise ValueError(f"extra_cache: expected a number >= 0, got {extra_cache!r}")
         cfg = self.quantize_config
         cfg.validate()
         start = time.perf_counter()
@@ -506,10 +510,11 @@ class GPTQForCausalLM:
         if config is not None:
             config.use_cache = False
         try:
-            with torch.no_grad():
+            with torch.no_grad(), unpooled_large_allocations():
                 hidden, inputs = self._capture_block_inputs(batches, blocks, dev, cache_dev)
                 trim_heap()
-                hidden = self._quantize_blocks(blocks, hidden, inputs, dev, cache_dev, report, progress)
+                hidden = self._quantize_blocks(blocks, hidden, inputs, dev, cache_dev, report, progress,
+                                               extra_cache=float(extra_cache))
                 if cfg.lm_head:
                     self._quantize_lm_head(hidden, [b["attention_mask"] for b in batches], dev, report, progress)
         finally:
@@ -623,7 +628,8 @@ class GPTQForCausalLM:
         return groups
 
     def _quantize_blocks(self, blocks: nn.ModuleList, hidden: List[torch.Tensor], inputs: List[List[_BlockInputs]],
-                         dev, cache_dev, report: QuantizeReport, progress: bool) -> List[torch.Tensor]:
+                         dev, cache_dev, report: QuantizeReport, progress: bool,
+                         extra_cache: float = 0.0) -> List[torch.Tensor]:
         from tqdm.auto import tqdm
 
         cfg = self.quantize_config
@@ -655,7 +661,7 @@ class GPTQForCausalLM:
                 # keep their tail's input, and never run them again (see find_tails).
                 capture = {tail: child for child, (tail, _, _) in tails.items()
                            if tail in group and not (frozen.layers[child] & later) and child not in frozen.uncachable}
-                limits = {tail: _tail_batches(tails[child][2], hidden, budget=_TAIL_CACHE_BUDGET)
+                limits = {tail: _tail_batches(tails[child][2], hidden, budget=extra_cache)
                           for tail, child in capture.items()}
                 with frozen.active(pending):
                     hessians, captured = self._collect_hessians(block, [n for n, _, _ in todo], batch_inputs, hidden,

@@ -86,7 +86,8 @@ def assert_one_line_error(err: str, *needles: str):
     (["quantize"], ["--bits", "--group-size", "--desc-act", "--static-groups", "--asym", "--calibration",
                     "--nsamples", "--seqlen", "--seed", "--damp", "--block-size", "--no-true-sequential",
                     "--clip-steps", "--clip-min-ratio", "--format", "--batch-size", "--device",
-                    "--max-shard-size", "--dtype", "--eval", "act-order", "examples:", "(default: 128)"]),
+                    "--max-shard-size", "--dtype", "--eval", "--extra-cache", "act-order", "examples:",
+                    "(default: 128)"]),
     (["eval-ppl"], ["--text", "--tokens", "--seqlen", "--windows", "--batch-size", "--compare", "KL",
                     "examples:", "(default: 512)"]),
     (["info"], ["--json", "CHECKPOINT", "examples:", "float16"]),
@@ -201,6 +202,12 @@ def test_missing_model_folder(cli, files, capsys):
     assert_one_line_error(capsys.readouterr().err, "no such model folder")
     assert cli.main(["eval-ppl", missing, "--tokens", files["npy"]]) == 2
     assert_one_line_error(capsys.readouterr().err, "no such model folder")
+
+
+@pytest.mark.parametrize("value", ["-1", "many", "inf"])
+def test_bad_extra_cache(cli, files, capsys, value):
+    assert cli.main(["quantize", files["model"], str(files["root"] / "o3"), "--extra-cache", value]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--extra-cache", "number >= 0")
 
 
 def test_bad_bits(cli, files, capsys):

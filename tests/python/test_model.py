@@ -92,13 +92,14 @@ def _logits(model, ids=HELD_OUT):
         return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
 
 
-def _quantize(arch="llama", examples=None, batch_size=2, model=None, **cfg):
+def _quantize(arch="llama", examples=None, batch_size=2, model=None, extra_cache=0.0, **cfg):
     from gptqkit import GPTQForCausalLM, QuantizeConfig
 
     cfg.setdefault("group_size", GROUP)
     model = model if model is not None else make_tiny_model(arch)
     q = GPTQForCausalLM(model, QuantizeConfig(**cfg))
-    q.quantize(_tokens(4, 32) if examples is None else examples, batch_size=batch_size, progress=False)
+    q.quantize(_tokens(4, 32) if examples is None else examples, batch_size=batch_size, progress=False,
+               extra_cache=extra_cache)
     return q
 
 
@@ -750,6 +751,27 @@ def test_attention_output_comes_from_its_tail_layer(gptqkit):
     assert model_mod._tail_batches(1.0, hidden8, budget=1.0) == 8
     assert model_mod._tail_batches(2.5, hidden8, budget=1.0) == 3  # 3 x 2.5 <= 8 hidden caches' worth
     assert model_mod._tail_batches(2.5, hidden8, budget=0.0) == 0
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_extra_cache_changes_nothing(gptqkit, arch):
+    """Caching wide last layers' inputs (extra_cache > 0: all, or some batches) instead of recomputing
+    their part of the block is an optimisation only: codes and outputs are exactly the same."""
+    torch.manual_seed(0)
+    base = _quantize(arch, model=make_tiny_model(arch), examples=_tokens(6, 32), batch_size=1)
+    ids = _tokens(1, 16)
+    for extra in (1.0, 100.0):
+        torch.manual_seed(0)
+        cached = _quantize(arch, model=make_tiny_model(arch), examples=_tokens(6, 32), batch_size=1,
+                           extra_cache=extra)
+        _assert_same_packed(_packed(base), _packed(cached))
+        assert torch.equal(base(ids).logits, cached(ids).logits)
+
+
+@pytest.mark.parametrize("extra", [-1.0, float("nan"), "1", True])
+def test_extra_cache_must_be_a_nonnegative_number(gptqkit, extra):
+    with pytest.raises(ValueError, match="extra_cache"):
+        _quantize(extra_cache=extra)
+
 
 @pytest.mark.parametrize("arch", ["llama", "opt", "gpt2", "phi", "gpt_neox"])
 def test_replaying_frozen_outputs_changes_nothing(gptqkit, arch, monkeypatch):
