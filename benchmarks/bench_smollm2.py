@@ -83,7 +83,7 @@ def worker(args) -> dict:
     from gptqkit.evaluation import perplexity
 
     test_text = os.path.join(args.data, "wiki.test.raw")
-    row = {"config": args.config, "bits": args.bits, "group_size": args.group_size}
+    row = {"config": args.config, "bits": args.bits, "group_size": args.group_size, "extra_cache": args.extra_cache}
     if args.config == "rtn":
         from transformers import AutoModelForCausalLM, AutoTokenizer
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
@@ -103,7 +103,7 @@ def worker(args) -> dict:
     model = GPTQForCausalLM.from_pretrained(args.model, cfg, dtype=torch.float32)
     t0 = time.perf_counter()
     report = model.quantize(os.path.join(args.data, "wiki.valid.tokens"), nsamples=args.nsamples,
-                            seqlen=args.seqlen, seed=0, progress=args.progress)
+                            seqlen=args.seqlen, seed=0, progress=args.progress, extra_cache=args.extra_cache)
     row["seconds"] = time.perf_counter() - t0
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row["gptq_loss"] = sum(layer.loss for layer in report.layers)
@@ -147,6 +147,8 @@ def main(argv=None) -> int:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--extra-cache", type=float, default=0.0,
+                   help="quantize(extra_cache=...): memory traded for less recomputation (default: 0)")
     p.add_argument("--json", metavar="FILE", help="write the result rows as JSON")
     p.add_argument("--keep", metavar="DIR", help="keep the checkpoints in DIR (default: a temporary folder)")
     p.add_argument("--progress", action="store_true", help="show quantization progress bars")
@@ -177,7 +179,8 @@ def main(argv=None) -> int:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--config", name, "--out", out,
                "--model", args.model, "--data", args.data, "--bits", str(args.bits),
                "--group-size", str(args.group_size), "--damp", str(args.damp), "--nsamples", str(args.nsamples),
-               "--seqlen", str(args.seqlen), "--threads", str(args.threads)] + (["--progress"] if args.progress else [])
+               "--seqlen", str(args.seqlen), "--threads", str(args.threads),
+               "--extra-cache", str(args.extra_cache)] + (["--progress"] if args.progress else [])
         print(f"== {name}: quantizing ({args.bits}-bit, g{args.group_size}, {args.nsamples}x{args.seqlen})",
               flush=True)
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
@@ -197,7 +200,7 @@ def main(argv=None) -> int:
     fp32 = rows[0]["ppl_fp32"]
     print(f"\nSmolLM2-135M, WikiText-2 test (40 x 512 tokens, no BOS); fp32 perplexity {fp32:.3f}")
     print(f"calibration {args.nsamples} x {args.seqlen} tokens of wiki.valid.tokens (seed 0), "
-          f"{args.threads} threads\n")
+          f"{args.threads} threads, extra_cache {args.extra_cache:g}\n")
     print("| method | bits | group | perplexity | KL vs fp32 | quantize time | peak RSS | save->load same PPL |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

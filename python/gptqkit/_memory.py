@@ -113,36 +113,3 @@ def trim_heap() -> None:
         except AttributeError:  # not glibc
             pass
 
-
-_M_MMAP_THRESHOLD = -3
-_GLIBC_DEFAULT_MMAP_THRESHOLD = 128 * 1024
-
-
-class unpooled_large_allocations:
-    """Context manager: while active, glibc serves allocations of ``threshold``
-    bytes or more (activations of a calibration batch) with their own
-    mappings, returned to the OS on free.
-
-    Why: glibc raises its mmap threshold dynamically after such blocks are
-    freed, after which megabyte-sized activations come from the heap and
-    leave it fragmented; calibration allocates and frees thousands of them.
-    On exit the threshold goes back to glibc's default value (fixed from then
-    on). A no-op where glibc's ``mallopt`` is unavailable.
-    """
-
-    def __init__(self, threshold: int = 1 << 20):
-        self.threshold = int(threshold)
-        self._active = False
-
-    def __enter__(self):
-        libc = _get_libc()
-        try:
-            self._active = bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, self.threshold) == 1)
-        except AttributeError:
-            self._active = False
-        return self
-
-    def __exit__(self, *exc):
-        if self._active:
-            _get_libc().mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_MMAP_THRESHOLD)
-        return False

@@ -56,7 +56,7 @@ from gptqkit.checkpoint import checkpoint_info, load_checkpoint, save_checkpoint
 from gptqkit.config import QuantizeConfig
 from gptqkit.discovery import (LayerTracer, ModelLayout, _tensor_key, find_layout, find_linear_layers, get_weight,
                                is_conv1d, set_weight, validate_groups)
-from gptqkit._memory import exclusive_file_ranges, release_file_pages, trim_heap, unpooled_large_allocations
+from gptqkit._memory import exclusive_file_ranges, release_file_pages, trim_heap
 from gptqkit.hessian import HessianAccumulator
 from gptqkit.nn import QuantLinear
 from gptqkit.solver import quantize_weight
@@ -201,6 +201,35 @@ def _clone(obj: Any) -> Any:
     return obj
 
 
+class _SlabCache:
+    """Per-batch tensors of one kind (block inputs, a part's outputs) kept in
+    one allocation of ``[n_batches, *shape]``.
+
+    Why: a cache made of a hundred megabyte-sized tensors, allocated between
+    the temporaries of the forward passes, pins the heap around them: freed
+    temporaries leave holes glibc cannot return, and the peak memory of a
+    run grows by hundreds of megabytes, differently on every run. One large
+    allocation per cache is mapped on its own and returned whole when freed.
+    Tensors of another shape (a shorter last batch) are kept as clones.
+    """
+
+    def __init__(self, n_batches: int):
+        self.n_batches = n_batches
+        self.slab: Optional[torch.Tensor] = None
+
+    def put(self, index: int, t: torch.Tensor) -> torch.Tensor:
+        """A copy of ``t`` to keep for batch ``index``: a view of the slab when the shape fits."""
+        t = t.detach()
+        if self.slab is None and 0 <= index < self.n_batches:
+            self.slab = torch.empty((self.n_batches,) + tuple(t.shape), dtype=t.dtype, device=t.device)
+        if (self.slab is not None and 0 <= index < self.n_batches and self.slab.shape[1:] == t.shape
+                and self.slab.dtype == t.dtype and self.slab.device == t.device):
+            view = self.slab[index]
+            view.copy_(t)
+            return view
+        return t.clone()
+
+
 class _FrozenOutputs:
     """Replays, batch by batch, the outputs of block parts whose layers are final.
 
@@ -213,7 +242,7 @@ class _FrozenOutputs:
     corrupt them. A child called more than once per forward is never cached.
     """
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, n_batches: int = 0):
         self.children = {name: mod for name, mod in block.named_children() if find_linear_layers(mod)}
         self.layers = {name: {f"{name}.{sub}" for sub in find_linear_layers(mod)}
                        for name, mod in self.children.items()}
@@ -222,6 +251,17 @@ class _FrozenOutputs:
         self.batch = 0
         self._calls: Dict[str, int] = {}
         self.tails: Dict[str, tuple] = {}
+        self.n_batches = n_batches
+        self._slabs: Dict[str, _SlabCache] = {}
+
+    def _keep(self, name: str, out: Any, index: int) -> Any:
+        """A copy of a part's output for batch ``index``, its main tensor in the part's slab."""
+        slab = self._slabs.setdefault(name, _SlabCache(self.n_batches))
+        if isinstance(out, torch.Tensor):
+            return slab.put(index, out)
+        if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+            return type(out)([slab.put(index, out[0])] + [_clone(o) for o in out[1:]])
+        return _clone(out)
 
     def find_tails(self, block: nn.Module, entry: "_BlockInputs", hidden: torch.Tensor, dev) -> Dict[str, tuple]:
         """Finds children whose output *is* the output of one of their layers.
@@ -273,12 +313,14 @@ class _FrozenOutputs:
         self.tails = tails
         return tails
 
-    def seed(self, child: str, outputs: List[torch.Tensor]) -> None:
-        """Stores ``child``'s per-batch outputs computed from its tail layer (see :meth:`find_tails`)."""
+    def seed(self, child: str, outputs: List[torch.Tensor], kept: bool = False) -> None:
+        """Stores ``child``'s per-batch outputs computed from its tail layer (see
+        :meth:`find_tails`); ``kept``: the tensors are already cache memory (no copy)."""
         structure = self.tails[child][1]
         store = self.store.setdefault(child, {})
         for b, out in enumerate(outputs):
-            store[b] = out if structure is None else structure[0]([out] + [None] * (structure[1] - 1))
+            out = out if structure is None else structure[0]([out] + [None] * (structure[1] - 1))
+            store[b] = out if kept else self._keep(child, out, b)
 
     def start_batch(self, index: int) -> None:
         self.batch = index
@@ -310,12 +352,13 @@ class _FrozenOutputs:
             if calls > 1:  # used twice in one forward: outputs are not per-batch
                 self.uncachable.add(name)
                 store.clear()
+                self._slabs.pop(name, None)
                 return original(*args, **kwargs)
             if self.batch in store:
                 return _clone(store[self.batch])
             out = original(*args, **kwargs)
             if record:
-                store[self.batch] = _clone(out)
+                store[self.batch] = self._keep(name, out, self.batch)
             return out
         return forward
 
@@ -510,7 +553,7 @@ class GPTQForCausalLM:
         if config is not None:
             config.use_cache = False
         try:
-            with torch.no_grad(), unpooled_large_allocations():
+            with torch.no_grad():
                 hidden, inputs = self._capture_block_inputs(batches, blocks, dev, cache_dev)
                 trim_heap()
                 hidden = self._quantize_blocks(blocks, hidden, inputs, dev, cache_dev, report, progress,
@@ -575,6 +618,7 @@ class GPTQForCausalLM:
                 blocks[i].to(dev)
         per_block: List[List[_BlockInputs]] = [[] for _ in range(len(blocks))]
         hidden: List[torch.Tensor] = []
+        hidden_slab = _SlabCache(len(batches))
         try:
             for batch in batches:
                 records.clear()
@@ -586,7 +630,7 @@ class GPTQForCausalLM:
                 else:
                     raise RuntimeError("the model's forward never reached its decoder blocks")
                 args, kwargs = records[0]
-                hidden.append((args[0] if args else kwargs["hidden_states"]).to(cache_dev))
+                hidden.append(hidden_slab.put(len(hidden), (args[0] if args else kwargs["hidden_states"]).to(cache_dev)))
                 for i in range(len(blocks)):
                     args, kwargs = records[owner[i]]
                     kw = {k: v for k, v in kwargs.items()
@@ -641,7 +685,7 @@ class GPTQForCausalLM:
             groups = self._groups_for(block, batch_inputs[0], hidden[0], dev)
             if not cfg.true_sequential:
                 groups = [[name for g in groups for name in g]]
-            frozen = _FrozenOutputs(block)
+            frozen = _FrozenOutputs(block, n_batches=len(batch_inputs))
             tails = frozen.find_tails(block, batch_inputs[0], hidden[0], dev)
             finished = []
             for gi, group in enumerate(groups):
@@ -672,17 +716,28 @@ class GPTQForCausalLM:
                     finished.append((name, result))
                 for tail, child in capture.items():
                     layer, inputs_of_tail = block.get_submodule(tail), captured.pop(tail)  # first batches only
-                    outs = []
+                    outs, in_place = [], True
                     for b in range(len(inputs_of_tail)):  # each input dropped as soon as it is used
                         x, inputs_of_tail[b] = inputs_of_tail[b], None
-                        outs.append(layer(x.to(dev)))
-                    frozen.seed(child, outs)
+                        y = layer(x.to(dev))
+                        if y.shape == x.shape and y.dtype == x.dtype and y.device == x.device:
+                            x.copy_(y)  # o_proj: the output takes its input's cache slot
+                            y = x
+                        else:
+                            in_place = False
+                        outs.append(y)
+                    frozen.seed(child, outs, kept=in_place)
             # The quantized block produces the next block's inputs.
             # Each batch's output replaces its input at once: two full activation caches never coexist.
             with frozen.active(set(), record=False):
                 for b, entry in enumerate(batch_inputs):
                     frozen.start_batch(b)
-                    hidden[b] = _hidden_of(entry.call(block, hidden[b], dev)).to(cache_dev)
+                    out = _hidden_of(entry.call(block, hidden[b], dev))
+                    if out.shape == hidden[b].shape and out.dtype == hidden[b].dtype:
+                        hidden[b].copy_(out)  # the input is no longer needed: its slot takes the output
+                    else:
+                        hidden[b] = out.to(cache_dev)
+                    del out
             del frozen
             # Calibration ran on the dequantized weights in plain layers (dense matmuls are
             # what a 512-token batch wants); only now do they become packed QuantLinear.
@@ -795,12 +850,13 @@ class GPTQForCausalLM:
         state: Dict[str, Any] = {"mask": None, "batch": 0, "inputs": {}, "keep": []}
         capture = capture or {}
         captured: Dict[str, List[torch.Tensor]] = {n: [] for n in capture}
+        capture_slabs = {n: _SlabCache(k) for n, k in capture.items()}
 
         def make_hook(name: str):
             def hook(_mod, args):
                 x = args[0]
                 if name in captured and state["batch"] < capture[name]:
-                    captured[name].append(x.detach().clone())
+                    captured[name].append(capture_slabs[name].put(state["batch"], x))
                 key = _tensor_key(x)
                 owner = state["inputs"].get(key)
                 if state["batch"] == 0:
@@ -826,13 +882,18 @@ class GPTQForCausalLM:
                         accs[name] = HessianAccumulator(x.shape[-1])
                     accs[name].add_batch(x)
                 seen.add(name)
-                if len(seen) == len(names):
+                # After the first batch, the layers sharing an input are known: once every
+                # distinct input is in, stop before those layers even run (q/k, gate).
+                if (len(seen) == len(names) if state["batch"] == 0 else seen >= owners):
                     raise _Stop
             return hook
 
         handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+        owners: set = set()
         try:
             for b, (entry, h) in enumerate(zip(batch_inputs, hidden)):
+                if b == 1:
+                    owners = {n for n in names if n not in owner_of} | set(capture)
                 seen.clear()
                 mask = entry.mask
                 if mask is not None and bool(mask.all()):
