@@ -11,7 +11,9 @@ formulated implementation the tests compare the NumPy oracle against):
   updates of that block, and the rest of the matrix is updated once per block
   with a matmul.
 
-Everything runs in ``dtype`` (float32 by default, like GPTQ).
+Everything runs in ``dtype`` (float32 by default, like GPTQ), on the device
+of the inputs (``TorchHessian(..., device="cuda")`` and CUDA weights give the
+GPU baseline of ``bench_gpu_solver.py``).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import torch
 class TorchHessian:
     """Running GPTQ Hessian: H = (2/n) sum_i x_i x_i^T over all rows seen."""
 
-    def __init__(self, in_features: int, dtype=torch.float32):
-        self.H = torch.zeros(in_features, in_features, dtype=dtype)
+    def __init__(self, in_features: int, dtype=torch.float32, device="cpu"):
+        self.H = torch.zeros(in_features, in_features, dtype=dtype, device=device)
         self.n_samples = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
@@ -42,7 +44,7 @@ class TorchHessian:
 
 def _grid(x: torch.Tensor, maxq: int, sym: bool):
     """Min-max grid per row of x [N, m] -> (scale [N], zero [N])."""
-    zero_vec = torch.zeros(x.shape[0], dtype=x.dtype)
+    zero_vec = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     xmin = torch.minimum(x.min(dim=1).values, zero_vec)
     xmax = torch.maximum(x.max(dim=1).values, zero_vec)
     if sym:
@@ -77,7 +79,8 @@ def torch_gptq(weight: torch.Tensor, H: torch.Tensor, bits=4, group_size=128, sy
                desc_act=False, static_groups=False, damp_percent=0.01, block_size=128,
                dtype=torch.float32) -> TorchGPTQResult:
     W = weight.detach().clone().to(dtype)
-    H = H.detach().clone().to(dtype)
+    H = H.detach().clone().to(dtype=dtype, device=W.device)
+    dev = W.device
     rows, columns = W.shape
     maxq = 2 ** bits - 1
 
@@ -94,20 +97,20 @@ def torch_gptq(weight: torch.Tensor, H: torch.Tensor, bits=4, group_size=128, sy
     if desc_act:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
     else:
-        perm = torch.arange(columns)
+        perm = torch.arange(columns, device=dev)
     W = W[:, perm]
     H = H[perm][:, perm]
 
     damp = damp_percent * torch.mean(torch.diag(H))
-    idx = torch.arange(columns)
+    idx = torch.arange(columns, device=dev)
     H[idx, idx] += damp
     L = torch.linalg.cholesky(H)
     Hinv = torch.cholesky_inverse(L)
     Hinv = torch.linalg.cholesky(Hinv, upper=True)
 
-    codes = torch.zeros(rows, columns, dtype=torch.uint8)
+    codes = torch.zeros(rows, columns, dtype=torch.uint8, device=dev)
     grids = []
-    losses = torch.zeros(rows, dtype=dtype)
+    losses = torch.zeros(rows, dtype=dtype, device=dev)
     scale, zero = channel if group_size == -1 else (None, None)
 
     for i1 in range(0, columns, block_size):
@@ -140,15 +143,15 @@ def torch_gptq(weight: torch.Tensor, H: torch.Tensor, bits=4, group_size=128, sy
     codes = codes[:, invperm]
     if group_size == -1:
         grids = [channel]
-        g_idx = torch.zeros(columns, dtype=torch.int32)
+        g_idx = torch.zeros(columns, dtype=torch.int32, device=dev)
     elif static_groups:
         grids = static
-        g_idx = (torch.arange(columns) // group_size).to(torch.int32)
+        g_idx = (torch.arange(columns, device=dev) // group_size).to(torch.int32)
     elif desc_act:
-        g_idx = torch.empty(columns, dtype=torch.int32)
-        g_idx[perm] = (torch.arange(columns) // group_size).to(torch.int32)
+        g_idx = torch.empty(columns, dtype=torch.int32, device=dev)
+        g_idx[perm] = (torch.arange(columns, device=dev) // group_size).to(torch.int32)
     else:
-        g_idx = (torch.arange(columns) // group_size).to(torch.int32)
+        g_idx = (torch.arange(columns, device=dev) // group_size).to(torch.int32)
     scales = torch.stack([s for s, _ in grids])
     zeros = torch.stack([z for _, z in grids]).to(torch.int32)
     return TorchGPTQResult(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, perm=perm,

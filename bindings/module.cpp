@@ -2,12 +2,15 @@
 // views (no copies, no libtorch); outputs are allocated by the Python layer
 // in the caller's array library and filled here; the GIL is released around
 // every call into the core.
+#include <cstdint>
+
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include "dlpack_view.h"
 #include "gptqkit/gptqkit.h"
 #include "cpu_gemm_bindings.h"
+#include "gpu_gemm_bindings.h"
 #include "linear_bindings.h"
 
 namespace py = pybind11;
@@ -49,13 +52,13 @@ class PyHessianAccumulator {
       : acc_(in_features, fp64 ? gptqkit::AccumulateType::kFloat64 : gptqkit::AccumulateType::kFloat32) {
     if (in_features <= 0) throw py::value_error("in_features: must be positive, got " + std::to_string(in_features));
   }
-  void add_batch(const py::handle& x) {
+  void add_batch(const py::handle& x, uintptr_t stream) {
     auto bx = borrow(x, "x", false);
-    call_core([&] { return acc_.add_batch(bx.view); });
+    call_core([&] { return acc_.add_batch(bx.view, reinterpret_cast<void*>(stream)); });
   }
-  void hessian(const py::handle& out) const {
+  void hessian(const py::handle& out, uintptr_t stream) const {
     auto bo = borrow(out, "out", true);
-    call_core([&] { return acc_.hessian(bo.view); });
+    call_core([&] { return acc_.hessian(bo.view, reinterpret_cast<void*>(stream)); });
   }
   void reset() { acc_.reset(); }
   int64_t n_samples() const { return acc_.n_samples(); }
@@ -73,19 +76,30 @@ PYBIND11_MODULE(_C, m) {
   gptqkit::bindings::register_exceptions(m);
   gptqkit::bindings::register_linear(m);
   gptqkit::bindings::register_cpu_gemm(m);
+  gptqkit::bindings::register_gpu_gemm(m);
   m.attr("__version__") = GPTQKIT_VERSION_STRING;
   m.attr("blas") = GPTQKIT_BLAS_NAME;
 
   py::class_<PyHessianAccumulator>(m, "HessianAccumulator")
       .def(py::init<int64_t, bool>(), py::arg("in_features"), py::arg("fp64") = false)
-      .def("add_batch", &PyHessianAccumulator::add_batch, py::arg("x"))
-      .def("hessian", &PyHessianAccumulator::hessian, py::arg("out"))
+      .def("add_batch", &PyHessianAccumulator::add_batch, py::arg("x"), py::arg("stream") = 0)
+      .def("hessian", &PyHessianAccumulator::hessian, py::arg("out"), py::arg("stream") = 0)
       .def("reset", &PyHessianAccumulator::reset)
       .def_property_readonly("n_samples", &PyHessianAccumulator::n_samples)
       .def_property_readonly("in_features", &PyHessianAccumulator::in_features)
       .def_property_readonly("fp64", &PyHessianAccumulator::fp64);
 
   m.def("num_groups", &gptqkit::num_groups, py::arg("in_features"), py::arg("group_size"));
+  m.def(
+      "gpu_solver_memory",
+      [](bool reset_peak) {
+        const gptqkit::GpuSolverMemory mem = gptqkit::gpu_solver_memory(reset_peak);
+        py::dict d;
+        d["current_bytes"] = mem.current_bytes;
+        d["peak_bytes"] = mem.peak_bytes;
+        return d;
+      },
+      py::arg("reset_peak") = false);
   m.def("packed_words", &gptqkit::packed_words, py::arg("count"), py::arg("bits"));
 
   m.def(
@@ -94,7 +108,7 @@ PYBIND11_MODULE(_C, m) {
          const py::handle& zeros, const py::handle& g_idx, const py::handle& perm, int bits, int64_t group_size,
          bool sym, bool desc_act, bool static_groups, double damp_percent, int64_t block_size,
          int max_damp_retries, int clip_steps, double clip_min_ratio, double clip_norm, bool clip_hessian_weighted,
-         bool fp16_scales, int min_zero_point) {
+         bool fp16_scales, int min_zero_point, uintptr_t stream) {
         gptqkit::QuantizeOptions o;
         o.bits = bits;
         o.group_size = group_size;
@@ -120,34 +134,40 @@ PYBIND11_MODULE(_C, m) {
         auto bp = borrow(perm, "perm", true);
         gptqkit::QuantizeOutputs out{bc.view, bs.view, bz.view, bg.view, bp.view};
         gptqkit::QuantizeStats stats;
-        call_core([&] { return gptqkit::quantize_weight(bw.view, bh.view, o, out, &stats); });
+        call_core([&] {
+          return gptqkit::quantize_weight(bw.view, bh.view, o, out, &stats, reinterpret_cast<void*>(stream));
+        });
         return stats_dict(stats);
       },
       py::arg("weight"), py::arg("hessian"), py::arg("codes"), py::arg("scales"), py::arg("zeros"),
       py::arg("g_idx"), py::arg("perm"), py::arg("bits"), py::arg("group_size"), py::arg("sym"),
       py::arg("desc_act"), py::arg("static_groups"), py::arg("damp_percent"), py::arg("block_size"),
       py::arg("max_damp_retries"), py::arg("clip_steps") = 0, py::arg("clip_min_ratio") = 0.75,
-      py::arg("clip_norm") = 2.0, py::arg("clip_hessian_weighted") = true, py::arg("fp16_scales") = false, py::arg("min_zero_point") = 0);
+      py::arg("clip_norm") = 2.0, py::arg("clip_hessian_weighted") = true, py::arg("fp16_scales") = false, py::arg("min_zero_point") = 0,
+      py::arg("stream") = 0);
 
   m.def(
       "inverse_hessian_upper_factor",
-      [](const py::handle& hessian, const py::handle& upper, double damp_percent, int max_retries) {
+      [](const py::handle& hessian, const py::handle& upper, double damp_percent, int max_retries, uintptr_t stream) {
         auto bh = borrow(hessian, "hessian", false);
         auto bu = borrow(upper, "upper", true);
         gptqkit::QuantizeStats stats;
-        call_core([&] { return gptqkit::inverse_hessian_upper_factor(bh.view, damp_percent, max_retries, bu.view, &stats); });
+        call_core([&] {
+          return gptqkit::inverse_hessian_upper_factor(bh.view, damp_percent, max_retries, bu.view, &stats,
+                                                       reinterpret_cast<void*>(stream));
+        });
         return stats_dict(stats);
       },
-      py::arg("hessian"), py::arg("upper"), py::arg("damp_percent"), py::arg("max_retries"));
+      py::arg("hessian"), py::arg("upper"), py::arg("damp_percent"), py::arg("max_retries"), py::arg("stream") = 0);
 
   m.def(
       "pack_qweight",
-      [](const py::handle& codes, int bits, const py::handle& qweight) {
+      [](const py::handle& codes, int bits, const py::handle& qweight, uintptr_t stream) {
         auto bc = borrow(codes, "codes", false);
         auto bq = borrow(qweight, "qweight", true);
-        call_core([&] { return gptqkit::pack_qweight(bc.view, bits, bq.view); });
+        call_core([&] { return gptqkit::pack_qweight(bc.view, bits, bq.view, reinterpret_cast<void*>(stream)); });
       },
-      py::arg("codes"), py::arg("bits"), py::arg("qweight"));
+      py::arg("codes"), py::arg("bits"), py::arg("qweight"), py::arg("stream") = 0);
   m.def(
       "unpack_qweight",
       [](const py::handle& qweight, int bits, const py::handle& codes) {
@@ -158,13 +178,13 @@ PYBIND11_MODULE(_C, m) {
       py::arg("qweight"), py::arg("bits"), py::arg("codes"));
   m.def(
       "pack_qzeros",
-      [](const py::handle& zeros, int bits, const std::string& format, const py::handle& qzeros) {
+      [](const py::handle& zeros, int bits, const std::string& format, const py::handle& qzeros, uintptr_t stream) {
         const auto f = zero_format(format);
         auto bz = borrow(zeros, "zeros", false);
         auto bq = borrow(qzeros, "qzeros", true);
-        call_core([&] { return gptqkit::pack_qzeros(bz.view, bits, f, bq.view); });
+        call_core([&] { return gptqkit::pack_qzeros(bz.view, bits, f, bq.view, reinterpret_cast<void*>(stream)); });
       },
-      py::arg("zeros"), py::arg("bits"), py::arg("format"), py::arg("qzeros"));
+      py::arg("zeros"), py::arg("bits"), py::arg("format"), py::arg("qzeros"), py::arg("stream") = 0);
   m.def(
       "unpack_qzeros",
       [](const py::handle& qzeros, int bits, const std::string& format, const py::handle& zeros) {

@@ -2,6 +2,7 @@
 
 #include <sstream>
 
+#include "gptqkit/gpu_gemm.h"
 #include "half.h"
 
 namespace gptqkit::checks {
@@ -93,6 +94,89 @@ Status all_finite(const TensorView& t, const char* name) {
 Status bits_supported(int bits) {
   if (bits == 2 || bits == 3 || bits == 4 || bits == 8) return Status::Ok();
   return Status::InvalidArgument("bits: expected 2, 3, 4 or 8, got " + std::to_string(bits));
+}
+
+Status gpu_supported(const TensorView& t, const char* name) {
+  const std::string backend = gpu_backend_name();
+  if (!gpu_backend_available())
+    return Status::Unsupported(std::string(name) + ": is on a GPU (" + device_string(t.device) +
+                               "), but gptqkit was built without GPU support; reinstall with GPTQKIT_WITH_CUDA=1 "
+                               "(NVIDIA) or GPTQKIT_WITH_HIP=1 (AMD ROCm) in the environment of `pip install` "
+                               "(CMake: -DGPTQKIT_WITH_CUDA=ON / -DGPTQKIT_WITH_HIP=ON), or move the tensors to the CPU");
+  if ((backend == "cuda" && t.device.type != DeviceType::kCUDA) ||
+      (backend == "hip" && t.device.type != DeviceType::kROCm && t.device.type != DeviceType::kCUDA))
+    return Status::Unsupported(std::string(name) + ": is on " + device_string(t.device) + ", but gptqkit was built for " +
+                               backend);
+  return Status::Ok();
+}
+
+std::string device_string(const Device& d) {
+  switch (d.type) {
+    case DeviceType::kCPU: return "cpu";
+    case DeviceType::kCUDA: return "cuda:" + std::to_string(d.index);
+    case DeviceType::kROCm: return "rocm:" + std::to_string(d.index);
+  }
+  return "unknown";
+}
+
+Status with_reason(Status s, const std::string& why) {
+  return s.ok() ? s : Status::InvalidArgument(s.message() + " (" + why + ")");
+}
+
+bool overlaps(const TensorView& a, const TensorView& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const char* a0 = static_cast<const char*>(a.data);
+  const char* a1 = a0 + a.numel() * static_cast<int64_t>(dtype_size(a.dtype));
+  const char* b0 = static_cast<const char*>(b.data);
+  const char* b1 = b0 + b.numel() * static_cast<int64_t>(dtype_size(b.dtype));
+  return a0 < b1 && b0 < a1;
+}
+
+Status packed_layer(const TensorView& qweight, const TensorView& qzeros, const TensorView& scales,
+                    const TensorView& g_idx, int bits, ZeroFormat format,
+                    std::initializer_list<DType> scale_dtypes) {
+  GPTQKIT_RETURN_IF_ERROR(bits_supported(bits));
+  if (format != ZeroFormat::kV1 && format != ZeroFormat::kV2)
+    return Status::InvalidArgument("format: expected ZeroFormat::kV1 or ZeroFormat::kV2, got value " +
+                                   std::to_string(static_cast<int>(format)));
+  // Each tensor on its own: device, contiguity, dtype, rank.
+  GPTQKIT_RETURN_IF_ERROR(cpu_contiguous(qweight, "qweight"));
+  GPTQKIT_RETURN_IF_ERROR(dtype_is(qweight, "qweight", {DType::kInt32}));
+  GPTQKIT_RETURN_IF_ERROR(ndim_is(qweight, "qweight", 2));
+  GPTQKIT_RETURN_IF_ERROR(cpu_contiguous(qzeros, "qzeros"));
+  GPTQKIT_RETURN_IF_ERROR(dtype_is(qzeros, "qzeros", {DType::kInt32}));
+  GPTQKIT_RETURN_IF_ERROR(ndim_is(qzeros, "qzeros", 2));
+  GPTQKIT_RETURN_IF_ERROR(cpu_contiguous(scales, "scales"));
+  GPTQKIT_RETURN_IF_ERROR(dtype_is(scales, "scales", scale_dtypes));
+  GPTQKIT_RETURN_IF_ERROR(ndim_is(scales, "scales", 2));
+  GPTQKIT_RETURN_IF_ERROR(cpu_contiguous(g_idx, "g_idx"));
+  GPTQKIT_RETURN_IF_ERROR(dtype_is(g_idx, "g_idx", {DType::kInt32}));
+  GPTQKIT_RETURN_IF_ERROR(ndim_is(g_idx, "g_idx", 1));
+
+  // Extents: K from g_idx, N from qweight, G from scales.
+  const int64_t k_dim = g_idx.shape[0];
+  const int64_t n_dim = qweight.shape[1];
+  const int64_t g_dim = scales.shape[0];
+  const std::string dims =
+      "K = g_idx.shape[0] = " + std::to_string(k_dim) + ", N = qweight.shape[1] = " + std::to_string(n_dim);
+  GPTQKIT_RETURN_IF_ERROR(with_reason(shape_is(qweight, "qweight", {packed_words(k_dim, bits), n_dim}),
+                                      "[packed_words(K, " + std::to_string(bits) + "), N] with " + dims));
+  GPTQKIT_RETURN_IF_ERROR(with_reason(shape_is(scales, "scales", {-1, n_dim}), "[G, N] with " + dims));
+  GPTQKIT_RETURN_IF_ERROR(with_reason(
+      shape_is(qzeros, "qzeros", {g_dim, packed_words(n_dim, bits)}),
+      "[G, packed_words(N, " + std::to_string(bits) + ")] with G = scales.shape[0] = " + std::to_string(g_dim) +
+          ", " + dims));
+  if (g_dim == 0 && k_dim > 0)
+    return Status::InvalidArgument("scales: expected at least one group (G = scales.shape[0] = 0 with K = " +
+                                   std::to_string(k_dim) + ")");
+  const int32_t* gi = static_cast<const int32_t*>(g_idx.data);
+  for (int64_t k = 0; k < k_dim; ++k) {
+    if (gi[k] >= 0 && gi[k] < g_dim) continue;
+    return Status::InvalidArgument("g_idx: g_idx[" + std::to_string(k) + "] = " + std::to_string(gi[k]) +
+                                   " is out of range [0, " + std::to_string(g_dim) +
+                                   ") (G = scales.shape[0] = " + std::to_string(g_dim) + ")");
+  }
+  return Status::Ok();
 }
 
 }  // namespace gptqkit::checks

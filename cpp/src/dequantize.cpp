@@ -6,6 +6,7 @@
 #include <exception>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "bitstream.h"
@@ -68,55 +69,28 @@ Status dequantize(const TensorView& qweight, const TensorView& qzeros, const Ten
                   const TensorView& g_idx, int bits, ZeroFormat format, const TensorView& weight) {
   try {
     GPTQKIT_RETURN_IF_ERROR(checks::bits_supported(bits));
-    if (format != ZeroFormat::kV1 && format != ZeroFormat::kV2)
-      return Status::InvalidArgument("format: expected ZeroFormat::kV1 or ZeroFormat::kV2, got value " +
-                                     std::to_string(static_cast<int>(format)));
-
-    // Every argument on its own: device, contiguity, dtype, rank.
-    GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(qweight, "qweight"));
-    GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(qweight, "qweight", {DType::kInt32}));
-    GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(qweight, "qweight", 2));
-    GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(qzeros, "qzeros"));
-    GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(qzeros, "qzeros", {DType::kInt32}));
-    GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(qzeros, "qzeros", 2));
-    GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(scales, "scales"));
-    GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(scales, "scales", {DType::kFloat16, DType::kFloat32}));
-    GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(scales, "scales", 2));
-    GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(g_idx, "g_idx"));
-    GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(g_idx, "g_idx", {DType::kInt32}));
-    GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(g_idx, "g_idx", 1));
     GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(weight, "weight"));
     GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(weight, "weight", {DType::kFloat32}));
     GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(weight, "weight", 2));
+    for (const auto& [t, name] : {std::pair<const TensorView*, const char*>{&qweight, "qweight"},
+                                  {&qzeros, "qzeros"}, {&scales, "scales"}, {&g_idx, "g_idx"}})
+      GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(*t, name));
 
-    // Shapes, all derived from weight [N, K] and G = scales.shape[0].
+    // The output's [N, K] fixes the layer's extents; then the layer itself.
     const int64_t n_dim = weight.shape[0];
     const int64_t k_dim = weight.shape[1];
     const int64_t g_dim = scales.shape[0];
-    const int64_t w_dim = packed_words(k_dim, bits);
-    const int64_t zw_dim = packed_words(n_dim, bits);
-    const std::string nk = " for [N, K] = weight.shape = [" + std::to_string(n_dim) + ", " +
-                           std::to_string(k_dim) + "]";
-    auto with_reason = [](Status s, const std::string& why) {
-      return s.ok() ? s : Status::InvalidArgument(s.message() + " (" + why + ")");
-    };
-    GPTQKIT_RETURN_IF_ERROR(with_reason(checks::shape_is(qweight, "qweight", {w_dim, n_dim}),
-                                        "[packed_words(K, " + std::to_string(bits) + "), N]" + nk));
-    GPTQKIT_RETURN_IF_ERROR(with_reason(checks::shape_is(scales, "scales", {-1, n_dim}), "[G, N]" + nk));
-    GPTQKIT_RETURN_IF_ERROR(
-        with_reason(checks::shape_is(qzeros, "qzeros", {g_dim, zw_dim}),
-                    "[G, packed_words(N, " + std::to_string(bits) + ")] with G = scales.shape[0] = " +
-                        std::to_string(g_dim) + nk));
-    GPTQKIT_RETURN_IF_ERROR(with_reason(checks::shape_is(g_idx, "g_idx", {k_dim}), "[K]" + nk));
-
-    const int32_t* gi = static_cast<const int32_t*>(g_idx.data);
-    for (int64_t k = 0; k < k_dim; ++k) {
-      if (gi[k] >= 0 && gi[k] < g_dim) continue;
-      return Status::InvalidArgument("g_idx: g_idx[" + std::to_string(k) + "] = " + std::to_string(gi[k]) +
-                                     " is out of range [0, " + std::to_string(g_dim) +
-                                     ") (G = scales.shape[0] = " + std::to_string(g_dim) + ")");
-    }
+    const std::string nk =
+        " for [N, K] = weight.shape = [" + std::to_string(n_dim) + ", " + std::to_string(k_dim) + "]";
+    GPTQKIT_RETURN_IF_ERROR(checks::with_reason(
+        checks::shape_is(qweight, "qweight", {packed_words(k_dim, bits), n_dim}),
+        "[packed_words(K, " + std::to_string(bits) + "), N]" + nk));
+    GPTQKIT_RETURN_IF_ERROR(checks::with_reason(checks::shape_is(g_idx, "g_idx", {k_dim}), "[K]" + nk));
+    GPTQKIT_RETURN_IF_ERROR(checks::packed_layer(qweight, qzeros, scales, g_idx, bits, format,
+                                                 {DType::kFloat16, DType::kFloat32}));
     if (n_dim == 0 || k_dim == 0) return Status::Ok();
+    const int32_t* gi = static_cast<const int32_t*>(g_idx.data);
+    const int64_t w_dim = packed_words(k_dim, bits);
 
     // True zero points [G, N] through the public unpacker, then [N, G] float
     // tables for scales and zeros.

@@ -7,6 +7,9 @@
 
 #include "blas.h"
 #include "checks.h"
+#if defined(GPTQKIT_HAS_GPU)
+#include "../../cuda/src/gpu_solver_api.h"
+#endif
 #include "half.h"
 #include "parallel.h"
 
@@ -83,18 +86,84 @@ void convert_rows(const TensorView& x, int64_t row0, int64_t rows, int64_t k, Ou
 
 }  // namespace
 
+struct HessianAccumulator::DeviceBuffer {
+  Device device;
+  void* state = nullptr;  // gpu::hessian_state_bytes(k) bytes on `device`
+  int64_t bytes = 0;
+};
+
+void HessianAccumulator::DeviceBufferDeleter::operator()(DeviceBuffer* b) const {
+#if defined(GPTQKIT_HAS_GPU)
+  if (b && b->state) gpu::free_persistent(b->device, b->state, b->bytes);
+#endif
+  delete b;
+}
+
 HessianAccumulator::HessianAccumulator(int64_t in_features, AccumulateType acc)
     : k_(in_features), acc_(acc) {}
 
 void HessianAccumulator::reset() {
   n_ = 0;
+  device_ = Device{};
   std::fill(h32_.begin(), h32_.end(), 0.0f);
   std::fill(h64_.begin(), h64_.end(), 0.0);
 }
 
-Status HessianAccumulator::add_batch(const TensorView& x) {
+namespace {
+
+bool same_device(const Device& a, const Device& b) {
+  const bool a_cpu = a.type == DeviceType::kCPU, b_cpu = b.type == DeviceType::kCPU;
+  return a_cpu || b_cpu ? a_cpu == b_cpu : a.index == b.index;
+}
+
+Status mixed_devices(const Device& held, const Device& got, const char* name) {
+  return Status::InvalidArgument(std::string(name) + ": is on " + checks::device_string(got) +
+                                 ", but this accumulator holds batches from " + checks::device_string(held) +
+                                 "; one accumulator cannot mix devices (move the input, or reset() first)");
+}
+
+}  // namespace
+
+Status HessianAccumulator::add_batch(const TensorView& x, void* stream) {
   if (k_ <= 0 || k_ > std::numeric_limits<int>::max())
     return Status::InvalidArgument("in_features: must be in [1, 2^31), got " + std::to_string(k_));
+  if (x.device.type != DeviceType::kCPU) {
+    GPTQKIT_RETURN_IF_ERROR(checks::gpu_supported(x, "x"));
+    if (n_ > 0 && !same_device(device_, x.device)) return mixed_devices(device_, x.device, "x");
+    GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(x, "x", {DType::kFloat32, DType::kFloat16, DType::kBFloat16}));
+    if (x.ndim < 1 || x.ndim > 3 || x.shape[x.ndim - 1] != k_)
+      return Status::InvalidArgument("x: expected shape [rows, " + std::to_string(k_) + "] or [batch, seq, " +
+                                     std::to_string(k_) + "], got " + shape_string(x));
+    if (acc_ == AccumulateType::kFloat64)
+      return Status::Unsupported("x: float64 accumulation runs on the CPU only; use float32 accumulation for GPU "
+                                 "input (16-bit products are exact in float32), or move the input to the CPU");
+#if defined(GPTQKIT_HAS_GPU)
+    const int64_t rows = x.numel() / k_;
+    if (rows == 0) return Status::Ok();
+    try {
+      if (gpu_ && gpu_->device.index != x.device.index) gpu_.reset();  // after reset(): another GPU
+      if (!gpu_) {
+        std::unique_ptr<DeviceBuffer, DeviceBufferDeleter> b(new DeviceBuffer);
+        b->device = x.device;
+        b->bytes = gpu::hessian_state_bytes(k_);
+        GPTQKIT_RETURN_IF_ERROR(gpu::alloc_persistent(x.device, b->bytes, &b->state));
+        gpu_ = std::move(b);
+      }
+    } catch (const std::bad_alloc&) {
+      return Status::Internal("out of memory");
+    }
+    const int64_t n_new = n_ + rows;
+    const double alpha = 2.0 / static_cast<double>(n_new);
+    const double beta = static_cast<double>(n_) / static_cast<double>(n_new);
+    GPTQKIT_RETURN_IF_ERROR(gpu::hessian_add_batch(x, gpu_->state, k_, alpha, beta, stream));
+    n_ = n_new;
+    device_ = x.device;
+    return Status::Ok();
+#else
+    return Status::Internal("unreachable: GPU input in a CPU-only build");
+#endif
+  }
+  if (n_ > 0 && !same_device(device_, x.device)) return mixed_devices(device_, x.device, "x");
   GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(x, "x"));
   GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(x, "x", {DType::kFloat32, DType::kFloat16, DType::kBFloat16}));
   if (x.ndim < 1 || x.ndim > 3 || x.shape[x.ndim - 1] != k_)
@@ -136,10 +205,24 @@ Status HessianAccumulator::add_batch(const TensorView& x) {
     beta = 1.0;  // later chunks of the same batch only add
   }
   n_ = n_new;
+  device_ = Device{};
   return Status::Ok();
 }
 
-Status HessianAccumulator::hessian(const TensorView& out) const {
+Status HessianAccumulator::hessian(const TensorView& out, void* stream) const {
+  const bool on_gpu = n_ > 0 && device_.type != DeviceType::kCPU;
+  if (out.device.type != DeviceType::kCPU || on_gpu) {
+    if (n_ > 0 && !same_device(device_, out.device))
+      return Status::InvalidArgument("out: is on " + checks::device_string(out.device) +
+                                     ", but the Hessian was accumulated on " + checks::device_string(device_) +
+                                     "; pass an output on that device");
+    GPTQKIT_RETURN_IF_ERROR(checks::gpu_supported(out, "out"));
+#if defined(GPTQKIT_HAS_GPU)
+    return gpu::hessian_write(n_ > 0 && gpu_ ? gpu_->state : nullptr, k_, out, stream);
+#else
+    return Status::Internal("unreachable: GPU output in a CPU-only build");
+#endif
+  }
   GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(out, "out"));
   GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(out, "out", {DType::kFloat32, DType::kFloat64}));
   GPTQKIT_RETURN_IF_ERROR(checks::shape_is(out, "out", {k_, k_}));

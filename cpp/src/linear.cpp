@@ -117,45 +117,15 @@ void dequantize_range(const Layer& L, int bits, int64_t n0, int64_t n1, float* o
   }
 }
 
-// Byte range of a contiguous view, for the aliasing check.
-bool overlaps(const TensorView& a, const TensorView& b) {
-  if (a.numel() == 0 || b.numel() == 0) return false;
-  const char* a0 = static_cast<const char*>(a.data);
-  const char* a1 = a0 + a.numel() * static_cast<int64_t>(dtype_size(a.dtype));
-  const char* b0 = static_cast<const char*>(b.data);
-  const char* b1 = b0 + b.numel() * static_cast<int64_t>(dtype_size(b.dtype));
-  return a0 < b1 && b0 < a1;
-}
-
-Status with_reason(Status s, const std::string& why) {
-  return s.ok() ? s : Status::InvalidArgument(s.message() + " (" + why + ")");
-}
-
 Status validate(const TensorView& x, const TensorView& qweight, const TensorView& qzeros,
                 const TensorView& scales, const TensorView& g_idx, const TensorView* bias, int bits,
                 ZeroFormat format, const TensorView& y) {
-  GPTQKIT_RETURN_IF_ERROR(checks::bits_supported(bits));
-  if (format != ZeroFormat::kV1 && format != ZeroFormat::kV2)
-    return Status::InvalidArgument("format: expected ZeroFormat::kV1 or ZeroFormat::kV2, got value " +
-                                   std::to_string(static_cast<int>(format)));
   const std::initializer_list<DType> floats = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+  GPTQKIT_RETURN_IF_ERROR(checks::packed_layer(qweight, qzeros, scales, g_idx, bits, format, floats));
 
-  // Each argument on its own: device, contiguity, dtype, rank.
   GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(x, "x"));
   GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(x, "x", floats));
   GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(x, "x", 2));
-  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(qweight, "qweight"));
-  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(qweight, "qweight", {DType::kInt32}));
-  GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(qweight, "qweight", 2));
-  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(qzeros, "qzeros"));
-  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(qzeros, "qzeros", {DType::kInt32}));
-  GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(qzeros, "qzeros", 2));
-  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(scales, "scales"));
-  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(scales, "scales", floats));
-  GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(scales, "scales", 2));
-  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(g_idx, "g_idx"));
-  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(g_idx, "g_idx", {DType::kInt32}));
-  GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(g_idx, "g_idx", 1));
   if (bias != nullptr) {
     GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(*bias, "bias"));
     GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(*bias, "bias", floats));
@@ -167,44 +137,26 @@ Status validate(const TensorView& x, const TensorView& qweight, const TensorView
     return Status::InvalidArgument(std::string("y: expected the dtype of x (") + dtype_name(x.dtype) + "), got " +
                                    dtype_name(y.dtype));
 
-  // Extents: K from g_idx, N from qweight, G from scales, M from x.
+  // Extents: K from g_idx, N from qweight, M from x.
   const int64_t k_dim = g_idx.shape[0];
   const int64_t n_dim = qweight.shape[1];
-  const int64_t g_dim = scales.shape[0];
   const int64_t m_dim = x.shape[0];
   const std::string dims = "K = g_idx.shape[0] = " + std::to_string(k_dim) + ", N = qweight.shape[1] = " +
                            std::to_string(n_dim);
-  GPTQKIT_RETURN_IF_ERROR(with_reason(checks::shape_is(qweight, "qweight", {packed_words(k_dim, bits), n_dim}),
-                                      "[packed_words(K, " + std::to_string(bits) + "), N] with " + dims));
-  GPTQKIT_RETURN_IF_ERROR(with_reason(checks::shape_is(scales, "scales", {-1, n_dim}), "[G, N] with " + dims));
-  GPTQKIT_RETURN_IF_ERROR(with_reason(
-      checks::shape_is(qzeros, "qzeros", {g_dim, packed_words(n_dim, bits)}),
-      "[G, packed_words(N, " + std::to_string(bits) + ")] with G = scales.shape[0] = " + std::to_string(g_dim) +
-          ", " + dims));
-  GPTQKIT_RETURN_IF_ERROR(with_reason(checks::shape_is(x, "x", {-1, k_dim}), "[M, K] with " + dims));
+  GPTQKIT_RETURN_IF_ERROR(checks::with_reason(checks::shape_is(x, "x", {-1, k_dim}), "[M, K] with " + dims));
   if (bias != nullptr)
-    GPTQKIT_RETURN_IF_ERROR(with_reason(checks::shape_is(*bias, "bias", {n_dim}), "[N] with " + dims));
-  GPTQKIT_RETURN_IF_ERROR(with_reason(checks::shape_is(y, "y", {m_dim, n_dim}),
-                                      "[M, N] with M = x.shape[0] = " + std::to_string(m_dim) + ", " + dims));
-  if (g_dim == 0 && k_dim > 0)
-    return Status::InvalidArgument("scales: expected at least one group (G = scales.shape[0] = 0 with K = " +
-                                   std::to_string(k_dim) + ")");
+    GPTQKIT_RETURN_IF_ERROR(checks::with_reason(checks::shape_is(*bias, "bias", {n_dim}), "[N] with " + dims));
+  GPTQKIT_RETURN_IF_ERROR(checks::with_reason(checks::shape_is(y, "y", {m_dim, n_dim}),
+                                              "[M, N] with M = x.shape[0] = " + std::to_string(m_dim) + ", " + dims));
   if (m_dim > INT_MAX || n_dim > INT_MAX || k_dim > INT_MAX)
     return Status::InvalidArgument("x: extents M = " + std::to_string(m_dim) + ", N = " + std::to_string(n_dim) +
                                    ", K = " + std::to_string(k_dim) + " exceed the BLAS integer range");
-
-  const int32_t* gi = static_cast<const int32_t*>(g_idx.data);
-  for (int64_t k = 0; k < k_dim; ++k) {
-    if (gi[k] >= 0 && gi[k] < g_dim) continue;
-    return Status::InvalidArgument("g_idx: g_idx[" + std::to_string(k) + "] = " + std::to_string(gi[k]) +
-                                   " is out of range [0, " + std::to_string(g_dim) + ") (G = scales.shape[0])");
-  }
 
   // The output is written while the inputs are read.
   const TensorView* inputs[] = {&x, &qweight, &qzeros, &scales, &g_idx, bias};
   const char* names[] = {"x", "qweight", "qzeros", "scales", "g_idx", "bias"};
   for (int i = 0; i < 6; ++i)
-    if (inputs[i] != nullptr && overlaps(y, *inputs[i]))
+    if (inputs[i] != nullptr && checks::overlaps(y, *inputs[i]))
       return Status::InvalidArgument(std::string("y: overlaps the memory of ") + names[i] +
                                      "; pass a separate output array");
   return Status::Ok();

@@ -15,6 +15,9 @@
 
 #include "bitstream.h"
 #include "checks.h"
+#if defined(GPTQKIT_HAS_GPU)
+#include "../../cuda/src/gpu_solver_api.h"
+#endif
 #include "parallel.h"
 
 namespace gptqkit {
@@ -134,6 +137,26 @@ Status check_format(ZeroFormat format) {
                                  std::to_string(static_cast<int>(format)));
 }
 
+#if defined(GPTQKIT_HAS_GPU)
+// Builds with a GPU backend pack on the GPU when the input is there (the
+// output must be on the same GPU). CPU-only builds keep the CPU checks, which
+// reject device memory.
+bool on_gpu(const TensorView& a, const TensorView& b) {
+  return a.device.type != DeviceType::kCPU || b.device.type != DeviceType::kCPU;
+}
+
+Status gpu_pair(const TensorView& in, const char* in_name, const TensorView& out, const char* out_name) {
+  const TensorView& gpu = in.device.type != DeviceType::kCPU ? in : out;
+  GPTQKIT_RETURN_IF_ERROR(checks::gpu_supported(gpu, &gpu == &in ? in_name : out_name));
+  if (in.device.type == DeviceType::kCPU || out.device.type == DeviceType::kCPU ||
+      in.device.index != out.device.index)
+    return Status::InvalidArgument(std::string(out_name) + ": is on " + checks::device_string(out.device) + ", but " +
+                                   in_name + " is on " + checks::device_string(in.device) +
+                                   "; every tensor of one call must be on the same device");
+  return Status::Ok();
+}
+#endif
+
 Status internal_error(const char* fn, const std::exception* e) {
   return Status::Internal(std::string(fn) + ": " + (e ? e->what() : "unknown exception"));
 }
@@ -146,9 +169,15 @@ int64_t packed_words(int64_t count, int bits) {
   return (count * bits + 31) / 32;
 }
 
-Status pack_qweight(const TensorView& codes, int bits, const TensorView& qweight) {
+Status pack_qweight(const TensorView& codes, int bits, const TensorView& qweight, void* stream) {
   try {
     GPTQKIT_RETURN_IF_ERROR(checks::bits_supported(bits));
+#if defined(GPTQKIT_HAS_GPU)
+    if (on_gpu(codes, qweight)) {
+      GPTQKIT_RETURN_IF_ERROR(gpu_pair(codes, "codes", qweight, "qweight"));
+      return gpu::pack_qweight(codes, bits, qweight, stream);
+    }
+#endif
     GPTQKIT_RETURN_IF_ERROR(check_matrix(codes, "codes", DType::kUInt8));
     GPTQKIT_RETURN_IF_ERROR(check_matrix(qweight, "qweight", DType::kInt32));
     const int64_t n_dim = codes.shape[0];
@@ -214,10 +243,16 @@ Status unpack_qweight(const TensorView& qweight, int bits, const TensorView& cod
   }
 }
 
-Status pack_qzeros(const TensorView& zeros, int bits, ZeroFormat format, const TensorView& qzeros) {
+Status pack_qzeros(const TensorView& zeros, int bits, ZeroFormat format, const TensorView& qzeros, void* stream) {
   try {
     GPTQKIT_RETURN_IF_ERROR(checks::bits_supported(bits));
     GPTQKIT_RETURN_IF_ERROR(check_format(format));
+#if defined(GPTQKIT_HAS_GPU)
+    if (on_gpu(zeros, qzeros)) {
+      GPTQKIT_RETURN_IF_ERROR(gpu_pair(zeros, "zeros", qzeros, "qzeros"));
+      return gpu::pack_qzeros(zeros, bits, format == ZeroFormat::kV1, qzeros, stream);
+    }
+#endif
     GPTQKIT_RETURN_IF_ERROR(check_matrix(zeros, "zeros", DType::kInt32));
     GPTQKIT_RETURN_IF_ERROR(check_matrix(qzeros, "qzeros", DType::kInt32));
     const int64_t g_dim = zeros.shape[0];

@@ -4,17 +4,34 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <utility>
 #include <string>
 #include <vector>
 
 #include "blas.h"
 #include "checks.h"
 #include "cholesky.h"
+#if defined(GPTQKIT_HAS_GPU)
+#include "../../cuda/src/gpu_solver_api.h"
+#endif
 #include "half.h"
 #include "parallel.h"
 #include "quantizer.h"
 
 namespace gptqkit {
+
+GpuSolverMemory gpu_solver_memory(bool reset_peak) {
+  GpuSolverMemory m;
+#if defined(GPTQKIT_HAS_GPU)
+  const gpu::MemoryStats s = gpu::memory_stats();
+  m.current_bytes = s.current_bytes;
+  m.peak_bytes = s.peak_bytes;
+  if (reset_peak) gpu::reset_peak_memory();
+#else
+  (void)reset_peak;
+#endif
+  return m;
+}
 
 int64_t num_groups(int64_t in_features, int64_t group_size) {
   if (group_size <= 0) return 1;
@@ -44,8 +61,49 @@ Status validate_options(const QuantizeOptions& o) {
   return Status::Ok();
 }
 
+namespace {
+
+// Routing by device: every tensor of a call on the CPU, or all on one GPU.
+// Returns true (and *status) when the call goes to the GPU or is refused.
+bool route_to_gpu(std::initializer_list<std::pair<const TensorView*, const char*>> tensors, Status* status) {
+  const TensorView* first_gpu = nullptr;
+  const char* first_name = nullptr;
+  for (const auto& t : tensors)
+    if (t.first->device.type != DeviceType::kCPU) {
+      first_gpu = t.first;
+      first_name = t.second;
+      break;
+    }
+  if (!first_gpu) return false;
+  *status = checks::gpu_supported(*first_gpu, first_name);
+  if (!status->ok()) return true;
+  for (const auto& t : tensors) {
+    const Device& d = t.first->device;
+    if (d.type == DeviceType::kCPU || d.index != first_gpu->device.index) {
+      *status = Status::InvalidArgument(std::string(t.second) + ": is on " + checks::device_string(d) + ", but " +
+                                        first_name + " is on " + checks::device_string(first_gpu->device) +
+                                        "; every tensor of one call must be on the same device");
+      return true;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
 Status inverse_hessian_upper_factor(const TensorView& hessian, double damp_percent, int max_retries,
-                                    const TensorView& upper, QuantizeStats* stats) {
+                                    const TensorView& upper, QuantizeStats* stats, void* stream) {
+  Status routed;
+  if (route_to_gpu({{&hessian, "hessian"}, {&upper, "upper"}}, &routed)) {
+    if (!routed.ok()) return routed;
+#if defined(GPTQKIT_HAS_GPU)
+    try {
+      return gpu::inverse_hessian_upper_factor(hessian, damp_percent, max_retries, upper, stats, stream);
+    } catch (const std::exception& e) {
+      return Status::Internal(std::string("internal error in the GPU solver: ") + e.what());
+    }
+#endif
+  }
   GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(hessian, "hessian"));
   GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(hessian, "hessian", {DType::kFloat32, DType::kFloat64}));
   GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(hessian, "hessian", 2));
@@ -362,7 +420,20 @@ Status quantize_impl(const TensorView& weight, const TensorView& hessian, const 
 }  // namespace
 
 Status quantize_weight(const TensorView& weight, const TensorView& hessian, const QuantizeOptions& options,
-                       const QuantizeOutputs& out, QuantizeStats* stats) {
+                       const QuantizeOutputs& out, QuantizeStats* stats, void* stream) {
+  Status routed;
+  if (route_to_gpu({{&weight, "weight"}, {&hessian, "hessian"}, {&out.codes, "codes"}, {&out.scales, "scales"},
+                    {&out.zeros, "zeros"}, {&out.g_idx, "g_idx"}, {&out.perm, "perm"}},
+                   &routed)) {
+    if (!routed.ok()) return routed;
+#if defined(GPTQKIT_HAS_GPU)
+    try {
+      return gpu::quantize_weight(weight, hessian, options, out, stats, stream);
+    } catch (const std::exception& e) {
+      return Status::Internal(std::string("internal error in the GPU solver: ") + e.what());
+    }
+#endif
+  }
   try {
     return quantize_impl(weight, hessian, options, out, stats);
   } catch (const std::bad_alloc&) {

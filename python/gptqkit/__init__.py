@@ -10,6 +10,7 @@ Core API::
     W_hat = gptqkit.dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits=4)
 """
 
+from gptqkit._gpu import gpu_backend
 from gptqkit._native import NotPositiveDefiniteError, _C
 from gptqkit.hessian import HessianAccumulator
 from gptqkit.packing import PackedLayer, dequantize, pack, packed_words, unpack
@@ -46,6 +47,7 @@ __all__ = [
     "PackedLayer",
     "QuantizeResult",
     "dequantize",
+    "gpu_backend",
     "pack",
     "packed_words",
     "quantize_weight",

@@ -738,8 +738,9 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
         path: checkpoint folder (``config.json`` with ``quantization_config``
             and/or ``quantize_config.json``; safetensors single-file or
             sharded, AutoGPTQ's ``model_file_base_name`` honoured).
-        device: where to put the model. Quantized layers currently run on the
-            CPU only.
+        device: where to put the model. On a CUDA/ROCm device each quantized
+            layer is repacked once into the GPU kernels' layout as it moves
+            there (``QuantLinear`` on the GPU, ``docs/gpu_gemm.md``).
         dtype: dtype of the non-quantized weights (and biases); default: the
             config's ``dtype`` or, failing that, the checkpoint's. ``scales``
             keep their stored dtype.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gptqkit import _arrays
+from gptqkit import _arrays, _gpu
 from gptqkit._native import _C
 
 
@@ -14,6 +14,10 @@ class HessianAccumulator:
     Feed it the layer's input activations batch by batch; it keeps the running
     average exactly as GPTQ does (``H <- H * n/(n+b) + (2/(n+b)) X^T X``) with
     one symmetric rank-k BLAS update per batch.
+
+    Activations on a GPU (torch CUDA / ROCm tensors, builds with a GPU
+    backend) are accumulated on that GPU, on the current stream, and the
+    Hessian is returned there; one accumulator never mixes devices.
 
     Args:
         in_features: width K of every activation row.
@@ -52,14 +56,14 @@ class HessianAccumulator:
         x = _arrays.as_native(x, "x")
         if x.ndim > 3:
             x = x.reshape(-1, x.shape[-1])
-        self._acc.add_batch(x)
+        self._acc.add_batch(x, stream=_gpu.stream_of(x))
         self._like = x
 
     def hessian(self):
-        """Returns the symmetric ``[K, K]`` Hessian (torch if torch tensors were added)."""
+        """Returns the symmetric ``[K, K]`` Hessian (torch if torch tensors were added, on their device)."""
         k = self.in_features
-        out = _arrays.empty(self._like, (k, k), self._dtype)
-        self._acc.hessian(out)
+        out = _gpu.empty(self._like, (k, k), self._dtype)
+        self._acc.hessian(out, stream=_gpu.stream_of(out))
         return out
 
     def reset(self) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gptqkit import _arrays
+from gptqkit import _arrays, _gpu
 from gptqkit._native import _C
 
 FORMATS = ("v1", "v2")
@@ -72,10 +72,11 @@ def pack(codes, zeros, scales, g_idx, bits: int, format: str = "v1") -> PackedLa
         raise ValueError(f"zeros: expected a 2-d [groups, out_features] array, got shape {_arrays.shape_of(zeros)}")
     n, k = _arrays.shape_of(codes)
     g = _arrays.shape_of(zeros)[0]
-    qweight = _arrays.empty(codes, (packed_words(k, bits), n), "int32")
-    qzeros = _arrays.empty(codes, (g, packed_words(n, bits)), "int32")
-    _C.pack_qweight(codes, int(bits), qweight)
-    _C.pack_qzeros(zeros, int(bits), format, qzeros)
+    # GPU tensors (builds with a GPU backend) are packed on their GPU.
+    qweight = _gpu.empty(codes, (packed_words(k, bits), n), "int32")
+    qzeros = _gpu.empty(codes, (g, packed_words(n, bits)), "int32")
+    _C.pack_qweight(codes, int(bits), qweight, stream=_gpu.stream_of(codes))
+    _C.pack_qzeros(zeros, int(bits), format, qzeros, stream=_gpu.stream_of(codes))
     if _arrays.shape_of(scales) != (g, n):
         raise ValueError(f"scales: expected shape ({g}, {n}) to match zeros, got {_arrays.shape_of(scales)}")
     if _arrays.shape_of(g_idx) != (k,):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gptqkit import _arrays
+from gptqkit import _arrays, _gpu
 from gptqkit._native import _C
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -83,9 +83,12 @@ def quantize_weight(
 
     Args:
         W: weight ``[out_features, in_features]`` (float32, float16, bfloat16 or
-            float64), torch tensor or numpy array, C-contiguous, on the CPU.
+            float64), torch tensor or numpy array, C-contiguous. On the CPU, or
+            on a GPU (torch CUDA / ROCm tensor, builds with a GPU backend): the
+            solver then runs there on the current stream (``block_size`` at
+            most 256) and the results are on that device.
         H: Hessian ``[in_features, in_features]`` (float32 or float64), e.g. from
-            :class:`HessianAccumulator`.
+            :class:`HessianAccumulator`, on the same device as ``W``.
         bits: 2, 3, 4 or 8.
         group_size: input columns sharing one grid; -1 for one grid per output
             channel. A last partial group is allowed.
@@ -114,8 +117,10 @@ def quantize_weight(
         one, numpy arrays otherwise.
 
     Raises:
-        ValueError: a bad argument (the message names it).
+        ValueError: a bad argument (the message names it), e.g. tensors on
+            different devices.
         NotPositiveDefiniteError: the Hessian stayed indefinite after all retries.
+        NotImplementedError: GPU tensors, but gptqkit was built without GPU support.
     """
     W = _arrays.as_native(W, "weight")
     H = _arrays.as_native(H, "hessian")
@@ -127,18 +132,18 @@ def quantize_weight(
     if group_size == 0 or group_size < -1:
         raise ValueError(f"group_size: expected -1 (per output channel) or a positive value, got {group_size}")
     g = _C.num_groups(k, group_size)
-    codes = _arrays.empty(W, (n, k), "uint8")
-    scales = _arrays.empty(W, (g, n), "float32")
-    zeros = _arrays.empty(W, (g, n), "int32")
-    g_idx = _arrays.empty(W, (k,), "int32")
-    perm = _arrays.empty(W, (k,), "int64")
+    codes = _gpu.empty(W, (n, k), "uint8")
+    scales = _gpu.empty(W, (g, n), "float32")
+    zeros = _gpu.empty(W, (g, n), "int32")
+    g_idx = _gpu.empty(W, (k,), "int32")
+    perm = _gpu.empty(W, (k,), "int64")
     stats = _C.quantize_weight(
         W, H, codes, scales, zeros, g_idx, perm,
         bits=int(bits), group_size=int(group_size), sym=bool(sym), desc_act=bool(desc_act),
         static_groups=bool(static_groups), damp_percent=float(damp_percent), block_size=int(block_size),
         max_damp_retries=int(max_damp_retries), clip_steps=int(clip_steps), clip_min_ratio=float(clip_min_ratio),
         clip_norm=float(clip_norm), clip_hessian_weighted=bool(clip_hessian_weighted), fp16_scales=bool(fp16_scales),
-        min_zero_point=int(min_zero_point),
+        min_zero_point=int(min_zero_point), stream=_gpu.stream_of(W),
     )
     return QuantizeResult(
         codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, perm=perm,

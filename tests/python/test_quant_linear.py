@@ -168,15 +168,15 @@ def test_meta_construction_and_errors(gptqkit):
         layer(torch.ones(2, 32, dtype=torch.int64))
 
 
-def test_cuda_inputs_are_not_implemented_yet(gptqkit):
+def test_input_on_another_device_than_the_layer(gptqkit):
     from gptqkit.nn import QuantLinear
 
     layer = QuantLinear.from_packed(_random_layer(gptqkit, 16, 32, 4, 32))
     if torch.cuda.is_available():  # pragma: no cover - CPU-only CI
-        with pytest.raises(NotImplementedError, match="CUDA kernels come in a later release"):
+        with pytest.raises(RuntimeError, match="move the input or the layer"):
             layer(torch.randn(2, 32, device="cuda"))
     fake = types.SimpleNamespace(device=torch.device("cuda", 0))
-    with pytest.raises(NotImplementedError, match="CUDA kernels come in a later release"):
+    with pytest.raises(RuntimeError, match="the input is on cuda:0 but the layer's tensors are on cpu"):
         layer._check_runnable(fake)
 
 

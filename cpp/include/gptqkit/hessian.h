@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "gptqkit/status.h"
@@ -21,14 +22,23 @@ class HessianAccumulator {
   // in_features: K, the width of every activation row.
   explicit HessianAccumulator(int64_t in_features, AccumulateType acc = AccumulateType::kFloat32);
 
-  // x: [rows, K] or [batch, seq, K]; float32, float16 or bfloat16; C-contiguous
-  // on the CPU. Rows are activations of individual tokens; callers drop padded
-  // tokens before calling. A batch with zero rows is a no-op.
-  Status add_batch(const TensorView& x);
+  // x: [rows, K] or [batch, seq, K]; float32, float16 or bfloat16;
+  // C-contiguous. Rows are activations of individual tokens; callers drop
+  // padded tokens before calling. A batch with zero rows is a no-op.
+  //
+  // x on a GPU (builds with a GPU backend): the accumulator keeps H on that
+  // device (float32 accumulation; allocated once, on the first batch) and
+  // queues the update on `stream` (a cudaStream_t / hipStream_t; null = the
+  // default stream) without synchronising; NaN / Inf inputs are then reported
+  // by hessian(). One accumulator never mixes devices (InvalidArgument) until
+  // reset(). Builds without a GPU backend return Unsupported for GPU input.
+  Status add_batch(const TensorView& x, void* stream = nullptr);
 
-  // Writes the full symmetric H into out: [K, K] float32 or float64, contiguous.
-  Status hessian(const TensorView& out) const;
+  // Writes the full symmetric H into out: [K, K] float32 or float64,
+  // contiguous, on the device the batches were added on.
+  Status hessian(const TensorView& out, void* stream = nullptr) const;
 
+  // Forgets all batches (a GPU buffer is kept for reuse on the same device).
   void reset();
   int64_t in_features() const { return k_; }
   int64_t n_samples() const { return n_; }
@@ -43,6 +53,13 @@ class HessianAccumulator {
   std::vector<double> h64_;
   std::vector<float> convert32_;   // scratch for 16-bit input
   std::vector<double> convert64_;  // scratch for float64 accumulation
+  // GPU state (H and a deferred input check) when batches live on a GPU.
+  struct DeviceBuffer;
+  struct DeviceBufferDeleter {
+    void operator()(DeviceBuffer* b) const;
+  };
+  Device device_{};  // device of the batches added since construction / reset
+  std::unique_ptr<DeviceBuffer, DeviceBufferDeleter> gpu_;
 };
 
 }  // namespace gptqkit

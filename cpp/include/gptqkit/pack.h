@@ -19,13 +19,17 @@ enum class ZeroFormat : uint8_t {
 int64_t packed_words(int64_t count, int bits);
 
 // codes uint8 [N, K] -> qweight int32 [packed_words(K, bits), N], packed along K.
-Status pack_qweight(const TensorView& codes, int bits, const TensorView& qweight);
+// Both on the CPU, or (builds with a GPU backend) both on one GPU, then
+// queued on `stream` (cudaStream_t / hipStream_t; null = default stream).
+Status pack_qweight(const TensorView& codes, int bits, const TensorView& qweight, void* stream = nullptr);
 // qweight int32 [packed_words(K, bits), N] -> codes uint8 [N, K].
 Status unpack_qweight(const TensorView& qweight, int bits, const TensorView& codes);
 
 // zeros int32 [G, N] (true zeros) -> qzeros int32 [G, packed_words(N, bits)].
 // kV1 stores zero - 1; a zero of 0 cannot be stored in v1 and is an error.
-Status pack_qzeros(const TensorView& zeros, int bits, ZeroFormat format, const TensorView& qzeros);
+// CPU or GPU as pack_qweight.
+Status pack_qzeros(const TensorView& zeros, int bits, ZeroFormat format, const TensorView& qzeros,
+                   void* stream = nullptr);
 // qzeros int32 [G, packed_words(N, bits)] -> zeros int32 [G, N] (true zeros).
 // For kV1 a stored field s decodes as s + 1 (so s = 2^bits - 1 decodes as 2^bits).
 Status unpack_qzeros(const TensorView& qzeros, int bits, ZeroFormat format, const TensorView& zeros);

@@ -66,19 +66,35 @@ Status validate_options(const QuantizeOptions& options);
 // Quantizes W [N, K] (float32, float16 or bfloat16) given H [K, K] (float32 or
 // float64, symmetric). W and H are only read.
 //
+// Device: all tensors on the CPU, or all on one GPU (builds with a GPU
+// backend; block_size <= 256 there). On a GPU the work is queued on `stream`
+// (a cudaStream_t / hipStream_t; null = the default stream); the call returns
+// after the results are complete (it reads the loss back). Mixed devices are
+// an InvalidArgument; GPU tensors in a build without GPU support Unsupported.
+//
 // Group grids when group_size < block_size: a group that starts inside a lazy
 // block takes its min/max from the weights as they stood at the start of that
 // block (the rule of the reference GPTQ implementation), not from weights
 // already updated by earlier columns of the same block.
 Status quantize_weight(const TensorView& weight, const TensorView& hessian,
                        const QuantizeOptions& options, const QuantizeOutputs& out,
-                       QuantizeStats* stats);
+                       QuantizeStats* stats, void* stream = nullptr);
 
 // H^-1 preparation on its own (used by quantize_weight; exposed for tests):
 // fills upper [K, K] float32 with U, the upper Cholesky factor of
 // (H + lambda I)^-1 (H^-1 = U^T U). Dead inputs must already have H_ii = 1.
+// Both on the CPU or both on one GPU (as quantize_weight).
 Status inverse_hessian_upper_factor(const TensorView& hessian, double damp_percent,
                                     int max_retries, const TensorView& upper,
-                                    QuantizeStats* stats);
+                                    QuantizeStats* stats, void* stream = nullptr);
+
+// Device memory the GPU solver holds (scratch of running calls and Hessian
+// accumulators), in bytes: now, and at most since the last reset (torch's
+// allocator does not see it). Zeros in builds without a GPU backend.
+struct GpuSolverMemory {
+  int64_t current_bytes = 0;
+  int64_t peak_bytes = 0;
+};
+GpuSolverMemory gpu_solver_memory(bool reset_peak = false);
 
 }  // namespace gptqkit

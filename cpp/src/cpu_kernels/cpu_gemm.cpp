@@ -88,19 +88,6 @@ uint16_t float_to_bf16(float v) {  // round to nearest even, NaN kept quiet
   return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 
-Status with_reason(Status s, const std::string& why) {
-  return s.ok() ? s : Status::InvalidArgument(s.message() + " (" + why + ")");
-}
-
-bool overlaps(const TensorView& a, const TensorView& b) {
-  if (a.numel() == 0 || b.numel() == 0) return false;
-  const char* a0 = static_cast<const char*>(a.data);
-  const char* a1 = a0 + a.numel() * static_cast<int64_t>(dtype_size(a.dtype));
-  const char* b0 = static_cast<const char*>(b.data);
-  const char* b1 = b0 + b.numel() * static_cast<int64_t>(dtype_size(b.dtype));
-  return a0 < b1 && b0 < a1;
-}
-
 // Codes of columns [n0, n0 + cols) of qweight into codes[c * k_dim + k].
 void decode_columns(const uint32_t* q, int bits, int64_t n_dim, int64_t k_dim, int64_t n0, int cols,
                     uint8_t* codes) {
@@ -125,48 +112,15 @@ void decode_columns(const uint32_t* q, int bits, int64_t n_dim, int64_t k_dim, i
 
 Status validate_weight(const TensorView& qweight, const TensorView& qzeros, const TensorView& scales,
                        const TensorView& g_idx, int bits, ZeroFormat format) {
-  GPTQKIT_RETURN_IF_ERROR(checks::bits_supported(bits));
-  if (format != ZeroFormat::kV1 && format != ZeroFormat::kV2)
-    return Status::InvalidArgument("format: expected ZeroFormat::kV1 or ZeroFormat::kV2, got value " +
-                                   std::to_string(static_cast<int>(format)));
-  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(qweight, "qweight"));
-  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(qweight, "qweight", {DType::kInt32}));
-  GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(qweight, "qweight", 2));
-  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(qzeros, "qzeros"));
-  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(qzeros, "qzeros", {DType::kInt32}));
-  GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(qzeros, "qzeros", 2));
-  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(scales, "scales"));
-  GPTQKIT_RETURN_IF_ERROR(
-      checks::dtype_is(scales, "scales", {DType::kFloat16, DType::kBFloat16, DType::kFloat32}));
-  GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(scales, "scales", 2));
-  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(g_idx, "g_idx"));
-  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(g_idx, "g_idx", {DType::kInt32}));
-  GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(g_idx, "g_idx", 1));
-
+  GPTQKIT_RETURN_IF_ERROR(checks::packed_layer(qweight, qzeros, scales, g_idx, bits, format,
+                                               {DType::kFloat16, DType::kBFloat16, DType::kFloat32}));
   const int64_t k_dim = g_idx.shape[0];
   const int64_t n_dim = qweight.shape[1];
-  const int64_t g_dim = scales.shape[0];
-  const std::string dims =
-      "K = g_idx.shape[0] = " + std::to_string(k_dim) + ", N = qweight.shape[1] = " + std::to_string(n_dim);
-  GPTQKIT_RETURN_IF_ERROR(with_reason(checks::shape_is(qweight, "qweight", {packed_words(k_dim, bits), n_dim}),
-                                      "[packed_words(K, " + std::to_string(bits) + "), N] with " + dims));
-  GPTQKIT_RETURN_IF_ERROR(with_reason(checks::shape_is(scales, "scales", {-1, n_dim}), "[G, N] with " + dims));
-  GPTQKIT_RETURN_IF_ERROR(with_reason(
-      checks::shape_is(qzeros, "qzeros", {g_dim, packed_words(n_dim, bits)}),
-      "[G, packed_words(N, " + std::to_string(bits) + ")] with G = scales.shape[0] = " + std::to_string(g_dim) +
-          ", " + dims));
-  if (g_dim == 0)
+  if (scales.shape[0] == 0)
     return Status::InvalidArgument("scales: expected at least one group (G = scales.shape[0] = 0)");
   if (n_dim > INT_MAX || k_dim > INT_MAX)
     return Status::InvalidArgument("qweight: extents N = " + std::to_string(n_dim) + ", K = " +
                                    std::to_string(k_dim) + " exceed the supported range (2^31 - 1)");
-  const int32_t* gi = static_cast<const int32_t*>(g_idx.data);
-  for (int64_t k = 0; k < k_dim; ++k) {
-    if (gi[k] >= 0 && gi[k] < g_dim) continue;
-    return Status::InvalidArgument("g_idx: g_idx[" + std::to_string(k) + "] = " + std::to_string(gi[k]) +
-                                   " is out of range [0, " + std::to_string(g_dim) +
-                                   ") (G = scales.shape[0] = " + std::to_string(g_dim) + ")");
-  }
   return Status::Ok();
 }
 
@@ -333,16 +287,16 @@ Status validate_call(const TensorView& x, const PreparedWeight& w, const TensorV
   const int64_t k_dim = w.in_features(), n_dim = w.out_features(), m_dim = x.shape[0];
   const std::string dims = "K = in_features = " + std::to_string(k_dim) + ", N = out_features = " +
                            std::to_string(n_dim) + " of the prepared weight";
-  GPTQKIT_RETURN_IF_ERROR(with_reason(checks::shape_is(x, "x", {-1, k_dim}), "[M, K] with " + dims));
-  GPTQKIT_RETURN_IF_ERROR(with_reason(checks::shape_is(y, "y", {m_dim, n_dim}),
+  GPTQKIT_RETURN_IF_ERROR(checks::with_reason(checks::shape_is(x, "x", {-1, k_dim}), "[M, K] with " + dims));
+  GPTQKIT_RETURN_IF_ERROR(checks::with_reason(checks::shape_is(y, "y", {m_dim, n_dim}),
                                       "[M, N] with M = x.shape[0] = " + std::to_string(m_dim) + ", " + dims));
   if (bias != nullptr)
-    GPTQKIT_RETURN_IF_ERROR(with_reason(checks::shape_is(*bias, "bias", {n_dim}), "[N] with " + dims));
+    GPTQKIT_RETURN_IF_ERROR(checks::with_reason(checks::shape_is(*bias, "bias", {n_dim}), "[N] with " + dims));
   if (m_dim > INT_MAX)
     return Status::InvalidArgument("x: M = x.shape[0] = " + std::to_string(m_dim) +
                                    " exceeds the supported range (2^31 - 1)");
-  if (overlaps(y, x)) return Status::InvalidArgument("y: overlaps the memory of x; pass a separate output array");
-  if (bias != nullptr && overlaps(y, *bias))
+  if (checks::overlaps(y, x)) return Status::InvalidArgument("y: overlaps the memory of x; pass a separate output array");
+  if (bias != nullptr && checks::overlaps(y, *bias))
     return Status::InvalidArgument("y: overlaps the memory of bias; pass a separate output array");
   return Status::Ok();
 }

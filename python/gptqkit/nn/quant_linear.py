@@ -12,6 +12,13 @@ layout" in ``docs/format.md``) and keeps that copy until its buffers change.
 Inputs of any leading shape are flattened to ``[M, K]``; the output has the
 input's dtype. Large batches (many rows) are routed by the core to
 dequantize + BLAS automatically.
+
+On a CUDA (or ROCm) device, ``forward`` calls the custom op
+``torch.ops.gptqkit.quantized_matmul`` (:mod:`gptqkit.ops`), which works under
+``torch.compile`` and CUDA-graph capture. The kernels' copy of the layer
+(:class:`gptqkit.ops.GpuLayout`, ``docs/gpu_gemm.md``) is made once, when the
+layer moves to the GPU (``.to("cuda")``, ``from_quantized(device="cuda")``) or
+when a checkpoint is loaded into a GPU layer, never during a forward call.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from gptqkit import ops
 from gptqkit._native import _C
 from gptqkit.packing import FORMATS, PackedLayer, dequantize, pack, packed_words
 
@@ -103,8 +111,9 @@ class QuantLinear(nn.Module):
     Freshly constructed layers are all-zero placeholders; fill them with
     :meth:`from_packed`, :meth:`from_linear` or ``load_state_dict``.
 
-    ``forward`` runs on the CPU only for now; CUDA tensors raise
-    ``NotImplementedError``. Gradients flow to the input, never to the
+    ``forward`` runs on the CPU and, in builds with a GPU backend, on CUDA /
+    ROCm devices (float16/bfloat16 activations; float32 inputs are computed
+    in the layer's GPU dtype). Gradients flow to the input, never to the
     quantized weight.
     """
 
@@ -264,21 +273,101 @@ class QuantLinear(nn.Module):
     def __setattr__(self, name, value):
         if name in _PREPARED_FROM:
             self.__dict__.pop("_cpu_prepared", None)
+            self.__dict__.pop("_gpu_layout", None)
         super().__setattr__(name, value)
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .cpu(), .half(), ... replace the buffers
         self.release_cpu_weight()
-        return super()._apply(fn, *args, **kwargs)
+        self.__dict__.pop("_gpu_layout", None)
+        out = super()._apply(fn, *args, **kwargs)
+        self._prepare_gpu_if_needed()
+        return out
 
     def _load_from_state_dict(self, *args, **kwargs):
         self.release_cpu_weight()
+        self.__dict__.pop("_gpu_layout", None)
         super()._load_from_state_dict(*args, **kwargs)
+        self._prepare_gpu_if_needed()
 
-    def __getstate__(self):  # copy.deepcopy / pickle: the prepared copy is rebuilt on demand
+    def __getstate__(self):  # copy.deepcopy / pickle: the prepared copies are rebuilt on demand
         state = super().__getstate__()
         state = dict(state)
         state.pop("_cpu_prepared", None)
+        state.pop("_gpu_layout", None)
         return state
+
+    # ------------------------------------------------------------------ GPU kernels' copy
+    def _gpu_dtype(self) -> torch.dtype:
+        """The activation dtype the GPU copy is made for: the bias's, else the scales', if 16-bit; else fp16."""
+        for t in (self._buffers.get("bias"), self._buffers["scales"]):
+            if t is not None and t.dtype in (torch.float16, torch.bfloat16):
+                return t.dtype
+        return torch.float16
+
+    def _prepare_gpu_if_needed(self) -> None:
+        q = self._buffers.get("qweight")
+        if q is not None and q.device.type == "cuda" and "_gpu_layout" not in self.__dict__:
+            if ops.gpu_backend() != "none":  # otherwise forward raises the how-to-rebuild error
+                self.prepare_gpu_weight()
+
+    def prepare_gpu_weight(self, dtype: Optional[torch.dtype] = None):
+        """Makes (or remakes) the GPU kernels' copy of the layer (:class:`gptqkit.ops.GpuLayout`).
+
+        Called automatically when the layer moves to a CUDA device and after
+        ``load_state_dict``; call it yourself after changing the buffers in
+        place on the GPU (``copy_``), or to prepare for another activation
+        dtype (float16 or bfloat16; default: the bias's or scales' dtype).
+        Load-time work: it copies the buffers to the host once; never call
+        it while a CUDA graph is being captured. Without act-order, with
+        ``K % 32 == 0`` and ``N % 128 == 0`` the GPU copy shares ``qweight``'s
+        memory; otherwise it holds a reordered copy of about its size.
+        """
+        ops.require_gpu_backend()
+        self._check_runnable(None)
+        q = self._buffers["qweight"]
+        if q.device.type != "cuda":
+            raise ValueError(f"QuantLinear.prepare_gpu_weight: the layer is on {q.device}; move it to a CUDA "
+                             f"device first (.to('cuda'))")
+        layout = ops.prepare_layout(q, self.qzeros, self.scales, self.g_idx, self.bits, self.format,
+                                    dtype=dtype or self._gpu_dtype(), device=q.device)
+        if (layout.perm is None and tuple(layout.qweight.shape) == tuple(q.shape) and q.is_contiguous()
+                and self.in_features % 32 == 0):
+            layout = layout._replace(qweight=q)  # identical words: share the buffer, no second copy
+        self.__dict__["_gpu_layout"] = layout
+        return layout
+
+    def release_gpu_weight(self) -> None:
+        """Drops the GPU kernels' copy (made again by :meth:`prepare_gpu_weight` or the next move to the GPU)."""
+        self.__dict__.pop("_gpu_layout", None)
+
+    def _gpu_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., K]`` on the layer's CUDA device -> ``[..., N]`` through ``torch.ops.gptqkit.quantized_matmul``."""
+        self._check_runnable(x)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear: expected input with last dimension {self.in_features} "
+                             f"(in_features), got shape {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"QuantLinear: expected a floating-point input, got {x.dtype}")
+        layout = self.__dict__.get("_gpu_layout")
+        if layout is None:  # e.g. buffers assigned on the GPU directly; not inside graph capture
+            layout = self.prepare_gpu_weight()
+        lead = x.shape[:-1]
+        out_dtype = x.dtype
+        x2 = x.reshape(-1, self.in_features)
+        sz = layout.sz
+        if x2.dtype in (torch.float16, torch.bfloat16):
+            if sz.dtype != x2.dtype:  # the layer was prepared for the other 16-bit type: convert the small table
+                sz = sz.to(x2.dtype)
+        else:  # float32/float64 inputs run in the layer's 16-bit type
+            x2 = x2.to(sz.dtype)
+        bias = self._buffers.get("bias")
+        if bias is not None and bias.dtype != x2.dtype:
+            bias = bias.to(x2.dtype)
+        y = torch.ops.gptqkit.quantized_matmul(x2.contiguous(), layout.qweight, sz, layout.chunk_group, layout.perm,
+                                               bias, layout.bits, self.in_features, self.out_features)
+        if y.dtype != out_dtype:
+            y = y.to(out_dtype)
+        return y.reshape(*lead, self.out_features)
 
     # ------------------------------------------------------------------ compute
     def dequantize_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -295,11 +384,17 @@ class QuantLinear(nn.Module):
         if "meta" in devices:
             raise RuntimeError("QuantLinear: the layer (or its input) is on the meta device and holds no data; "
                                "load a checkpoint into it first (gptqkit.load_checkpoint)")
-        if devices != {"cpu"}:
-            where = ", ".join(sorted(devices - {"cpu"}))
-            raise NotImplementedError(f"QuantLinear: got tensors on {where}; gptqkit runs quantized layers on the "
-                                      f"CPU in this release (the CUDA kernels come in a later release). Load the "
-                                      f"model with device='cpu'.")
+        if devices == {"cpu"}:
+            return
+        if len(devices) > 1:
+            raise RuntimeError(f"QuantLinear: the input is on {x.device} but the layer's tensors are on "
+                               f"{self.qweight.device}; move the input or the layer (.to()) so they match")
+        if devices == {"cuda"}:
+            ops.require_gpu_backend()
+            return
+        where = ", ".join(sorted(devices))
+        raise NotImplementedError(f"QuantLinear: got tensors on {where}; gptqkit runs quantized layers on the CPU "
+                                  f"and on CUDA/ROCm GPUs")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in_features]`` -> ``[..., out_features]`` in ``x``'s dtype."""
@@ -311,6 +406,8 @@ class QuantLinear(nn.Module):
             lead = x.shape[:-1]
             y = _native_forward(self, x.reshape(-1, self.in_features).contiguous())
             return y.view(*lead, self.out_features)
+        if x.is_cuda:
+            return self._gpu_forward(x)
         self._check_runnable(x)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear: expected input with last dimension {self.in_features} "

@@ -1,0 +1,176 @@
+"""End-to-end GPU decoding: a Llama-style model with 7B shapes, fp16 against gptqkit 4-bit, same run.
+
+No download: the model is built from a ``LlamaConfig`` with Llama-2-7B's
+shapes (hidden 4096, MLP 11008, 32 layers, 32 heads, vocabulary 32000) and
+random weights. The gptqkit model replaces every linear layer of the decoder
+blocks (q/k/v/o, gate/up/down; not the output head, as GPTQ checkpoints do)
+by a :class:`gptqkit.nn.QuantLinear` with random 4-bit codes, group size 128,
+prepared for the GPU kernels once.
+
+Method: greedy decoding with transformers' static KV cache
+(``cache_implementation="static"``) and ``model.forward`` compiled with
+``torch.compile(mode="reduce-overhead", fullgraph=True)``, which replays the
+decode step as a CUDA graph; the gptqkit layers enter the graph through the
+custom op ``torch.ops.gptqkit.quantized_matmul``. Decode tokens/s is measured
+without the prompt's prefill: the time of ``generate(prompt, N)`` minus that of
+``generate(prompt, 1)``, best of ``--repeats`` (after warm-up runs that
+compile and capture), times the batch size.
+
+    python benchmarks/bench_gpu_generate.py                  # batch 1 and 16, 128 new tokens
+    python benchmarks/bench_gpu_generate.py --layers 4       # a quick check with fewer blocks
+    python benchmarks/bench_gpu_generate.py --eager          # no torch.compile / CUDA graphs
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+
+import torch
+
+
+def gpu_unavailable_reason():
+    if not torch.cuda.is_available():
+        return "this benchmark needs a CUDA GPU (torch.cuda.is_available() is False)"
+    try:
+        from gptqkit import ops
+    except Exception as exc:  # pragma: no cover
+        return f"gptqkit is not importable: {exc}"
+    if ops.gpu_backend() == "none":
+        return ("this benchmark needs a CUDA GPU and a gptqkit built with GPU support "
+                "(GPTQKIT_WITH_CUDA=1 pip install .)")
+    return None
+
+
+def llama_7b_config(layers):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False)
+
+
+def build_fp16(config):
+    from transformers import LlamaForCausalLM
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)  # built in fp16 directly: no 27 GB fp32 detour
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def quantize_randomly(model, gen):
+    """Every nn.Linear inside the decoder blocks -> a random 4-bit g128 QuantLinear on the GPU."""
+    from gptqkit.nn import QuantLinear
+
+    for block in model.model.layers:
+        for name, module in list(block.named_modules()):
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            k, n = module.in_features, module.out_features
+            layer = QuantLinear(4, 128, k, n, bias=module.bias is not None, device="cuda", dtype=torch.float16)
+            layer.qweight.copy_(torch.randint(-2 ** 31, 2 ** 31 - 1, layer.qweight.shape, dtype=torch.int32,
+                                              device="cuda", generator=gen))  # any word is 8 valid codes
+            layer.qzeros.fill_(0x77777777)  # v1 zero point 8 for every column
+            layer.scales.copy_(torch.rand(layer.scales.shape, device="cuda", generator=gen) * 0.004 + 0.001)
+            layer.prepare_gpu_weight()
+            parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
+            setattr(parent, name.rpartition(".")[2], layer)
+    return model
+
+
+def decode_tokens_per_s(model, batch, prompt_len, new_tokens, repeats, compiled):
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device="cuda")
+    kw = dict(do_sample=False, cache_implementation="static", pad_token_id=0)
+
+    def run(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for _ in range(3 if compiled else 1):  # compile, capture, warm
+        run(new_tokens)
+        run(1)
+    full = min(run(new_tokens) for _ in range(repeats))
+    one = min(run(1) for _ in range(repeats))
+    return batch * (new_tokens - 1) / (full - one)
+
+
+def weight_bytes(model):
+    from gptqkit.nn import QuantLinear
+
+    total = 0
+    for m in model.model.layers.modules():
+        if isinstance(m, torch.nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, QuantLinear):
+            lay = m.__dict__.get("_gpu_layout")
+            tensors = [m.qweight, m.scales, m.qzeros, m.g_idx]
+            if lay is not None:
+                tensors += [t for t in (lay.sz, lay.chunk_group, lay.perm) if t is not None]
+                if lay.qweight.data_ptr() != m.qweight.data_ptr():
+                    tensors.append(lay.qweight)
+            total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=32, help="decoder blocks (32 for the 7B shape)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs")
+    args = p.parse_args(argv)
+
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        print(f"bench_gpu_generate: {reason}; nothing to do.")
+        return 0
+
+    torch.manual_seed(0)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    config = llama_7b_config(args.layers)
+    results = {}
+    for kind in ("fp16", "gptqkit"):
+        model = build_fp16(config)
+        if kind == "gptqkit":
+            model = quantize_randomly(model, gen)
+        gc.collect()
+        torch.cuda.empty_cache()
+        if not args.eager:
+            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        wb = weight_bytes(model)
+        for batch in args.batches:
+            tps = decode_tokens_per_s(model, batch, args.prompt, args.new_tokens, args.repeats, not args.eager)
+            results[(kind, batch)] = tps
+            print(f"{kind:8s} batch {batch:3d}: {tps:9.1f} decode tokens/s  (decoder linear weights "
+                  f"{wb / 2 ** 30:.2f} GiB)", flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+
+    print()
+    print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; {args.layers} Llama-7B-shape blocks, "
+          f"random weights; prompt {args.prompt}, {args.new_tokens} new tokens, greedy; "
+          f"{'eager' if args.eager else 'static KV cache + torch.compile(mode=reduce-overhead) (CUDA graphs)'}")
+    print("| batch | fp16 tokens/s | gptqkit 4-bit tokens/s | speed-up |")
+    print("|---:|---:|---:|---:|")
+    for batch in args.batches:
+        f, q = results[("fp16", batch)], results[("gptqkit", batch)]
+        print(f"| {batch} | {f:.1f} | {q:.1f} | {q / f:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+// _C.gpu_*: the GPU GEMM. The layout buffers are torch tensors that
+// gptqkit.nn.QuantLinear allocates (on the CPU, filled by
+// prepare_gpu_weight, then moved to the GPU once at load time); the matmul
+// fills a caller-allocated y on the stream given as an integer
+// (torch.cuda.current_stream().cuda_stream). Internal: use gptqkit.ops.
+#include "gpu_gemm_bindings.h"
+
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "dlpack_view.h"
+#include "gptqkit/gpu_gemm.h"
+
+namespace py = pybind11;
+
+namespace gptqkit::bindings {
+namespace {
+
+ZeroFormat parse_format(const std::string& name) {
+  if (name == "v1") return ZeroFormat::kV1;
+  if (name == "v2") return ZeroFormat::kV2;
+  throw py::value_error("format: expected 'v1' (qzeros store zero - 1) or 'v2' (true zeros), got '" + name + "'");
+}
+
+// borrow() with the fast path for plain torch tensors that
+// cpu_gemm_bindings.cpp uses (torch.utils.dlpack.to_dlpack instead of the
+// Python-level Tensor.__dlpack__: ~0.4 us instead of ~3 us per argument, and
+// a layer call has up to seven). to_dlpack never synchronises streams, which
+// is what a captured CUDA graph needs.
+BorrowedTensor borrow_fast(const py::handle& obj, const char* name, bool writable) {
+  static PyObject* tensor_type = nullptr;  // torch.Tensor, once torch is imported (never released)
+  static PyObject* to_dlpack = nullptr;    // torch.utils.dlpack.to_dlpack
+  if (tensor_type == nullptr) {
+    PyObject* torch = PyImport_GetModule(py::str("torch").ptr());  // only if already imported
+    if (torch != nullptr) {
+      try {
+        py::object t = py::reinterpret_steal<py::object>(torch);
+        py::object fn = py::module_::import("torch.utils.dlpack").attr("to_dlpack");
+        to_dlpack = fn.release().ptr();
+        tensor_type = py::object(t.attr("Tensor")).release().ptr();
+      } catch (py::error_already_set&) {
+        to_dlpack = nullptr;
+        tensor_type = nullptr;
+      }
+    } else if (PyErr_Occurred()) {
+      PyErr_Clear();
+    }
+  }
+  if (tensor_type != nullptr && reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr())) == tensor_type &&
+      !obj.attr("requires_grad").cast<bool>()) {
+    py::object capsule = py::reinterpret_borrow<py::object>(to_dlpack)(obj);
+    return borrow_capsule(std::move(capsule), name, writable);
+  }
+  return borrow(obj, name, writable);
+}
+
+struct Prepared {
+  BorrowedTensor qweight, sz, chunk_group;
+  std::optional<BorrowedTensor> perm;
+  GpuPreparedView view;
+};
+
+Prepared borrow_prepared(const py::handle& qweight, const py::handle& sz, const py::handle& chunk_group,
+                         const py::object& perm, int bits, int64_t in_features, int64_t out_features,
+                         bool writable) {
+  Prepared p{borrow_fast(qweight, "qweight", writable), borrow_fast(sz, "sz", writable),
+             borrow_fast(chunk_group, "chunk_group", writable), std::nullopt, {}};
+  if (!perm.is_none()) p.perm = borrow_fast(perm, "perm", writable);
+  p.view.qweight = p.qweight.view;
+  p.view.sz = p.sz.view;
+  p.view.chunk_group = p.chunk_group.view;
+  if (p.perm) p.view.perm = p.perm->view;
+  p.view.bits = bits;
+  p.view.in_features = in_features;
+  p.view.out_features = out_features;
+  return p;
+}
+
+void* as_stream(uintptr_t stream) { return reinterpret_cast<void*>(stream); }
+
+}  // namespace
+
+void register_gpu_gemm(py::module_& m) {
+  m.def("gpu_backend", [] { return std::string(gpu_backend_name()); },
+        "The GPU backend compiled into this build: 'cuda', 'hip' or 'none'.");
+
+  m.def(
+      "gpu_gemm_shape",
+      [](const py::handle& g_idx, int64_t out_features, int64_t groups, int bits) {
+        auto bg = borrow(g_idx, "g_idx", false);
+        GpuGemmShape s;
+        throw_if_error(gpu_gemm_shape(bg.view, out_features, groups, bits, &s));
+        py::dict d;
+        d["chunks"] = s.chunks;
+        d["positions"] = s.positions;
+        d["padded_out"] = s.padded_out;
+        d["reordered"] = s.reordered;
+        return d;
+      },
+      py::arg("g_idx"), py::arg("out_features"), py::arg("groups"), py::arg("bits"),
+      "Extents of the GPU kernels' layout for a layer (g_idx: a CPU int32 array): a dict with chunks (C),\n"
+      "positions (Kp = 32 C), padded_out (Np) and reordered (whether perm is needed).");
+
+  m.def(
+      "prepare_gpu_weight",
+      [](const py::handle& qweight, const py::handle& qzeros, const py::handle& scales, const py::handle& g_idx,
+         int bits, const std::string& format, const py::handle& out_qweight, const py::handle& out_sz,
+         const py::handle& out_chunk_group, const py::object& out_perm, uintptr_t stream) {
+        const ZeroFormat f = parse_format(format);
+        auto bq = borrow(qweight, "qweight", false);
+        auto bz = borrow(qzeros, "qzeros", false);
+        auto bs = borrow(scales, "scales", false);
+        auto bg = borrow(g_idx, "g_idx", false);
+        if (bg.view.ndim != 1 || bq.view.ndim != 2)
+          throw py::value_error("g_idx and qweight: expected a 1-d and a 2-d array");
+        Prepared out = borrow_prepared(out_qweight, out_sz, out_chunk_group, out_perm, bits, bg.view.shape[0],
+                                       bq.view.shape[1], true);
+        Status s;
+        {
+          py::gil_scoped_release release;
+          s = prepare_gpu_weight(bq.view, bz.view, bs.view, bg.view, bits, f, out.view, as_stream(stream));
+        }
+        throw_if_error(s);
+      },
+      py::arg("qweight"), py::arg("qzeros"), py::arg("scales"), py::arg("g_idx"), py::arg("bits"),
+      py::arg("format"), py::arg("out_qweight"), py::arg("out_sz"), py::arg("out_chunk_group"),
+      py::arg("out_perm"), py::arg("stream") = 0,
+      "Repacks a layer's checkpoint tensors (CPU arrays) into the GPU kernels' layout (out_*: CPU arrays, or\n"
+      "GPU arrays in GPU builds). Load-time work.");
+
+  m.def(
+      "gpu_quantized_matmul",
+      [](const py::handle& x, const py::handle& qweight, const py::handle& sz, const py::handle& chunk_group,
+         const py::object& perm, const py::object& bias, const py::handle& y, int bits, int64_t in_features,
+         int64_t out_features, uintptr_t stream) {
+        Prepared w = borrow_prepared(qweight, sz, chunk_group, perm, bits, in_features, out_features, false);
+        auto bx = borrow_fast(x, "x", false);
+        std::optional<BorrowedTensor> bb;
+        if (!bias.is_none()) bb = borrow_fast(bias, "bias", false);
+        auto by = borrow_fast(y, "y", true);
+        const TensorView* bias_view = bb ? &bb->view : nullptr;
+        Status s;
+        {
+          py::gil_scoped_release release;
+          s = gpu_quantized_matmul(bx.view, w.view, bias_view, by.view, as_stream(stream));
+        }
+        throw_if_error(s);
+      },
+      py::arg("x"), py::arg("qweight"), py::arg("sz"), py::arg("chunk_group"), py::arg("perm"), py::arg("bias"),
+      py::arg("y"), py::arg("bits"), py::arg("in_features"), py::arg("out_features"), py::arg("stream") = 0,
+      "y[M, N] = x[M, K] @ W.T (+ bias) on the GPU, enqueued on `stream` (an integer cudaStream_t/hipStream_t).\n"
+      "Internal: use gptqkit.ops.quantized_matmul.");
+
+  m.def(
+      "gpu_dequantize_prepared",
+      [](const py::handle& qweight, const py::handle& sz, const py::handle& chunk_group, const py::object& perm,
+         const py::handle& weight, int bits, int64_t in_features, int64_t out_features, uintptr_t stream) {
+        Prepared w = borrow_prepared(qweight, sz, chunk_group, perm, bits, in_features, out_features, false);
+        auto bw = borrow_fast(weight, "weight", true);
+        Status s;
+        {
+          py::gil_scoped_release release;
+          s = gpu_dequantize_prepared(w.view, bw.view, as_stream(stream));
+        }
+        throw_if_error(s);
+      },
+      py::arg("qweight"), py::arg("sz"), py::arg("chunk_group"), py::arg("perm"), py::arg("weight"),
+      py::arg("bits"), py::arg("in_features"), py::arg("out_features"), py::arg("stream") = 0,
+      "weight[N, K] = the dense weight of a prepared layer, in the dtype of sz, enqueued on `stream`.");
+}
+
+}  // namespace gptqkit::bindings

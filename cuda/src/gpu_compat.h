@@ -1,0 +1,218 @@
+// The one compatibility header of gptqkit's GPU code.
+//
+// Every file under cuda/ is compiled either by nvcc (CUDA) or by clang as HIP
+// (ROCm) from the same text; no hipify step writes files. This header is the
+// only place that names vendor runtime calls and intrinsics. Rules for the
+// rest of the tree:
+//   * use the gpu* names below, never cuda* / hip* directly;
+//   * never write a literal 32 for the warp: device code uses kWarpSize (a
+//     compile-time constant per target: 32 on NVIDIA and RDNA (wave32), 64 on
+//     CDNA), host code asks gpu_warp_size() at run time and sizes launches so
+//     that they are correct for either width;
+//   * NVIDIA-only code (inline PTX, mma.sync, ldmatrix, cp.async) sits inside
+//     `#if GPTQKIT_NV_TENSOR_CORES` with a portable path in the #else branch,
+//     which is what HIP builds (and pre-sm_80 NVIDIA builds) compile.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__) || defined(GPTQKIT_GPU_HIP)
+#define GPTQKIT_GPU_IS_HIP 1
+#include <hip/hip_runtime.h>
+#include <hip/hip_fp16.h>
+#include <hip/hip_bfloat16.h>
+#else
+#define GPTQKIT_GPU_IS_HIP 0
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#endif
+
+// ---- runtime API ------------------------------------------------------------
+#if GPTQKIT_GPU_IS_HIP
+using gpuStream_t = hipStream_t;
+using gpuError_t = hipError_t;
+using gpuEvent_t = hipEvent_t;
+using gpuDeviceProp_t = hipDeviceProp_t;
+#define gpuSuccess hipSuccess
+#define gpuGetLastError hipGetLastError
+#define gpuPeekAtLastError hipPeekAtLastError
+#define gpuGetErrorString hipGetErrorString
+#define gpuGetDevice hipGetDevice
+#define gpuSetDevice hipSetDevice
+#define gpuGetDeviceProperties hipGetDeviceProperties
+#define gpuDeviceGetAttribute hipDeviceGetAttribute
+#define gpuDevAttrMultiProcessorCount hipDeviceAttributeMultiprocessorCount
+#define gpuDevAttrWarpSize hipDeviceAttributeWarpSize
+#define gpuDevAttrMaxSharedMemoryPerBlockOptin hipDeviceAttributeSharedMemPerBlockOptin
+#define gpuFuncSetAttribute(f, attr, v) hipFuncSetAttribute(reinterpret_cast<const void*>(f), attr, v)
+#define gpuFuncAttributeMaxDynamicSharedMemorySize hipFuncAttributeMaxDynamicSharedMemorySize
+#define gpuMalloc hipMalloc
+#define gpuFree hipFree
+#define gpuMallocAsync hipMallocAsync
+#define gpuFreeAsync hipFreeAsync
+#define gpuMemcpy hipMemcpy
+#define gpuMemcpyAsync hipMemcpyAsync
+#define gpuMemsetAsync hipMemsetAsync
+#define gpuMemcpyHostToDevice hipMemcpyHostToDevice
+#define gpuMemcpyDeviceToHost hipMemcpyDeviceToHost
+#define gpuMemcpyDeviceToDevice hipMemcpyDeviceToDevice
+#define gpuStreamSynchronize hipStreamSynchronize
+#define gpuPointerGetAttributes hipPointerGetAttributes
+#define gpuEventCreate hipEventCreate
+#define gpuEventRecord hipEventRecord
+#define gpuEventSynchronize hipEventSynchronize
+#define gpuEventElapsedTime hipEventElapsedTime
+#define gpuEventDestroy hipEventDestroy
+#else
+using gpuStream_t = cudaStream_t;
+using gpuError_t = cudaError_t;
+using gpuEvent_t = cudaEvent_t;
+using gpuDeviceProp_t = cudaDeviceProp;
+#define gpuSuccess cudaSuccess
+#define gpuGetLastError cudaGetLastError
+#define gpuPeekAtLastError cudaPeekAtLastError
+#define gpuGetErrorString cudaGetErrorString
+#define gpuGetDevice cudaGetDevice
+#define gpuSetDevice cudaSetDevice
+#define gpuGetDeviceProperties cudaGetDeviceProperties
+#define gpuDeviceGetAttribute cudaDeviceGetAttribute
+#define gpuDevAttrMultiProcessorCount cudaDevAttrMultiProcessorCount
+#define gpuDevAttrWarpSize cudaDevAttrWarpSize
+#define gpuDevAttrMaxSharedMemoryPerBlockOptin cudaDevAttrMaxSharedMemoryPerBlockOptin
+#define gpuFuncSetAttribute(f, attr, v) cudaFuncSetAttribute(f, attr, v)
+#define gpuFuncAttributeMaxDynamicSharedMemorySize cudaFuncAttributeMaxDynamicSharedMemorySize
+#define gpuMalloc cudaMalloc
+#define gpuFree cudaFree
+#define gpuMallocAsync cudaMallocAsync
+#define gpuFreeAsync cudaFreeAsync
+#define gpuMemcpy cudaMemcpy
+#define gpuMemcpyAsync cudaMemcpyAsync
+#define gpuMemsetAsync cudaMemsetAsync
+#define gpuMemcpyHostToDevice cudaMemcpyHostToDevice
+#define gpuMemcpyDeviceToHost cudaMemcpyDeviceToHost
+#define gpuMemcpyDeviceToDevice cudaMemcpyDeviceToDevice
+#define gpuStreamSynchronize cudaStreamSynchronize
+#define gpuPointerGetAttributes cudaPointerGetAttributes
+#define gpuEventCreate cudaEventCreate
+#define gpuEventRecord cudaEventRecord
+#define gpuEventSynchronize cudaEventSynchronize
+#define gpuEventElapsedTime cudaEventElapsedTime
+#define gpuEventDestroy cudaEventDestroy
+#endif
+
+// ---- 16-bit floating point ---------------------------------------------------
+#if GPTQKIT_GPU_IS_HIP
+using gpu_half = __half;
+using gpu_bfloat16 = hip_bfloat16;  // HIP 5.x: a struct with float conversions
+__device__ __forceinline__ float gpu_to_float(gpu_half x) { return __half2float(x); }
+__device__ __forceinline__ float gpu_to_float(gpu_bfloat16 x) { return static_cast<float>(x); }
+template <typename T> __device__ __forceinline__ T gpu_from_float(float x);
+template <> __device__ __forceinline__ gpu_half gpu_from_float<gpu_half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ gpu_bfloat16 gpu_from_float<gpu_bfloat16>(float x) { return gpu_bfloat16(x); }
+#else
+using gpu_half = __half;
+using gpu_bfloat16 = __nv_bfloat16;
+__device__ __forceinline__ float gpu_to_float(gpu_half x) { return __half2float(x); }
+__device__ __forceinline__ float gpu_to_float(gpu_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T gpu_from_float(float x);
+template <> __device__ __forceinline__ gpu_half gpu_from_float<gpu_half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ gpu_bfloat16 gpu_from_float<gpu_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+#endif
+__device__ __forceinline__ float gpu_to_float(float x) { return x; }
+template <> __device__ __forceinline__ float gpu_from_float<float>(float x) { return x; }
+
+// ---- warp / wavefront ------------------------------------------------------------
+// kWarpSize is exact in device code. In host code it is only the upper bound
+// (64) for sizing shared arrays; launches use gpu_warp_size() instead.
+#if GPTQKIT_GPU_IS_HIP
+#if defined(__AMDGCN_WAVEFRONT_SIZE)
+constexpr int kWarpSize = __AMDGCN_WAVEFRONT_SIZE;
+#else
+constexpr int kWarpSize = 64;
+#endif
+#else
+constexpr int kWarpSize = 32;
+#endif
+constexpr int kMaxWarpSize = 64;
+
+// Lane mask type wide enough for a full wavefront.
+#if GPTQKIT_GPU_IS_HIP
+using gpu_lane_mask_t = uint64_t;
+#else
+using gpu_lane_mask_t = unsigned;
+#endif
+
+template <typename T>
+__device__ __forceinline__ T gpu_shfl_xor(T value, int lane_mask) {
+#if GPTQKIT_GPU_IS_HIP
+  return __shfl_xor(value, lane_mask, kWarpSize);
+#else
+  return __shfl_xor_sync(0xffffffffu, value, lane_mask, kWarpSize);
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ T gpu_shfl(T value, int src_lane) {
+#if GPTQKIT_GPU_IS_HIP
+  return __shfl(value, src_lane, kWarpSize);
+#else
+  return __shfl_sync(0xffffffffu, value, src_lane, kWarpSize);
+#endif
+}
+
+// Sum over the whole warp/wavefront; every lane gets the result.
+template <typename T>
+__device__ __forceinline__ T gpu_warp_sum(T value) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) value += gpu_shfl_xor(value, offset);
+  return value;
+}
+
+template <typename T>
+__device__ __forceinline__ T gpu_warp_max(T value) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+    T other = gpu_shfl_xor(value, offset);
+    value = other > value ? other : value;
+  }
+  return value;
+}
+
+// ---- NVIDIA tensor-core guard -------------------------------------------------
+// True only while nvcc compiles device code for sm_80 or newer; inline PTX
+// (mma.sync, ldmatrix, cp.async) must sit behind it.
+#if !GPTQKIT_GPU_IS_HIP && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+#define GPTQKIT_NV_TENSOR_CORES 1
+#else
+#define GPTQKIT_NV_TENSOR_CORES 0
+#endif
+
+// ---- host helpers -----------------------------------------------------------------
+// Warp size of the current device (32 or 64), asked at run time.
+inline int gpu_warp_size() {
+  int dev = 0, size = 32;
+  if (gpuGetDevice(&dev) != gpuSuccess) return 32;
+  if (gpuDeviceGetAttribute(&size, gpuDevAttrWarpSize, dev) != gpuSuccess) return 32;
+  return size;
+}
+
+// ---- kernel attributes (appended for the solver) ---------------------------------
+// binaryVersion tells which compiled architecture the runtime picked for the
+// current device (e.g. whether a kernel's sm_80+ tensor-core body is present).
+#if GPTQKIT_GPU_IS_HIP
+using gpuFuncAttributes = hipFuncAttributes;
+#define gpuFuncGetAttributes(attr, f) hipFuncGetAttributes(attr, reinterpret_cast<const void*>(f))
+#else
+using gpuFuncAttributes = cudaFuncAttributes;
+#define gpuFuncGetAttributes(attr, f) cudaFuncGetAttributes(attr, f)
+#endif
+
+// ---- dynamic shared memory (appended for the GEMM) -------------------------------
+// The block's dynamic shared memory (the third launch argument), 16-byte
+// aligned. One accessor instead of `extern __shared__` in each kernel, so the
+// CPU emulation of the kernels (tests/gpu_emulation) can supply its own.
+__device__ __forceinline__ unsigned char* gpu_dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char gptqkit_dynamic_smem[];
+  return gptqkit_dynamic_smem;
+}

@@ -1,0 +1,46 @@
+// Launchers of the GPU GEMM kernels (cuda/src/gemm_*.cu), called by
+// cpp/src/gpu_gemm.cpp after it has validated every argument. Plain C++: no
+// vendor type crosses this header, so the core compiles it with the host
+// compiler. Pointers are device pointers; the stream is a cudaStream_t /
+// hipStream_t. Errors come back as a message (empty on success), taken from
+// gpuGetLastError right after the launch; nothing here synchronises.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace gptqkit::gpu {
+
+enum class Act : uint8_t { kFloat16, kBFloat16 };
+
+struct GemmArgs {
+  const void* x = nullptr;          // [M, K] Act, row stride K
+  const uint32_t* qweight = nullptr;// [C * bits, Np]
+  const void* sz = nullptr;         // [G, Np, 2] Act
+  const int32_t* chunk_group = nullptr;  // [C]
+  const int32_t* perm = nullptr;    // [C * 32] or nullptr (position p is column p)
+  const void* bias = nullptr;       // [N] Act or nullptr
+  void* y = nullptr;                // [M, N] Act
+  int64_t m = 0, k = 0, n = 0, np = 0, chunks = 0, groups = 0;
+  int bits = 4;
+  Act act = Act::kFloat16;
+  int device = 0;
+  void* stream = nullptr;
+};
+
+// M <= 8 (kGemvMaxRows): the weight streamed once.
+constexpr int64_t kGemvMaxRows = 8;
+std::string launch_gemv(const GemmArgs& a);
+// Any M: tiles of 16 or 64 rows x 64 columns.
+std::string launch_tiled(const GemmArgs& a);
+// weight[N, K] (Act) from the layout; a.x, a.bias, a.y unused, `out` instead.
+std::string launch_dequantize(const GemmArgs& a, void* out);
+
+// Host -> device copy of `bytes` on `stream`, then a stream synchronise
+// (load-time staging of prepare_gpu_weight).
+std::string copy_to_device_sync(void* dst, const void* src, size_t bytes, int device, void* stream);
+
+// "cuda" or "hip".
+const char* backend_name();
+
+}  // namespace gptqkit::gpu

@@ -1,0 +1,229 @@
+"""PyTorch custom ops of gptqkit's GPU kernels (``torch.library``).
+
+``torch.ops.gptqkit.quantized_matmul`` is what :class:`gptqkit.nn.QuantLinear`
+calls on a CUDA (or ROCm) device. It is a real custom op, opaque to
+``torch.compile`` (no graph break: its fake implementation gives the output's
+shape and dtype) and safe to capture in a CUDA graph (the native call
+allocates nothing, never synchronises, and runs on the current stream).
+
+The weight enters in the kernels' layout (``docs/gpu_gemm.md``), made once per
+layer at load time by :func:`prepare_layout`:
+
+* ``qweight`` int32 ``[C * bits, Np]``, ``sz`` float16/bfloat16 ``[G, Np, 2]``,
+  ``chunk_group`` int32 ``[C]`` and ``perm`` int32 ``[32 C]`` (or ``None``).
+
+Routing by the number of rows ``M`` of ``x``: ``M <= 8`` a bandwidth-bound GEMV
+kernel, larger ``M`` a tiled kernel (tensor cores on sm_80+), and from
+``GPTQKIT_GPU_DENSE_MIN_ROWS`` rows (default 1024) dequantization to a dense
+fp16/bf16 weight followed by torch's GEMM (cuBLAS / hipBLAS), which is faster
+once the multiply is compute-bound.
+
+On the CPU the op runs a slow pure-torch reference of the same layout (for
+tests and for ``torch.library.opcheck``); CPU inference uses
+``gptqkit.nn.QuantLinear``'s native CPU kernels instead.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import torch
+
+from gptqkit._native import _C
+
+__all__ = ["GpuLayout", "prepare_layout", "quantized_matmul", "dequantize_layout", "gpu_backend",
+           "require_gpu_backend", "dense_min_rows"]
+
+_GPU_DTYPES = (torch.float16, torch.bfloat16)
+
+NO_GPU_MESSAGE = ("gptqkit was built without GPU support, so quantized layers cannot run on a GPU. Rebuild it with "
+                  "a GPU backend: `GPTQKIT_WITH_CUDA=1 pip install .` (NVIDIA, needs nvcc) or "
+                  "`GPTQKIT_WITH_HIP=1 pip install .` (ROCm), or run the model on the CPU (device='cpu').")
+
+
+# Read once: forward code that torch.compile traces checks it without calling
+# into the extension (which would break the graph).
+_BACKEND = str(_C.gpu_backend())
+
+
+def gpu_backend() -> str:
+    """The GPU backend compiled into gptqkit: ``"cuda"``, ``"hip"`` or ``"none"``."""
+    return _BACKEND
+
+
+def require_gpu_backend() -> None:
+    """Raises ``NotImplementedError`` (with how to rebuild) when gptqkit has no GPU backend."""
+    if _BACKEND == "none":
+        raise NotImplementedError(NO_GPU_MESSAGE)
+
+
+def dense_min_rows() -> int:
+    """Rows of ``x`` from which the op dequantizes and calls torch's GEMM (env ``GPTQKIT_GPU_DENSE_MIN_ROWS``)."""
+    value = os.environ.get("GPTQKIT_GPU_DENSE_MIN_ROWS", "1024")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"GPTQKIT_GPU_DENSE_MIN_ROWS: expected an integer, got {value!r}") from None
+
+
+class GpuLayout(NamedTuple):
+    """One layer in the GPU kernels' layout (see ``docs/gpu_gemm.md``)."""
+
+    qweight: torch.Tensor            # int32 [C * bits, Np]
+    sz: torch.Tensor                 # float16/bfloat16 [G, Np, 2]: scale, zero point
+    chunk_group: torch.Tensor        # int32 [C]
+    perm: Optional[torch.Tensor]     # int32 [32 C] original column of each position (-1: padding), or None
+    bits: int
+    in_features: int
+    out_features: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.sz.dtype
+
+    def to(self, device) -> "GpuLayout":
+        move = (lambda t: None if t is None else t.to(device))
+        return self._replace(qweight=move(self.qweight), sz=move(self.sz), chunk_group=move(self.chunk_group),
+                             perm=move(self.perm))
+
+
+def prepare_layout(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                   bits: int, format: str = "v1", dtype: torch.dtype = torch.float16,
+                   device=None) -> GpuLayout:
+    """Repacks checkpoint tensors (any device; read once on the CPU) into the kernels' layout on ``device``.
+
+    Load-time work (a device-to-host copy of the inputs when they live on a
+    GPU, the repack on the host, one host-to-device copy per buffer): never
+    call it inside a captured CUDA graph.
+    """
+    if dtype not in _GPU_DTYPES:
+        raise ValueError(f"dtype: expected torch.float16 or torch.bfloat16 (the activation dtype), got {dtype}")
+    if device is None:
+        device = qweight.device
+    q, z, s, g = (t.detach().to("cpu").contiguous() for t in (qweight, qzeros, scales, g_idx))
+    if q.dim() != 2 or s.dim() != 2 or g.dim() != 1:
+        raise ValueError(f"expected qweight [W, N], scales [G, N] and g_idx [K], got shapes {tuple(q.shape)}, "
+                         f"{tuple(s.shape)} and {tuple(g.shape)}")
+    if g.dtype != torch.int32:
+        raise ValueError(f"g_idx: expected dtype torch.int32, got {g.dtype}")
+    k, n, groups = int(g.shape[0]), int(q.shape[1]), int(s.shape[0])
+    shape = _C.gpu_gemm_shape(g, n, groups, int(bits))
+    chunks, np_, reordered = int(shape["chunks"]), int(shape["padded_out"]), bool(shape["reordered"])
+    out_q = torch.empty((chunks * bits, np_), dtype=torch.int32)
+    out_sz = torch.empty((groups, np_, 2), dtype=dtype)
+    out_cg = torch.empty((chunks,), dtype=torch.int32)
+    out_perm = torch.empty((chunks * 32,), dtype=torch.int32) if reordered else None
+    _C.prepare_gpu_weight(q, z, s, g, int(bits), format, out_q, out_sz, out_cg, out_perm)
+    layout = GpuLayout(out_q, out_sz, out_cg, out_perm, int(bits), k, n)
+    return layout.to(device)
+
+
+def _check_args(x, qweight, sz, chunk_group, perm, bias, bits, in_features, out_features):
+    """The checks that need no data (shared by the real and the fake implementation)."""
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-d [M, K] tensor, got shape {tuple(x.shape)}")
+    if x.shape[1] != in_features:
+        raise ValueError(f"x: expected shape [M, {in_features}] (K = in_features), got {tuple(x.shape)}")
+    if x.dtype != sz.dtype:
+        raise ValueError(f"x: expected dtype {sz.dtype} (the dtype the layer was prepared for), got {x.dtype}")
+    if bias is not None and (tuple(bias.shape) != (out_features,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias: expected shape ({out_features},) and dtype {x.dtype}, got {tuple(bias.shape)} "
+                         f"and {bias.dtype}")
+    for name, t in (("qweight", qweight), ("sz", sz), ("chunk_group", chunk_group), ("perm", perm), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on {x.device} (the device of x), got {t.device}")
+
+
+def _codes_reference(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[C, 32, Np]`` codes of the layout's words (pure torch, any device)."""
+    np_ = qweight.shape[1]
+    chunks = qweight.shape[0] // bits
+    words = qweight.view(chunks, bits, np_).to(torch.int64) & 0xFFFFFFFF
+    j = torch.arange(32, device=qweight.device)
+    bit = j * bits
+    word = bit // 32
+    shift = bit % 32
+    lo = words[:, word, :] >> shift[None, :, None]
+    hi = words[:, torch.clamp(word + 1, max=bits - 1), :] << (32 - shift)[None, :, None]
+    straddles = (shift + bits > 32)[None, :, None]
+    return torch.where(straddles, lo | hi, lo) & ((1 << bits) - 1)
+
+
+def _dequantize_reference(qweight, sz, chunk_group, perm, bits, in_features, out_features, dtype=torch.float32):
+    """Dense ``[N, K]`` weight of a layout in the original column order (pure torch)."""
+    codes = _codes_reference(qweight, bits).to(torch.float32)  # [C, 32, Np]
+    g = chunk_group.to(torch.int64)
+    scale = sz[..., 0].to(torch.float32)[g][:, None, :]
+    zero = sz[..., 1].to(torch.float32)[g][:, None, :]
+    w = (scale * (codes - zero)).reshape(-1, qweight.shape[1])[:, :out_features]  # [Kp, N]
+    positions = torch.arange(w.shape[0], device=w.device)
+    cols = perm.to(torch.int64) if perm is not None else torch.where(positions < in_features, positions, -1)
+    keep = cols >= 0
+    out = torch.zeros((out_features, in_features), dtype=torch.float32, device=w.device)
+    out[:, cols[keep]] = w[keep].t()
+    return out.to(dtype)
+
+
+@torch.library.custom_op("gptqkit::dequantize_layout", mutates_args=())
+def dequantize_layout(qweight: torch.Tensor, sz: torch.Tensor, chunk_group: torch.Tensor, perm: Optional[torch.Tensor],
+                      bits: int, in_features: int, out_features: int) -> torch.Tensor:
+    """Dense ``[out_features, in_features]`` weight (dtype of ``sz``) of a prepared layer."""
+    if qweight.is_cuda:
+        require_gpu_backend()
+        w = torch.empty((out_features, in_features), dtype=sz.dtype, device=qweight.device)
+        _C.gpu_dequantize_prepared(qweight, sz, chunk_group, perm, w, bits, in_features, out_features,
+                                   torch.cuda.current_stream(qweight.device).cuda_stream)
+        return w
+    return _dequantize_reference(qweight, sz, chunk_group, perm, bits, in_features, out_features, sz.dtype)
+
+
+@dequantize_layout.register_fake
+def _(qweight, sz, chunk_group, perm, bits, in_features, out_features):
+    return sz.new_empty((out_features, in_features))
+
+
+@torch.library.custom_op("gptqkit::quantized_matmul", mutates_args=())
+def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, chunk_group: torch.Tensor,
+                     perm: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: int, in_features: int,
+                     out_features: int) -> torch.Tensor:
+    """``x [M, K] @ W.T (+ bias)`` with ``W`` a prepared layer; ``x``, ``bias`` and the result in ``sz``'s dtype."""
+    _check_args(x, qweight, sz, chunk_group, perm, bias, bits, in_features, out_features)
+    if x.is_cuda:
+        require_gpu_backend()
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        x = x.contiguous()
+        if x.shape[0] >= dense_min_rows():
+            # Compute-bound: dequantize once (16 bits per weight written, 2-8 read)
+            # and let the vendor GEMM do the rest.
+            w = torch.empty((out_features, in_features), dtype=x.dtype, device=x.device)
+            _C.gpu_dequantize_prepared(qweight, sz, chunk_group, perm, w, bits, in_features, out_features, stream)
+            return torch.nn.functional.linear(x, w, bias)
+        y = torch.empty((x.shape[0], out_features), dtype=x.dtype, device=x.device)
+        _C.gpu_quantized_matmul(x, qweight, sz, chunk_group, perm, bias, y, bits, in_features, out_features, stream)
+        return y
+    w = _dequantize_reference(qweight, sz, chunk_group, perm, bits, in_features, out_features)
+    y = x.to(torch.float32) @ w.t()
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)
+
+
+@quantized_matmul.register_fake
+def _(x, qweight, sz, chunk_group, perm, bias, bits, in_features, out_features):
+    _check_args(x, qweight, sz, chunk_group, perm, bias, bits, in_features, out_features)
+    return x.new_empty((x.shape[0], out_features))
+
+
+def _setup_context(ctx, inputs, output):
+    x, qweight, sz, chunk_group, perm, bias, bits, in_features, out_features = inputs
+    ctx.layout = (qweight, sz, chunk_group, perm, bits, in_features, out_features)
+
+
+def _backward(ctx, grad):
+    # Input gradients only (the quantized weight is frozen): grad_x = grad_y @ W.
+    w = dequantize_layout(*ctx.layout)
+    return (grad.to(w.dtype) @ w).to(grad.dtype), None, None, None, None, None, None, None, None
+
+
+quantized_matmul.register_autograd(_backward, setup_context=_setup_context)

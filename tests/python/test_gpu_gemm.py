@@ -1,0 +1,466 @@
+"""The GPU GEMM (gptqkit.ops / QuantLinear on CUDA) against the dequantize oracle.
+
+GPU tests run only with a CUDA (or ROCm) device and a gptqkit built with a GPU
+backend; they are skipped otherwise. The CPU tests check everything that does
+not need a GPU: the kernels' layout (through the op's pure-torch CPU
+reference), the fake/meta implementation, torch.compile tracing, argument
+errors, and the error of a build without GPU support.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+BITS = (2, 3, 4, 8)
+
+
+def _random_layer(gptqkit, n, k, bits, group_size, fmt="v1", act_order=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    groups = 1 if group_size == -1 else -(-k // group_size)
+    codes = torch.randint(0, 2 ** bits, (n, k), dtype=torch.uint8, generator=g)
+    low = 1 if fmt == "v1" else 0
+    zeros = torch.randint(low, 2 ** bits, (groups, n), dtype=torch.int32, generator=g)
+    scales = (torch.rand(groups, n, generator=g) * 0.05 + 0.001).half()
+    if group_size == -1:
+        g_idx = torch.zeros(k, dtype=torch.int32)
+    else:
+        order = torch.randperm(k, generator=g) if act_order else torch.arange(k)
+        g_idx = torch.empty(k, dtype=torch.int32)
+        g_idx[order] = (torch.arange(k) // group_size).to(torch.int32)
+    return gptqkit.pack(codes, zeros, scales, g_idx, bits, fmt)
+
+
+def _oracle(packed):
+    """The dense float32 weight [N, K] from gptqkit's CPU dequantize."""
+    return torch.as_tensor(packed.dequantize()).float()
+
+
+def _layout(gptqkit, packed, dtype=torch.float16, device="cpu"):
+    from gptqkit import ops
+
+    return ops.prepare_layout(packed.qweight, packed.qzeros, packed.scales, packed.g_idx, packed.bits,
+                              packed.format, dtype=dtype, device=device)
+
+
+def _call(layout, x, bias=None):
+    return torch.ops.gptqkit.quantized_matmul(x, layout.qweight, layout.sz, layout.chunk_group, layout.perm, bias,
+                                              layout.bits, layout.in_features, layout.out_features)
+
+
+def _bound(x, w, ref, dtype):
+    """Error bound: the weight and the output rounded once to the 16-bit type, fp32 accumulation."""
+    u = 2.0 ** -11 if dtype == torch.float16 else 2.0 ** -8
+    return 4 * u * (x.abs().double() @ w.abs().double().T) + 2 * u * ref.abs() + 1e-6
+
+
+# ============================================================================ CPU-runnable
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size,act_order", [(-1, False), (32, False), (128, False), (32, True),
+                                                  (128, True), (8, False), (48, True)])
+def test_layout_decodes_to_the_oracle(gptqkit, bits, group_size, act_order):
+    from gptqkit.ops import _dequantize_reference
+
+    n, k = 203, 333  # odd K and N: padded columns, a partial last chunk and group
+    packed = _random_layer(gptqkit, n, k, bits, group_size, act_order=act_order, seed=bits * 7 + group_size)
+    lay = _layout(gptqkit, packed)
+    assert lay.qweight.shape[1] % 128 == 0 and lay.qweight.shape[1] >= n
+    assert lay.qweight.shape[0] == lay.chunk_group.shape[0] * bits
+    needs_perm = act_order or group_size % 32 != 0
+    assert (lay.perm is not None) == (needs_perm and group_size != -1)
+    w = _dequantize_reference(lay.qweight, lay.sz, lay.chunk_group, lay.perm, bits, k, n)
+    # fp16 checkpoint scales are exact in the fp16 layout: bit-identical to the oracle
+    torch.testing.assert_close(w, _oracle(packed), rtol=0, atol=0)
+
+
+def test_layout_without_reordering_keeps_the_checkpoint_words(gptqkit):
+    packed = _random_layer(gptqkit, 256, 512, 4, 128)
+    lay = _layout(gptqkit, packed)
+    assert lay.perm is None
+    assert torch.equal(lay.qweight, torch.as_tensor(packed.qweight))
+
+
+def test_bf16_layout(gptqkit):
+    from gptqkit.ops import _dequantize_reference
+
+    packed = _random_layer(gptqkit, 64, 96, 4, 32, act_order=True)
+    lay = _layout(gptqkit, packed, dtype=torch.bfloat16)
+    assert lay.sz.dtype == torch.bfloat16
+    w = _dequantize_reference(lay.qweight, lay.sz, lay.chunk_group, lay.perm, 4, 96, 64)
+    torch.testing.assert_close(w, _oracle(packed), rtol=2 ** -8, atol=0)
+
+
+@pytest.mark.parametrize("m", [1, 5, 17])
+def test_op_cpu_reference(gptqkit, m):
+    packed = _random_layer(gptqkit, 45, 100, 3, 32, act_order=True, seed=m)
+    lay = _layout(gptqkit, packed)
+    x = torch.randn(m, 100).half()
+    bias = torch.randn(45).half()
+    y = _call(lay, x, bias)
+    w = _oracle(packed).double()
+    ref = x.double() @ w.T + bias.double()
+    assert y.dtype == torch.float16 and y.shape == (m, 45)
+    assert ((y.double() - ref).abs() <= _bound(x, w, ref, torch.float16)).all()
+
+
+def test_fake_implementation_on_meta(gptqkit):
+    packed = _random_layer(gptqkit, 45, 100, 4, 32, act_order=True)
+    lay = _layout(gptqkit, packed, dtype=torch.bfloat16).to("meta")
+    x = torch.empty(7, 100, dtype=torch.bfloat16, device="meta")
+    y = _call(lay, x)
+    assert y.device.type == "meta" and y.shape == (7, 45) and y.dtype == torch.bfloat16
+    w = torch.ops.gptqkit.dequantize_layout(lay.qweight, lay.sz, lay.chunk_group, lay.perm, 4, 100, 45)
+    assert w.device.type == "meta" and w.shape == (45, 100) and w.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"x: expected shape \[M, 100\]"):
+        _call(lay, torch.empty(7, 99, dtype=torch.bfloat16, device="meta"))
+
+
+def test_opcheck(gptqkit):
+    packed = _random_layer(gptqkit, 24, 64, 4, 32, act_order=True)
+    lay = _layout(gptqkit, packed)
+    x = torch.randn(3, 64).half()
+    args = (x, lay.qweight, lay.sz, lay.chunk_group, lay.perm, torch.randn(24).half(), 4, 64, 24)
+    torch.library.opcheck(torch.ops.gptqkit.quantized_matmul.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_torch_compile_traces_the_op(gptqkit):
+    packed = _random_layer(gptqkit, 24, 64, 4, 32)
+    lay = _layout(gptqkit, packed)
+
+    def f(x):
+        return _call(lay, torch.relu(x)) * 2
+
+    x = torch.randn(5, 64).half()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), f(x))
+
+
+def test_bad_arguments(gptqkit):
+    packed = _random_layer(gptqkit, 24, 64, 4, 32)
+    lay = _layout(gptqkit, packed)
+    with pytest.raises(ValueError, match="x: expected dtype torch.float16"):
+        _call(lay, torch.randn(2, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="x: expected a 2-d"):
+        _call(lay, torch.randn(2, 2, 64).half())
+    with pytest.raises(ValueError, match=r"bias: expected shape \(24,\)"):
+        _call(lay, torch.randn(2, 64).half(), torch.randn(23).half())
+    with pytest.raises(ValueError, match="dtype"):
+        from gptqkit import ops
+
+        ops.prepare_layout(packed.qweight, packed.qzeros, packed.scales, packed.g_idx, 4, dtype=torch.float32)
+
+
+def test_native_prepare_validates_outputs(gptqkit):
+    from gptqkit._native import _C
+
+    p = _random_layer(gptqkit, 24, 64, 4, 32)
+    q, z, s, g = (torch.as_tensor(t) for t in (p.qweight, p.qzeros, p.scales, p.g_idx))
+    shape = _C.gpu_gemm_shape(g, 24, 2, 4)
+    assert shape == {"chunks": 2, "positions": 64, "padded_out": 128, "reordered": False}
+    good = dict(out_qweight=torch.empty(8, 128, dtype=torch.int32), out_sz=torch.empty(2, 128, 2).half(),
+                out_chunk_group=torch.empty(2, dtype=torch.int32), out_perm=None)
+    _C.prepare_gpu_weight(q, z, s, g, 4, "v1", **good)
+    with pytest.raises(ValueError, match=r"out.qweight: expected shape \[8, 128\]"):
+        _C.prepare_gpu_weight(q, z, s, g, 4, "v1", **{**good, "out_qweight": torch.empty(8, 24, dtype=torch.int32)})
+    with pytest.raises(ValueError, match="out.sz: expected dtype"):
+        _C.prepare_gpu_weight(q, z, s, g, 4, "v1", **{**good, "out_sz": torch.empty(2, 128, 2)})
+    with pytest.raises(ValueError, match="g_idx"):
+        _C.gpu_gemm_shape(torch.full((64,), 5, dtype=torch.int32), 24, 2, 4)
+
+
+def test_build_without_gpu_says_how_to_rebuild(gptqkit):
+    from gptqkit import ops
+    from gptqkit._native import _C
+
+    if ops.gpu_backend() != "none":
+        pytest.skip("this build has a GPU backend")
+    with pytest.raises(NotImplementedError, match="built without GPU support.*GPTQKIT_WITH_CUDA=1"):
+        ops.require_gpu_backend()
+    p = _random_layer(gptqkit, 24, 64, 4, 32)
+    lay = _layout(gptqkit, p)
+    with pytest.raises(NotImplementedError, match="built without GPU support"):
+        _C.gpu_quantized_matmul(torch.randn(2, 64).half(), lay.qweight, lay.sz, lay.chunk_group, None, None,
+                                torch.empty(2, 24).half(), 4, 64, 24, 0)
+
+
+# ============================================================================ GPU
+
+
+def _gpu_ready():
+    if not torch.cuda.is_available():
+        return "no CUDA/ROCm device"
+    try:
+        from gptqkit import ops
+    except Exception as exc:  # pragma: no cover
+        return f"gptqkit not importable: {exc}"
+    if ops.gpu_backend() == "none":
+        return "gptqkit built without a GPU backend (GPTQKIT_WITH_CUDA=1 / GPTQKIT_WITH_HIP=1)"
+    return None
+
+
+gpu = pytest.mark.skipif(_gpu_ready() is not None, reason=str(_gpu_ready()))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size,act_order", [(-1, False), (32, False), (32, True), (128, False), (128, True)])
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 33, 64, 255, 1024])
+def test_gpu_matches_oracle(gptqkit, monkeypatch, dtype, bits, group_size, act_order, m):
+    n, k = 203, 333
+    packed = _random_layer(gptqkit, n, k, bits, group_size, act_order=act_order, seed=bits + m)
+    lay = _layout(gptqkit, packed, dtype=dtype, device="cuda")
+    w = _oracle(packed).double()
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if m % 2 else None
+    ref = x.double() @ w.T + (bias.double() if bias is not None else 0)
+    paths = ["kernel"] + (["dense"] if m >= 255 else [])
+    for path in paths:  # the native kernels, and dequantize + torch GEMM
+        monkeypatch.setenv("GPTQKIT_GPU_DENSE_MIN_ROWS", "1" if path == "dense" else "1000000000")
+        y = _call(lay, x.cuda(), None if bias is None else bias.cuda())
+        torch.cuda.synchronize()
+        assert y.shape == (m, n) and y.dtype == dtype
+        err = (y.cpu().double() - ref).abs()
+        bound = _bound(x, w, ref, dtype)
+        assert (err <= bound).all(), f"{path}: max error {err.max():.3g}, worst ratio {(err / bound).max():.3g}"
+
+
+@gpu
+@pytest.mark.parametrize("bits", BITS)
+def test_gpu_dequantize_layout(gptqkit, bits):
+    packed = _random_layer(gptqkit, 203, 333, bits, 32, act_order=True)
+    lay = _layout(gptqkit, packed, device="cuda")
+    w = torch.ops.gptqkit.dequantize_layout(lay.qweight, lay.sz, lay.chunk_group, lay.perm, bits, 333, 203)
+    torch.testing.assert_close(w.cpu().float(), _oracle(packed), rtol=2 ** -11, atol=0)
+
+
+@gpu
+def test_gpu_bad_arguments(gptqkit):
+    packed = _random_layer(gptqkit, 64, 128, 4, 32)
+    lay = _layout(gptqkit, packed, device="cuda")
+    with pytest.raises(ValueError, match="expected a tensor on"):
+        _call(lay, torch.randn(2, 128).half())  # x on the CPU, layer on the GPU
+    with pytest.raises(ValueError, match="x: expected dtype"):
+        _call(lay, torch.randn(2, 128, device="cuda"))
+    from gptqkit._native import _C
+
+    y = torch.empty(2, 64, dtype=torch.float16, device="cuda")
+    x = torch.randn(2, 128, device="cuda").half()
+    with pytest.raises(ValueError, match="w.qweight: expected shape"):
+        _C.gpu_quantized_matmul(x, lay.qweight[:4], lay.sz, lay.chunk_group, None, None, y, 4, 128, 64, 0)
+    with pytest.raises(ValueError, match="y: expected shape"):
+        _C.gpu_quantized_matmul(x, lay.qweight, lay.sz, lay.chunk_group, None, None, y[:1], 4, 128, 64, 0)
+    with pytest.raises(ValueError, match="non-contiguous|C-contiguous"):
+        xt = torch.randn(128, 2, device="cuda").half().t()
+        _C.gpu_quantized_matmul(xt, lay.qweight, lay.sz, lay.chunk_group, None, None, y, 4, 128, 64, 0)
+
+
+@gpu
+@pytest.mark.parametrize("m", [1, 16])
+def test_gpu_cuda_graph_capture(gptqkit, m):
+    packed = _random_layer(gptqkit, 256, 512, 4, 128, act_order=True)
+    lay = _layout(gptqkit, packed, device="cuda")
+    x = torch.randn(m, 512, device="cuda").half()
+    _call(lay, x)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = _call(lay, x)
+    x.copy_(torch.randn(m, 512, device="cuda").half())
+    graph.replay()
+    torch.cuda.synchronize()
+    w = _oracle(packed).double()
+    ref = x.cpu().double() @ w.T
+    assert ((y.cpu().double() - ref).abs() <= _bound(x.cpu(), w, ref, torch.float16)).all()
+
+
+@gpu
+def test_quant_linear_on_cuda(gptqkit):
+    from gptqkit.nn import QuantLinear
+
+    packed = _random_layer(gptqkit, 300, 256, 4, 64, act_order=True)
+    layer = QuantLinear.from_packed(packed, bias=torch.randn(300).half(), group_size=64)
+    keys = set(layer.state_dict())
+    x = torch.randn(2, 3, 256).half()
+    ref = layer(x.float()).double()  # the CPU kernels
+    layer = layer.to("cuda")
+    assert "_gpu_layout" in layer.__dict__ and set(layer.state_dict()) == keys
+    y = layer(x.cuda())
+    assert y.shape == (2, 3, 300) and y.dtype == torch.float16
+    torch.testing.assert_close(y.cpu().double(), ref, rtol=4e-3, atol=4e-3)
+    y32 = layer(x.cuda().float())
+    assert y32.dtype == torch.float32
+    yb = layer(x.cuda().bfloat16())
+    torch.testing.assert_close(yb.cpu().double(), ref, rtol=3e-2, atol=3e-2)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x.cuda()), y)
+    # back on the CPU, the CPU kernels again
+    layer = layer.cpu()
+    assert "_gpu_layout" not in layer.__dict__
+    torch.testing.assert_close(layer(x.float()).double(), ref)
+
+
+@gpu
+def test_quant_linear_shares_qweight_without_act_order(gptqkit):
+    from gptqkit.nn import QuantLinear
+
+    layer = QuantLinear.from_packed(_random_layer(gptqkit, 256, 512, 4, 128), group_size=128).to("cuda")
+    assert layer.__dict__["_gpu_layout"].qweight.data_ptr() == layer.qweight.data_ptr()
+
+
+def test_quant_linear_gpu_forward_compiles_without_graph_breaks(gptqkit):
+    """QuantLinear's GPU branch is plain Python around the op; run here on a CPU copy of the layout."""
+    from gptqkit.nn import QuantLinear
+
+    packed = _random_layer(gptqkit, 40, 96, 4, 32, act_order=True)
+    layer = QuantLinear.from_packed(packed, bias=torch.randn(40).half(), group_size=32)
+    layer.__dict__["_gpu_layout"] = _layout(gptqkit, packed)  # what .to("cuda") makes, left on the CPU
+    x = torch.randn(2, 3, 96).half()
+    eager = layer._gpu_forward(x)
+    assert eager.shape == (2, 3, 40) and eager.dtype == torch.float16
+    torch.testing.assert_close(eager.float(), layer(x.float()), rtol=2e-3, atol=2e-3)
+    compiled = torch.compile(layer._gpu_forward, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager)
+    torch.testing.assert_close(compiled(x.bfloat16()).float(), eager.float(), rtol=2e-2, atol=2e-2)
+
+
+# ============================================================================ CPU emulation of the kernels
+# tests/gpu_emulation/emulate_gemm.cpp compiles the kernel sources
+# (cuda/src/*_kernel.cuh, unmodified) as C++ with every GPU thread a
+# cooperative fiber, __syncthreads a yield, and the warp collectives (shuffles,
+# ldmatrix, mma.sync, cp.async landing as late as allowed) emulated lane by
+# lane. It checks the kernels' indexing, staging, reductions and fragment
+# layouts on a machine without a GPU; it says nothing about speed.
+
+import hashlib  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_EMU_VARIANTS = {"warp32": ["-DEMU_WARP=32"], "warp64": ["-DEMU_WARP=64"],
+                 "tensorcores": ["-DEMU_WARP=32", "-DEMU_TC=1"]}
+
+
+@pytest.fixture(scope="module")
+def emulators():
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler for the kernel emulation")
+    sources = [os.path.join(_REPO, "tests", "gpu_emulation", f) for f in ("emulate_gemm.cpp", "emu_compat.h")]
+    sources += [os.path.join(_REPO, "cuda", "src", f) for f in ("gemm_common.cuh", "gemm_gemv_kernel.cuh",
+                                                                "gemm_tiled_kernel.cuh", "gemm_dequant_kernel.cuh",
+                                                                "gpu_gemm_api.h")]
+    sources.append(os.path.join(_REPO, "cpp", "src", "half.h"))
+    digest = hashlib.sha256(b"".join(open(p, "rb").read() for p in sources)).hexdigest()[:16]
+    out_dir = os.path.join(_REPO, "build", "gpu-emulation", digest)
+    os.makedirs(out_dir, exist_ok=True)
+    procs, paths = {}, {}
+    for name, flags in _EMU_VARIANTS.items():
+        paths[name] = os.path.join(out_dir, f"emulate_gemm_{name}")
+        if os.path.exists(paths[name]):
+            continue
+        cmd = [cxx, "-std=c++20", "-O1", *flags,
+               "-I" + os.path.join(_REPO, "tests", "gpu_emulation"), "-I" + os.path.join(_REPO, "cuda", "src"),
+               "-I" + os.path.join(_REPO, "cpp", "include"), "-I" + os.path.join(_REPO, "cpp", "src"),
+               sources[0], "-o", paths[name] + ".tmp"]
+        procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for name, proc in procs.items():
+        out = proc.communicate()[0].decode(errors="replace")
+        if proc.returncode != 0:
+            pytest.fail(f"compiling the kernel emulation ({name}) failed:\n{out[-4000:]}")
+        os.replace(paths[name] + ".tmp", paths[name])
+    return paths
+
+
+def _emulate(binary, tmp_path, kernel, lay, x=None, bias=None, lanes=4, mf=1):
+    """Runs one kernel launch in the emulator; returns the raw 16-bit result as a torch tensor of sz's dtype."""
+    bf16 = lay.sz.dtype == torch.bfloat16
+    m = 0 if x is None else x.shape[0]
+    chunks, np_ = lay.chunk_group.shape[0], lay.qweight.shape[1]
+    head = np.array([kernel, int(bf16), lay.bits, m, lay.in_features, lay.out_features, np_, chunks,
+                     lay.sz.shape[0], int(lay.perm is not None), int(bias is not None), lanes, mf], dtype=np.int64)
+
+    def raw16(t):
+        return t.contiguous().view(torch.int16).numpy().tobytes()
+
+    parts = [head.tobytes(), b"" if x is None else raw16(x), lay.qweight.numpy().tobytes(), raw16(lay.sz),
+             lay.chunk_group.numpy().tobytes()]
+    if lay.perm is not None:
+        parts.append(lay.perm.numpy().tobytes())
+    if bias is not None:
+        parts.append(raw16(bias))
+    job, result = tmp_path / "job.bin", tmp_path / "out.bin"
+    job.write_bytes(b"".join(parts))
+    run = subprocess.run([binary, str(job), str(result)], capture_output=True, timeout=600)
+    assert run.returncode == 0, run.stderr.decode(errors="replace")
+    shape = (lay.out_features, lay.in_features) if kernel == 2 else (m, lay.out_features)
+    raw = torch.from_numpy(np.frombuffer(result.read_bytes(), dtype=np.int16).copy()).view(lay.sz.dtype)
+    return raw.reshape(shape)
+
+
+def _check_emulated(y, x, packed, bias, dtype):
+    w = _oracle(packed).double()
+    ref = x.double() @ w.T + (bias.double() if bias is not None else 0)
+    assert not torch.isnan(y).any(), "output elements left unwritten"
+    err = (y.double() - ref).abs()
+    bound = _bound(x, w, ref, dtype)
+    assert (err <= bound).all(), f"max error {err.max():.3g}, worst ratio {(err / bound).max():.3g}"
+
+
+@pytest.mark.parametrize("variant", ["warp32", "warp64"])
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size,act_order", [(-1, False), (32, True), (128, False)])
+@pytest.mark.parametrize("m,lanes", [(1, 4), (3, 32), (8, 8)])
+def test_emulated_gemv(gptqkit, emulators, tmp_path, variant, bits, group_size, act_order, m, lanes):
+    dtype = torch.bfloat16 if bits % 2 else torch.float16
+    n, k = 203, 333
+    packed = _random_layer(gptqkit, n, k, bits, group_size, act_order=act_order, seed=bits + m)
+    lay = _layout(gptqkit, packed, dtype=dtype)
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if m != 3 else None
+    y = _emulate(emulators[variant], tmp_path, 0, lay, x, bias, lanes=lanes)
+    _check_emulated(y, x, packed, bias, dtype)
+
+
+@pytest.mark.parametrize("variant", ["warp32", "tensorcores"])
+@pytest.mark.parametrize("bits,group_size,act_order,k", [(4, 128, False, 320), (4, 32, True, 333), (2, -1, False, 333),
+                                                         (3, 32, False, 320), (8, 128, True, 333)])
+@pytest.mark.parametrize("m,mf", [(9, 1), (33, 1), (70, 4)])
+def test_emulated_tiled(gptqkit, emulators, tmp_path, variant, bits, group_size, act_order, k, m, mf):
+    dtype = torch.bfloat16 if (bits + m) % 2 else torch.float16
+    n = 203
+    packed = _random_layer(gptqkit, n, k, bits, group_size, act_order=act_order, seed=bits + m)
+    lay = _layout(gptqkit, packed, dtype=dtype)
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if m != 33 else None
+    y = _emulate(emulators[variant], tmp_path, 1, lay, x, bias, mf=mf)
+    _check_emulated(y, x, packed, bias, dtype)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_emulated_dequantize(gptqkit, emulators, tmp_path, bits):
+    packed = _random_layer(gptqkit, 70, 333, bits, 32, act_order=True, seed=bits)
+    lay = _layout(gptqkit, packed)
+    w = _emulate(emulators["warp32"], tmp_path, 2, lay)
+    torch.testing.assert_close(w.float(), _oracle(packed), rtol=2 ** -11, atol=0)
+
+
+def test_native_prepare_needs_perm_when_reordered(gptqkit):
+    from gptqkit._native import _C
+
+    p = _random_layer(gptqkit, 24, 64, 4, 32, act_order=True)
+    q, z, s, g = (torch.as_tensor(t) for t in (p.qweight, p.qzeros, p.scales, p.g_idx))
+    shape = _C.gpu_gemm_shape(g, 24, 2, 4)
+    assert shape["reordered"] and shape["positions"] == 64
+    with pytest.raises(ValueError, match="out.perm: the layout is reordered"):
+        _C.prepare_gpu_weight(q, z, s, g, 4, "v1", torch.empty(8, 128, dtype=torch.int32),
+                              torch.empty(2, 128, 2).half(), torch.empty(2, dtype=torch.int32), None)
