@@ -38,38 +38,6 @@ struct PyPrepared {
   PreparedWeight weight;
 };
 
-// borrow() for the per-call arrays of cpu_gemm, with a fast path for plain
-// torch tensors: torch.Tensor.__dlpack__ is a Python method that costs about
-// 3 us per call, torch.utils.dlpack.to_dlpack (the C function behind it)
-// about 0.4 us. A decoding step of a small model makes hundreds of calls.
-// Tensors that require grad, subclasses and other arrays take the general
-// path (which raises the producer's own errors).
-BorrowedTensor borrow_arg(const py::handle& obj, const char* name, bool writable) {
-  static PyObject* tensor_type = nullptr;  // torch.Tensor, once torch is imported (never released)
-  static PyObject* to_dlpack = nullptr;    // torch.utils.dlpack.to_dlpack
-  if (tensor_type == nullptr) {
-    PyObject* torch = PyImport_GetModule(py::str("torch").ptr());  // only if already imported
-    if (torch != nullptr) {
-      try {
-        py::object t = py::reinterpret_steal<py::object>(torch);
-        py::object fn = py::module_::import("torch.utils.dlpack").attr("to_dlpack");  // a new reference
-        to_dlpack = fn.release().ptr();
-        tensor_type = py::object(t.attr("Tensor")).release().ptr();
-      } catch (py::error_already_set&) {
-        to_dlpack = nullptr;
-        tensor_type = nullptr;
-      }
-    } else if (PyErr_Occurred()) {
-      PyErr_Clear();
-    }
-  }
-  if (tensor_type != nullptr && reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr())) == tensor_type &&
-      !obj.attr("requires_grad").cast<bool>()) {
-    py::object capsule = py::reinterpret_borrow<py::object>(to_dlpack)(obj);
-    return borrow_capsule(std::move(capsule), name, writable);
-  }
-  return borrow(obj, name, writable);
-}
 
 }  // namespace
 
@@ -115,10 +83,10 @@ void register_cpu_gemm(py::module_& m) {
         CpuGemmOptions options;
         options.kernel = parse_kernel(kernel);
         options.blas_min_rows = blas_min_rows;
-        auto bx = borrow_arg(x, "x", false);
+        auto bx = borrow_fast(x, "x", false);
         std::optional<BorrowedTensor> bb;
-        if (!bias.is_none()) bb = borrow_arg(bias, "bias", false);
-        auto by = borrow_arg(y, "y", true);
+        if (!bias.is_none()) bb = borrow_fast(bias, "bias", false);
+        auto by = borrow_fast(y, "y", true);
         const TensorView* bias_view = bb ? &bb->view : nullptr;
         Status s;
         {

@@ -131,4 +131,31 @@ void register_exceptions(py::module_& m) {
   m.attr("NotPositiveDefiniteError") = py::reinterpret_steal<py::object>(g_not_pd_error);
 }
 
+BorrowedTensor borrow_fast(const py::handle& obj, const char* name, bool writable) {
+  static PyObject* tensor_type = nullptr;  // torch.Tensor, once torch is imported (never released)
+  static PyObject* to_dlpack = nullptr;    // torch.utils.dlpack.to_dlpack
+  if (tensor_type == nullptr) {
+    PyObject* torch = PyImport_GetModule(py::str("torch").ptr());  // only if already imported
+    if (torch != nullptr) {
+      try {
+        py::object t = py::reinterpret_steal<py::object>(torch);
+        py::object fn = py::module_::import("torch.utils.dlpack").attr("to_dlpack");  // a new reference
+        to_dlpack = fn.release().ptr();
+        tensor_type = py::object(t.attr("Tensor")).release().ptr();
+      } catch (py::error_already_set&) {
+        to_dlpack = nullptr;
+        tensor_type = nullptr;
+      }
+    } else if (PyErr_Occurred()) {
+      PyErr_Clear();
+    }
+  }
+  if (tensor_type != nullptr && reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr())) == tensor_type &&
+      !obj.attr("requires_grad").cast<bool>()) {
+    py::object capsule = py::reinterpret_borrow<py::object>(to_dlpack)(obj);
+    return borrow_capsule(std::move(capsule), name, writable);
+  }
+  return borrow(obj, name, writable);
+}
+
 }  // namespace gptqkit::bindings

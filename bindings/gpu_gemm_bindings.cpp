@@ -23,38 +23,6 @@ ZeroFormat parse_format(const std::string& name) {
   throw py::value_error("format: expected 'v1' (qzeros store zero - 1) or 'v2' (true zeros), got '" + name + "'");
 }
 
-// borrow() with the fast path for plain torch tensors that
-// cpu_gemm_bindings.cpp uses (torch.utils.dlpack.to_dlpack instead of the
-// Python-level Tensor.__dlpack__: ~0.4 us instead of ~3 us per argument, and
-// a layer call has up to seven). to_dlpack never synchronises streams, which
-// is what a captured CUDA graph needs.
-BorrowedTensor borrow_fast(const py::handle& obj, const char* name, bool writable) {
-  static PyObject* tensor_type = nullptr;  // torch.Tensor, once torch is imported (never released)
-  static PyObject* to_dlpack = nullptr;    // torch.utils.dlpack.to_dlpack
-  if (tensor_type == nullptr) {
-    PyObject* torch = PyImport_GetModule(py::str("torch").ptr());  // only if already imported
-    if (torch != nullptr) {
-      try {
-        py::object t = py::reinterpret_steal<py::object>(torch);
-        py::object fn = py::module_::import("torch.utils.dlpack").attr("to_dlpack");
-        to_dlpack = fn.release().ptr();
-        tensor_type = py::object(t.attr("Tensor")).release().ptr();
-      } catch (py::error_already_set&) {
-        to_dlpack = nullptr;
-        tensor_type = nullptr;
-      }
-    } else if (PyErr_Occurred()) {
-      PyErr_Clear();
-    }
-  }
-  if (tensor_type != nullptr && reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr())) == tensor_type &&
-      !obj.attr("requires_grad").cast<bool>()) {
-    py::object capsule = py::reinterpret_borrow<py::object>(to_dlpack)(obj);
-    return borrow_capsule(std::move(capsule), name, writable);
-  }
-  return borrow(obj, name, writable);
-}
-
 struct Prepared {
   BorrowedTensor qweight, sz, chunk_group;
   std::optional<BorrowedTensor> perm;
