@@ -715,18 +715,7 @@ class GPTQForCausalLM:
                     result = self._quantize_layer(block, name, full, hessians.pop(name), settings, dev, report, bar)
                     finished.append((name, result))
                 for tail, child in capture.items():
-                    layer, inputs_of_tail = block.get_submodule(tail), captured.pop(tail)  # first batches only
-                    outs, in_place = [], True
-                    for b in range(len(inputs_of_tail)):  # each input dropped as soon as it is used
-                        x, inputs_of_tail[b] = inputs_of_tail[b], None
-                        y = layer(x.to(dev))
-                        if y.shape == x.shape and y.dtype == x.dtype and y.device == x.device:
-                            x.copy_(y)  # o_proj: the output takes its input's cache slot
-                            y = x
-                        else:
-                            in_place = False
-                        outs.append(y)
-                    frozen.seed(child, outs, kept=in_place)
+                    self._seed_from_tail(frozen, child, block.get_submodule(tail), captured.pop(tail), dev)
             # The quantized block produces the next block's inputs.
             # Each batch's output replaces its input at once: two full activation caches never coexist.
             with frozen.active(set(), record=False):
@@ -754,6 +743,28 @@ class GPTQForCausalLM:
             bar.update(1)
         bar.close()
         return hidden
+
+    @staticmethod
+    def _seed_from_tail(frozen: _FrozenOutputs, child: str, layer: nn.Module, inputs_of_tail: List[torch.Tensor],
+                        dev) -> None:
+        """Stores ``child``'s output on every batch, computed as ``layer(cached input)`` (see
+        :meth:`_FrozenOutputs.find_tails`); inputs cover the first batches only.
+
+        A method of its own so that no loop variable outlives it: a leftover
+        view of the cache slab would keep the whole slab alive into the next
+        block (one hidden-state cache of extra peak memory).
+        """
+        outs, in_place = [], True
+        for b in range(len(inputs_of_tail)):  # each input dropped as soon as it is used
+            x, inputs_of_tail[b] = inputs_of_tail[b], None
+            y = layer(x.to(dev))
+            if y.shape == x.shape and y.dtype == x.dtype and y.device == x.device:
+                x.copy_(y)  # o_proj: the output takes its input's cache slot
+                y = x
+            else:
+                in_place = False
+            outs.append(y)
+        frozen.seed(child, outs, kept=in_place)
 
     def _quantize_layer(self, parent: nn.Module, name: str, full: str, hessian, settings, dev,
                         report: QuantizeReport, bar):

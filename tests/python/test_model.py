@@ -790,3 +790,44 @@ def test_replaying_frozen_outputs_changes_nothing(gptqkit, arch, monkeypatch):
     _assert_same_packed(_packed(fast), _packed(slow))
     ids = _tokens(1, 16)
     assert torch.equal(fast(ids).logits, slow(ids).logits)
+
+
+@pytest.mark.parametrize("extra_cache", [0.0, 100.0])
+def test_block_caches_die_with_their_block(gptqkit, monkeypatch, extra_cache):
+    """Every activation slab a block allocates (captured tail inputs, replayed outputs) is freed when
+    the block ends. A leftover reference (say, a loop variable holding a view) keeps a whole
+    hidden-state-sized cache alive into the next block and raises the run's peak memory by as much."""
+    from gptqkit import model as model_mod
+
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        pytest.skip("this torch has no storage use counts")
+    slabs = []  # (block index, storage of a slab made while quantizing that block)
+    state = {"block": -1, "checked": 0}
+    put = model_mod._SlabCache.put
+
+    def recording_put(self, index, t):
+        fresh = self.slab is None
+        out = put(self, index, t)
+        if fresh and self.slab is not None and state["block"] >= 0:
+            slabs.append((state["block"], self.slab.untyped_storage()))
+        return out
+
+    def check_dead(before_block):
+        for bi, storage in slabs:
+            if bi < before_block:
+                assert use_count(storage._cdata) == 1, f"a cache of block {bi} is still alive in block {before_block}"
+                state["checked"] += 1
+
+    groups_for = model_mod.GPTQForCausalLM._groups_for
+
+    def checking_groups_for(self, *args, **kwargs):
+        state["block"] += 1
+        check_dead(state["block"])
+        return groups_for(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_mod._SlabCache, "put", recording_put)
+    monkeypatch.setattr(model_mod.GPTQForCausalLM, "_groups_for", checking_groups_for)
+    _quantize(extra_cache=extra_cache)
+    check_dead(state["block"] + 1)
+    assert state["checked"] > 0  # the blocks did make slabs, and each was checked
