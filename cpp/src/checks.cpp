@@ -1,5 +1,7 @@
 #include "checks.h"
 
+#include <algorithm>
+#include <cstring>
 #include <sstream>
 
 #include "gptqkit/gpu_gemm.h"
@@ -57,31 +59,50 @@ Status shape_is(const TensorView& t, const char* name, std::initializer_list<int
   return Status::Ok();
 }
 
+namespace {
+
+// Index of the first element whose exponent bits are all ones (Inf or NaN),
+// or -1. Why blocks of branch-free counting: an early-exit scalar loop does
+// not vectorize, and this scan runs on every Hessian batch (a 512 x 576
+// float32 batch took 0.3-0.6 ms that way, a quarter of the update itself).
+template <typename Bits>
+int64_t first_nonfinite(const void* data, int64_t n, Bits exponent_mask) {
+  const unsigned char* bytes = static_cast<const unsigned char*>(data);
+  const auto special = [&](int64_t i) {
+    Bits v;  // memcpy: the buffer holds floats, read here as their bit patterns
+    std::memcpy(&v, bytes + i * static_cast<int64_t>(sizeof(Bits)), sizeof(Bits));
+    return (v & exponent_mask) == exponent_mask;
+  };
+  constexpr int64_t kBlock = 2048;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    int64_t hits = 0;
+    for (int64_t i = b; i < e; ++i) hits += special(i);
+    if (hits)
+      for (int64_t i = b; i < e; ++i)
+        if (special(i)) return i;
+  }
+  return -1;
+}
+
+}  // namespace
+
 Status all_finite(const TensorView& t, const char* name) {
   const int64_t n = t.numel();
   int64_t bad = -1;
   switch (t.dtype) {
-    case DType::kFloat32: {
-      const float* p = static_cast<const float*>(t.data);
-      for (int64_t i = 0; i < n && bad < 0; ++i) if (!std::isfinite(p[i])) bad = i;
+    case DType::kFloat32:
+      bad = first_nonfinite<uint32_t>(t.data, n, 0x7f800000u);
       break;
-    }
-    case DType::kFloat64: {
-      const double* p = static_cast<const double*>(t.data);
-      for (int64_t i = 0; i < n && bad < 0; ++i) if (!std::isfinite(p[i])) bad = i;
+    case DType::kFloat64:
+      bad = first_nonfinite<uint64_t>(t.data, n, 0x7ff0000000000000ull);
       break;
-    }
-    case DType::kFloat16: {
-      // exponent all ones = inf or nan
-      const uint16_t* p = static_cast<const uint16_t*>(t.data);
-      for (int64_t i = 0; i < n && bad < 0; ++i) if ((p[i] & 0x7c00u) == 0x7c00u) bad = i;
+    case DType::kFloat16:
+      bad = first_nonfinite<uint16_t>(t.data, n, 0x7c00u);
       break;
-    }
-    case DType::kBFloat16: {
-      const uint16_t* p = static_cast<const uint16_t*>(t.data);
-      for (int64_t i = 0; i < n && bad < 0; ++i) if ((p[i] & 0x7f80u) == 0x7f80u) bad = i;
+    case DType::kBFloat16:
+      bad = first_nonfinite<uint16_t>(t.data, n, 0x7f80u);
       break;
-    }
     default:
       return Status::Ok();
   }

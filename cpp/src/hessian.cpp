@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "blas.h"
 #include "checks.h"
@@ -20,41 +21,58 @@ namespace {
 // bounds the scratch buffer to rows * K elements.
 constexpr int64_t kChunkRows = 2048;
 
-// Column slices of the upper triangle holding equal work: slice t covers
-// columns [K*sqrt(t/T), K*sqrt((t+1)/T)) (the triangle's area grows with the
-// square of the column), rounded to multiples of 16.
-std::vector<int64_t> balanced_column_bounds(int64_t k, int slices) {
-  std::vector<int64_t> b{0};
-  for (int t = 1; t < slices; ++t) {
-    int64_t c = static_cast<int64_t>(static_cast<double>(k) * std::sqrt(static_cast<double>(t) / slices));
-    c = std::min(k, (c + 15) / 16 * 16);
-    if (c > b.back()) b.push_back(c);
+// The upper triangle of C split into column panels of equal width, and the
+// panels dealt to `workers` threads, largest first, each to the least loaded
+// (panel j costs its height times its width: a gemm for the rectangle above
+// its diagonal block plus a syrk for the block). Why panels about K/(2T)
+// wide, never under 128: with only T slices the diagonal syrks are large,
+// and single-threaded OpenBLAS syrk runs at about half its gemm speed (K=576
+// on 2 cores: 2.75 ms as 2 slices, 1.4 ms as 4 panels); narrower than 128,
+// the gemms themselves lose speed.
+struct PanelPlan {
+  std::vector<int64_t> bounds;               // panel p is columns [bounds[p], bounds[p+1])
+  std::vector<std::vector<int64_t>> owned;   // panels of each worker
+};
+
+PanelPlan plan_panels(int64_t k, int workers) {
+  PanelPlan plan;
+  const int64_t width = std::max<int64_t>(128, (k / (2 * std::max(workers, 1)) + 15) / 16 * 16);
+  for (int64_t c = 0; c < k; c += width) plan.bounds.push_back(c);
+  plan.bounds.push_back(k);
+  const int64_t panels = static_cast<int64_t>(plan.bounds.size()) - 1;
+  workers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(workers, panels)));
+  plan.owned.resize(static_cast<size_t>(workers));
+  std::vector<double> load(static_cast<size_t>(workers), 0.0);
+  for (int64_t p = panels - 1; p >= 0; --p) {  // later panels are taller: largest first
+    const size_t w = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
+    plan.owned[w].push_back(p);
+    load[w] += static_cast<double>(plan.bounds[p + 1]) * static_cast<double>(plan.bounds[p + 1] - plan.bounds[p]);
   }
-  if (b.back() < k) b.push_back(k);
-  return b;
+  return plan;
 }
 
 // C (column-major K x K, upper triangle) = alpha * A A^T + beta * C for the
-// column-major K x rows matrix A, split over gptqkit's threads: each slice
-// of columns is one single-threaded gemm for the rectangle above its diagonal
-// block plus one syrk for the block. Why not OpenBLAS's threading: in the
-// quantization loop these calls interleave with PyTorch ops, and OpenBLAS's
-// idle threads busy-wait against PyTorch's for the same cores.
+// column-major K x rows matrix A, over gptqkit's threads (see PanelPlan).
+// Why not OpenBLAS's threading: in the quantization loop these calls
+// interleave with PyTorch ops, and OpenBLAS's idle threads busy-wait against
+// PyTorch's for the same cores.
 template <typename T, typename Syrk, typename Gemm>
 void parallel_syrk(int64_t k, int64_t rows, T alpha, const T* a, T beta, T* c, Syrk syrk, Gemm gemm) {
   blas::ScopedBlasThreads one_thread(1);
   // Small updates are not worth waking threads for.
   const int64_t flops = k * k * rows;
-  const int slices = flops < (int64_t{1} << 24) ? 1 : std::max(1, num_threads());
-  const auto bounds = balanced_column_bounds(k, slices);
+  const int workers = flops < (int64_t{1} << 24) ? 1 : std::max(1, num_threads());
+  const PanelPlan plan = plan_panels(k, workers);
   const int ki = static_cast<int>(k), ri = static_cast<int>(rows);
-  parallel_for(static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t s0, int64_t s1) {
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t j0 = bounds[s], j1 = bounds[s + 1];
-      const int width = static_cast<int>(j1 - j0);
-      if (j0 > 0)  // C[0:j0, j0:j1] = alpha * A[0:j0, :] A[j0:j1, :]^T + beta * C
-        gemm('N', 'T', static_cast<int>(j0), width, ri, alpha, a, ki, a + j0, ki, beta, c + j0 * k, ki);
-      syrk('U', 'N', width, ri, alpha, a + j0, ki, beta, c + j0 + j0 * k, ki);
+  parallel_for(static_cast<int64_t>(plan.owned.size()), 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      for (const int64_t p : plan.owned[static_cast<size_t>(w)]) {
+        const int64_t j0 = plan.bounds[p], j1 = plan.bounds[p + 1];
+        const int width = static_cast<int>(j1 - j0);
+        if (j0 > 0)  // C[0:j0, j0:j1] = alpha * A[0:j0, :] A[j0:j1, :]^T + beta * C
+          gemm('N', 'T', static_cast<int>(j0), width, ri, alpha, a, ki, a + j0, ki, beta, c + j0 * k, ki);
+        syrk('U', 'N', width, ri, alpha, a + j0, ki, beta, c + j0 + j0 * k, ki);
+      }
     }
   });
 }

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gptqkit/hessian.h"
@@ -121,4 +122,30 @@ TEST(Errors, HessianAccumulatorRejectsBadInput) {
   HessianAccumulator bad(0);
   std::vector<float> y(4, 1.0f);
   expect_invalid(bad.add_batch(make_view(y.data(), DType::kFloat32, 1, 4)), "in_features");
+}
+
+// The non-finite scan works in blocks (checks.cpp): a single Inf or NaN anywhere, in every
+// input dtype, must be found and reported at its flat index, and the rejected batch must
+// leave the accumulator as it was.
+TEST(Errors, HessianAccumulatorFindsEveryNonFiniteValue) {
+  const int64_t k = 64, rows = 100;  // 6400 values: several scan blocks and a partial one
+  const uint16_t fp16_inf = 0x7c00u, fp16_nan = 0x7e00u, bf16_inf = 0x7f80u, bf16_nan = 0x7fc0u;
+  for (const int64_t at : {int64_t{0}, int64_t{2047}, int64_t{2048}, int64_t{5000}, rows * k - 1}) {
+    HessianAccumulator acc(k, AccumulateType::kFloat64);
+    std::vector<float> good(static_cast<size_t>(rows * k), 0.5f);
+    ASSERT_TRUE(acc.add_batch(make_view(good.data(), DType::kFloat32, rows, k)).ok());
+    const std::string where = "first at flat index " + std::to_string(at) + ")";
+    for (const float special : {std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::quiet_NaN()}) {
+      std::vector<float> x(good);
+      x[static_cast<size_t>(at)] = special;
+      expect_invalid(acc.add_batch(make_view(x.data(), DType::kFloat32, rows, k)), where);
+    }
+    for (const auto& [dtype, special] : {std::pair{DType::kFloat16, fp16_inf}, std::pair{DType::kFloat16, fp16_nan},
+                                         std::pair{DType::kBFloat16, bf16_inf}, std::pair{DType::kBFloat16, bf16_nan}}) {
+      std::vector<uint16_t> x16(static_cast<size_t>(rows * k), 0x3800u);  // 0.5 in fp16; a finite bf16 too
+      x16[static_cast<size_t>(at)] = special;
+      expect_invalid(acc.add_batch(make_view(x16.data(), dtype, rows, k)), where);
+    }
+    EXPECT_EQ(acc.n_samples(), rows);  // only the good batch was accumulated
+  }
 }

@@ -1,7 +1,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "gptqkit/hessian.h"
@@ -81,4 +83,28 @@ TEST(Hessian, ThreeDimensionalInputAndReset) {
   EXPECT_EQ(acc.n_samples(), 0);
   auto h = read_hessian(acc);
   EXPECT_TRUE(std::all_of(h.begin(), h.end(), [](double v) { return v == 0.0; }));
+}
+
+// Large updates are split into column panels over gptqkit's threads (hessian.cpp,
+// PanelPlan): every width (panels that do not divide K, fewer panels than threads)
+// and thread count must give the float64 reference.
+TEST(Hessian, ThreadedPanelsMatchFloat64Reference) {
+  const char* saved = std::getenv("GPTQKIT_NUM_THREADS");
+  const std::string restore = saved ? saved : "";
+  for (const int64_t k : {130, 300, 577}) {
+    const int64_t rows = 1024;  // k * k * rows above the threshold for threading
+    auto x = correlated_activations(rows, k, 7);
+    const auto reference = naive_hessian(x, rows, k);
+    for (const char* threads : {"1", "2", "3", "5"}) {
+      setenv("GPTQKIT_NUM_THREADS", threads, 1);
+      HessianAccumulator acc(k);
+      ASSERT_TRUE(acc.add_batch(make_view(x.data(), DType::kFloat32, rows, k)).ok());
+      EXPECT_LT(rel_frobenius(read_hessian(acc), reference), 1e-5) << "K=" << k << " threads=" << threads;
+    }
+  }
+  if (saved) {
+    setenv("GPTQKIT_NUM_THREADS", restore.c_str(), 1);
+  } else {
+    unsetenv("GPTQKIT_NUM_THREADS");
+  }
 }
