@@ -12,6 +12,7 @@
 
 #include <pybind11/stl.h>
 
+#include "arguments.h"
 #include "dlpack_view.h"
 #include "gptqkit/cpu_gemm.h"
 
@@ -19,12 +20,6 @@ namespace py = pybind11;
 
 namespace gptqkit::bindings {
 namespace {
-
-ZeroFormat parse_format(const std::string& name) {
-  if (name == "v1") return ZeroFormat::kV1;
-  if (name == "v2") return ZeroFormat::kV2;
-  throw py::value_error("format: expected 'v1' (qzeros store zero - 1) or 'v2' (true zeros), got '" + name + "'");
-}
 
 CpuKernel parse_kernel(const std::string& name) {
   if (name == "auto") return CpuKernel::kAuto;
@@ -47,7 +42,7 @@ void register_cpu_gemm(py::module_& m) {
                                                         "(docs/format.md, 'In-memory CPU layout').")
       .def(py::init([](const py::handle& qweight, const py::handle& qzeros, const py::handle& scales,
                        const py::handle& g_idx, int bits, const std::string& format) {
-             const ZeroFormat f = parse_format(format);
+             const ZeroFormat f = parse_zero_format(format);
              auto bq = borrow(qweight, "qweight", false);
              auto bz = borrow(qzeros, "qzeros", false);
              auto bs = borrow(scales, "scales", false);

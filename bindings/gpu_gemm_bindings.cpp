@@ -9,6 +9,7 @@
 #include <string>
 #include <utility>
 
+#include "arguments.h"
 #include "dlpack_view.h"
 #include "gptqkit/gpu_gemm.h"
 
@@ -16,12 +17,6 @@ namespace py = pybind11;
 
 namespace gptqkit::bindings {
 namespace {
-
-ZeroFormat parse_format(const std::string& name) {
-  if (name == "v1") return ZeroFormat::kV1;
-  if (name == "v2") return ZeroFormat::kV2;
-  throw py::value_error("format: expected 'v1' (qzeros store zero - 1) or 'v2' (true zeros), got '" + name + "'");
-}
 
 struct Prepared {
   BorrowedTensor qweight, sz, chunk_group;
@@ -75,7 +70,7 @@ void register_gpu_gemm(py::module_& m) {
       [](const py::handle& qweight, const py::handle& qzeros, const py::handle& scales, const py::handle& g_idx,
          int bits, const std::string& format, const py::handle& out_qweight, const py::handle& out_sz,
          const py::handle& out_chunk_group, const py::object& out_perm, uintptr_t stream) {
-        const ZeroFormat f = parse_format(format);
+        const ZeroFormat f = parse_zero_format(format);
         auto bq = borrow(qweight, "qweight", false);
         auto bz = borrow(qzeros, "qzeros", false);
         auto bs = borrow(scales, "scales", false);

@@ -6,21 +6,13 @@
 #include <optional>
 #include <string>
 
+#include "arguments.h"
 #include "dlpack_view.h"
 #include "gptqkit/linear.h"
 
 namespace py = pybind11;
 
 namespace gptqkit::bindings {
-namespace {
-
-ZeroFormat parse_format(const std::string& name) {
-  if (name == "v1") return ZeroFormat::kV1;
-  if (name == "v2") return ZeroFormat::kV2;
-  throw py::value_error("format: expected 'v1' (qzeros store zero - 1) or 'v2' (true zeros), got '" + name + "'");
-}
-
-}  // namespace
 
 void register_linear(py::module_& m) {
   m.def(
@@ -28,7 +20,7 @@ void register_linear(py::module_& m) {
       [](const py::handle& x, const py::handle& qweight, const py::handle& qzeros, const py::handle& scales,
          const py::handle& g_idx, const py::object& bias, int bits, const std::string& format,
          const py::handle& y) {
-        const ZeroFormat f = parse_format(format);
+        const ZeroFormat f = parse_zero_format(format);
         auto bx = borrow(x, "x", false);
         auto bq = borrow(qweight, "qweight", false);
         auto bz = borrow(qzeros, "qzeros", false);

@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 _MADV_DONTNEED = 4
+_MADV_PAGEOUT = 21  # Linux >= 5.4; older kernels answer EINVAL and nothing happens
 _libc: Optional[ctypes.CDLL] = None
 _libc_loaded = False
 
@@ -61,6 +62,21 @@ def _private_file_mappings() -> List[Tuple[int, int]]:
     return spans
 
 
+def _advise_whole_pages(libc: ctypes.CDLL, ptr: int, nbytes: int, advice: int) -> int:
+    """``madvise`` on the whole pages inside ``[ptr, ptr + nbytes)`` (never a page
+    shared with a neighbour's bytes); returns the bytes advised, 0 on failure."""
+    page = mmap.PAGESIZE
+    lo = (ptr + page - 1) // page * page
+    hi = (ptr + nbytes) // page * page
+    if hi > lo and libc.madvise(ctypes.c_void_p(lo), hi - lo, advice) == 0:
+        return hi - lo
+    return 0
+
+
+def _in_file_mapping(ptr: int, nbytes: int, spans: List[Tuple[int, int]]) -> bool:
+    return any(lo <= ptr and ptr + nbytes <= hi for lo, hi in spans)
+
+
 def exclusive_file_ranges(tensors: Sequence[torch.Tensor]) -> List[tuple]:
     """Notes the CPU tensors that lie in a private file mapping and share their
     storage with no other tensor. Call before dropping them; pass the result to
@@ -83,7 +99,7 @@ def exclusive_file_ranges(tensors: Sequence[torch.Tensor]) -> List[tuple]:
         ptr, nbytes = storage.data_ptr(), storage.nbytes()
         if spans is None:
             spans = _private_file_mappings()
-        if any(lo <= ptr and ptr + nbytes <= hi for lo, hi in spans):
+        if _in_file_mapping(ptr, nbytes, spans):
             out.append((weakref.ref(t), ptr, nbytes))
     return out
 
@@ -93,16 +109,44 @@ def release_file_pages(noted: Sequence[tuple]) -> int:
     libc = _get_libc()
     if libc is None:
         return 0
-    page = mmap.PAGESIZE
     released = 0
     for ref, ptr, nbytes in noted:
-        if ref() is not None:  # still referenced somewhere: keep it
-            continue
-        lo = (ptr + page - 1) // page * page
-        hi = (ptr + nbytes) // page * page
-        if hi > lo and libc.madvise(ctypes.c_void_p(lo), hi - lo, _MADV_DONTNEED) == 0:
-            released += hi - lo
+        if ref() is None:  # gone; one still referenced somewhere is kept
+            released += _advise_whole_pages(libc, ptr, nbytes, _MADV_DONTNEED)
     return released
+
+
+def page_out(tensors: Sequence[torch.Tensor]) -> int:
+    """Asks the kernel to reclaim the resident pages of live CPU tensors that lie in
+    a private file mapping (``madvise(MADV_PAGEOUT)``); returns the bytes asked for.
+
+    Why: the embedding is read while calibration inputs are captured (and, for
+    transformers 5, while loading), then not again until quantization ends,
+    yet its pages stay resident through every block. Unlike ``MADV_DONTNEED``
+    this never loses data: a clean page is re-read from the file when next
+    touched, and a page that was written (a private copy) can only go to
+    swap, so the tensors stay valid whatever they hold. Anonymous memory is
+    left alone (reclaiming it would mean swapping).
+    """
+    libc = _get_libc()
+    if libc is None:
+        return 0
+    spans = None
+    asked = 0
+    done: set = set()
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+            continue
+        storage = t.untyped_storage()
+        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        if ptr in done:
+            continue
+        done.add(ptr)
+        if spans is None:
+            spans = _private_file_mappings()
+        if _in_file_mapping(ptr, nbytes, spans):
+            asked += _advise_whole_pages(libc, ptr, nbytes, _MADV_PAGEOUT)
+    return asked
 
 
 def trim_heap() -> None:

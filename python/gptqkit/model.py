@@ -56,7 +56,7 @@ from gptqkit.checkpoint import checkpoint_info, load_checkpoint, save_checkpoint
 from gptqkit.config import QuantizeConfig
 from gptqkit.discovery import (LayerTracer, ModelLayout, _tensor_key, find_layout, find_linear_layers, get_weight,
                                is_conv1d, set_weight, validate_groups)
-from gptqkit._memory import exclusive_file_ranges, release_file_pages, trim_heap
+from gptqkit._memory import exclusive_file_ranges, page_out, release_file_pages, trim_heap
 from gptqkit.hessian import HessianAccumulator
 from gptqkit.nn import QuantLinear
 from gptqkit.solver import quantize_weight
@@ -555,6 +555,9 @@ class GPTQForCausalLM:
         try:
             with torch.no_grad():
                 hidden, inputs = self._capture_block_inputs(batches, blocks, dev, cache_dev)
+                # The embedding is not read again until the blocks are done: its pages need not stay resident.
+                page_out([t for name in layout.pre_modules or [] for mod in [model.get_submodule(name)]
+                          for t in list(mod.parameters()) + list(mod.buffers())])
                 trim_heap()
                 hidden = self._quantize_blocks(blocks, hidden, inputs, dev, cache_dev, report, progress,
                                                extra_cache=float(extra_cache))

@@ -19,8 +19,14 @@
 #include "gptqkit/pack.h"
 #include "gptqkit/status.h"
 #include "gptqkit/tensor.h"
+#include "packed_layer_fixture.h"
 
 namespace {
+
+using gptqkit_test::from_bits16;
+using gptqkit_test::random_vector;
+using gptqkit_test::RandomPackedLayer;
+using gptqkit_test::to_bits16;
 
 using gptqkit::CpuGemmOptions;
 using gptqkit::CpuKernel;
@@ -33,34 +39,6 @@ using gptqkit::StatusCode;
 using gptqkit::TensorView;
 using gptqkit::ZeroFormat;
 
-uint16_t to_bits16(float v, DType dtype) {  // round to nearest even (values here are normal)
-  uint32_t x;
-  std::memcpy(&x, &v, sizeof x);
-  if (dtype == DType::kBFloat16) return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
-  const uint32_t sign = (x >> 16) & 0x8000u;
-  const uint32_t abs = x & 0x7fffffffu;
-  if (abs < 0x38800000u) return static_cast<uint16_t>(sign);
-  uint32_t h = (abs - 0x38000000u) >> 13;
-  const uint32_t rest = abs & 0x1fffu;
-  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
-  return static_cast<uint16_t>(sign | h);
-}
-
-float from_bits16(uint16_t h, DType dtype) {
-  uint32_t x;
-  if (dtype == DType::kBFloat16) {
-    x = static_cast<uint32_t>(h) << 16;
-  } else {
-    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-    const uint32_t e = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
-    if (e == 0) return (sign ? -1.0f : 1.0f) * std::ldexp(static_cast<float>(mant), -24);  // subnormal
-    x = sign | ((e + 112u) << 23) | (mant << 13);
-  }
-  float f;
-  std::memcpy(&f, &x, sizeof f);
-  return f;
-}
-
 std::vector<CpuKernel> runnable_kernels() {
   std::vector<CpuKernel> out;
   for (CpuKernel k : {CpuKernel::kGeneric, CpuKernel::kAvx2, CpuKernel::kAvx512})
@@ -68,53 +46,17 @@ std::vector<CpuKernel> runnable_kernels() {
   return out;
 }
 
-// A random packed layer, its dense oracle weight (gptqkit::dequantize) and
-// its prepared form.
-struct Layer {
-  int64_t n, k, g;
-  int bits;
-  ZeroFormat format;
-  std::vector<int32_t> qweight, qzeros, g_idx;
-  std::vector<float> scales;
-  std::vector<float> dense;  // [N, K]
+// A random packed layer with its dense oracle weight and its prepared form.
+struct Layer : RandomPackedLayer {
   PreparedWeight prepared;
 
   Layer(int64_t n_, int64_t k_, int64_t group_size, int bits_, bool act_order, uint32_t seed,
         ZeroFormat format_ = ZeroFormat::kV1)
-      : n(n_), k(k_), bits(bits_), format(format_) {
-    std::mt19937 rng(seed);
-    g = group_size > 0 ? (k + group_size - 1) / group_size : 1;
-    std::vector<uint8_t> codes(static_cast<size_t>(n * k));
-    std::uniform_int_distribution<int> code(0, (1 << bits) - 1);
-    for (auto& c : codes) c = static_cast<uint8_t>(code(rng));
-    std::uniform_int_distribution<int> zero(format == ZeroFormat::kV1 ? 1 : 0, (1 << bits) - 1);
-    std::vector<int32_t> zeros(static_cast<size_t>(g * n));
-    for (auto& z : zeros) z = zero(rng);
-    std::uniform_real_distribution<float> scale(0.001f, 0.05f);
-    scales.resize(static_cast<size_t>(g * n));
-    for (auto& s : scales) s = from_bits16(to_bits16(scale(rng), DType::kFloat16), DType::kFloat16);
-    g_idx.resize(static_cast<size_t>(k));
-    std::vector<int64_t> order(static_cast<size_t>(k));
-    for (int64_t i = 0; i < k; ++i) order[i] = i;
-    if (act_order) std::shuffle(order.begin(), order.end(), rng);
-    for (int64_t i = 0; i < k; ++i) g_idx[order[i]] = group_size > 0 ? static_cast<int32_t>(i / group_size) : 0;
-
-    qweight.resize(static_cast<size_t>(packed_words(k, bits) * n));
-    qzeros.resize(static_cast<size_t>(g * packed_words(n, bits)));
-    EXPECT_TRUE(gptqkit::pack_qweight(make_view(codes.data(), DType::kUInt8, n, k), bits, qweight_view()).ok());
-    EXPECT_TRUE(gptqkit::pack_qzeros(make_view(zeros.data(), DType::kInt32, g, n), bits, format, qzeros_view()).ok());
-    dense.resize(static_cast<size_t>(n * k));
-    Status s = gptqkit::dequantize(qweight_view(), qzeros_view(), scales_view(), g_idx_view(), bits, format,
-                                   make_view(dense.data(), DType::kFloat32, n, k));
-    EXPECT_TRUE(s.ok()) << s.message();
-    s = gptqkit::prepare_cpu_weight(qweight_view(), qzeros_view(), scales_view(), g_idx_view(), bits, format,
-                                    &prepared);
+      : RandomPackedLayer(n_, k_, group_size, bits_, format_, act_order, seed) {
+    const Status s = gptqkit::prepare_cpu_weight(qweight_view(), qzeros_view(), scales_view(), g_idx_view(), bits,
+                                                 format, &prepared);
     EXPECT_TRUE(s.ok()) << s.message();
   }
-  TensorView qweight_view() { return make_view(qweight.data(), DType::kInt32, packed_words(k, bits), n); }
-  TensorView qzeros_view() { return make_view(qzeros.data(), DType::kInt32, g, packed_words(n, bits)); }
-  TensorView scales_view() { return make_view(scales.data(), DType::kFloat32, g, n); }
-  TensorView g_idx_view() { return make_view(g_idx.data(), DType::kInt32, k); }
 
   // y = x W^T + b in double, and sum_k |x w| + |b| (the scale of the rounding error) per output.
   void reference(const std::vector<float>& x, int64_t m, const std::vector<float>* bias, std::vector<double>* y,
@@ -134,14 +76,6 @@ struct Layer {
       }
   }
 };
-
-std::vector<float> random_vector(size_t count, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, 1.0f);
-  std::vector<float> v(count);
-  for (auto& x : v) x = dist(rng);
-  return v;
-}
 
 // Runs cpu_gemm on x (rounded to `dtype`) with every runnable variant and
 // both routes, and checks against the float64 reference: float32

@@ -71,3 +71,42 @@ def test_trim_heap_is_harmless(gptqkit):
     trim_heap()
     trim_heap()
 
+
+
+def _resident_bytes(t: torch.Tensor) -> int:
+    """Resident bytes of the pages under ``t`` in this process (``/proc/self/pagemap`` present bit)."""
+    page = mmap.PAGESIZE
+    lo, hi = t.data_ptr() // page, (t.data_ptr() + t.numel() * t.element_size() - 1) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(lo * 8)
+        entries = np.frombuffer(f.read((hi - lo + 1) * 8), dtype=np.uint64)
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum()) * page
+
+
+@linux_only
+def test_page_out_drops_clean_mapped_pages_and_keeps_every_value(gptqkit, tmp_path):
+    from gptqkit._memory import page_out
+
+    t = _mapped_tensor(tmp_path)
+    expected = torch.arange(1 << 20, 2 << 20, dtype=torch.float32)
+    assert torch.equal(t, expected)  # read: every page resident, all clean
+    before = _resident_bytes(t)
+    assert before >= t.numel() * 4 - 4096
+    assert page_out([t, t]) >= t.numel() * 4 - 2 * 4096  # the same storage is asked for once
+    after = _resident_bytes(t)
+    if after > before // 2:
+        pytest.skip("this kernel ignores MADV_PAGEOUT")
+    assert torch.equal(t, expected)  # re-read from the file
+
+
+@linux_only
+def test_page_out_keeps_written_pages_and_leaves_anonymous_memory(gptqkit, tmp_path):
+    from gptqkit._memory import page_out
+
+    t = _mapped_tensor(tmp_path)
+    t.mul_(3)  # private copies now: only swap could take them
+    page_out([t])
+    assert float(t[10]) == 3.0 * ((1 << 20) + 10)
+    heap = torch.ones(1 << 20)
+    assert page_out([heap]) == 0
+    assert float(heap.sum()) == float(1 << 20)
