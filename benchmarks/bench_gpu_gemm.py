@@ -38,22 +38,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from gpu_bench_util import gpu_unavailable_reason
+
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]  # K x N
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024]
 GROUP = 128
-
-
-def gpu_unavailable_reason():
-    if not torch.cuda.is_available():
-        return "this benchmark needs a CUDA GPU (torch.cuda.is_available() is False)"
-    try:
-        from gptqkit import ops
-    except Exception as exc:  # pragma: no cover
-        return f"gptqkit is not importable: {exc}"
-    if ops.gpu_backend() == "none":
-        return ("this benchmark needs a CUDA GPU and a gptqkit built with GPU support "
-                "(GPTQKIT_WITH_CUDA=1 pip install .)")
-    return None
 
 
 def make_layout(k, n, act_order, device, gen):

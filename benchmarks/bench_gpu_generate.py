@@ -30,18 +30,7 @@ import time
 
 import torch
 
-
-def gpu_unavailable_reason():
-    if not torch.cuda.is_available():
-        return "this benchmark needs a CUDA GPU (torch.cuda.is_available() is False)"
-    try:
-        from gptqkit import ops
-    except Exception as exc:  # pragma: no cover
-        return f"gptqkit is not importable: {exc}"
-    if ops.gpu_backend() == "none":
-        return ("this benchmark needs a CUDA GPU and a gptqkit built with GPU support "
-                "(GPTQKIT_WITH_CUDA=1 pip install .)")
-    return None
+from gpu_bench_util import gpu_unavailable_reason
 
 
 def llama_7b_config(layers):
