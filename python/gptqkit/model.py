@@ -378,8 +378,7 @@ def _result_on_cpu(result):
     arrays = {f: getattr(result, f) for f in ("codes", "scales", "zeros", "g_idx", "perm")}
     if all(not isinstance(a, torch.Tensor) or a.device.type == "cpu" for a in arrays.values()):
         return result
-    return replace(result, **{f: a.cpu() if isinstance(a, torch.Tensor) else a
-                                          for f, a in arrays.items()})
+    return replace(result, **{f: a.cpu() if isinstance(a, torch.Tensor) else a for f, a in arrays.items()})
 
 
 def _tail_batches(width_ratio: float, hidden: List[torch.Tensor], budget: float) -> int:
@@ -578,8 +577,8 @@ class GPTQForCausalLM:
             with torch.no_grad():
                 hidden, inputs = self._capture_block_inputs(batches, blocks, dev, cache_dev)
                 # The embedding is not read again until the blocks are done: its pages need not stay resident.
-                page_out([t for name in layout.pre_modules or [] for mod in [model.get_submodule(name)]
-                          for t in list(mod.parameters()) + list(mod.buffers())])
+                before_blocks = [model.get_submodule(name) for name in layout.pre_modules or []]
+                page_out([t for mod in before_blocks for t in (*mod.parameters(), *mod.buffers())])
                 trim_heap()
                 hidden = self._quantize_blocks(blocks, hidden, inputs, dev, cache_dev, report, progress,
                                                extra_cache=float(extra_cache))
