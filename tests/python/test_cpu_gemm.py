@@ -17,24 +17,10 @@ import sys
 import pytest
 
 torch = pytest.importorskip("torch")
+from packed_layers import random_packed_layer  # noqa: E402 (needs torch)
 
 OUT_ROUNDING = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 FUSED, BLAS = 1 << 40, 0  # blas_min_rows forcing either route
-
-
-def _random_layer(gptqkit, n, k, bits, group_size, act_order=False, fmt="v1", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    groups = 1 if group_size == -1 else -(-k // group_size)
-    codes = torch.randint(0, 2 ** bits, (n, k), dtype=torch.uint8, generator=g)
-    zeros = torch.randint(1 if fmt == "v1" else 0, 2 ** bits, (groups, n), dtype=torch.int32, generator=g)
-    scales = (torch.rand(groups, n, generator=g) * 0.05 + 0.001).half()
-    if group_size == -1:
-        g_idx = torch.zeros(k, dtype=torch.int32)
-    else:
-        order = torch.randperm(k, generator=g) if act_order else torch.arange(k)
-        g_idx = torch.empty(k, dtype=torch.int32)
-        g_idx[order] = (torch.arange(k) // group_size).to(torch.int32)
-    return gptqkit.pack(codes, zeros, scales, g_idx, bits, fmt)
 
 
 def _prepare(packed):
@@ -74,7 +60,7 @@ def _kernels():
 @pytest.mark.parametrize("group_size,act_order", [(-1, False), (32, False), (32, True), (128, False), (128, True)])
 def test_matches_dequantize_oracle(gptqkit, bits, group_size, act_order):
     n, k = 77, 200  # neither a multiple of 8, 32 or 128
-    packed = _random_layer(gptqkit, n, k, bits, group_size, act_order, seed=bits * 10 + max(group_size, 0))
+    packed = random_packed_layer(gptqkit, n, k, bits, group_size, act_order, seed=bits * 10 + max(group_size, 0))
     w64 = packed.dequantize().double()
     prepared = _prepare(packed)
     assert (prepared.in_features, prepared.out_features, prepared.bits) == (k, n, bits)
@@ -91,7 +77,7 @@ def test_matches_dequantize_oracle(gptqkit, bits, group_size, act_order):
 def test_long_k(gptqkit, bits):
     n, k = 64, 4096
     for group_size, act_order in ((-1, False), (128, True)):
-        packed = _random_layer(gptqkit, n, k, bits, group_size, act_order, seed=bits)
+        packed = random_packed_layer(gptqkit, n, k, bits, group_size, act_order, seed=bits)
         w64 = packed.dequantize().double()
         prepared = _prepare(packed)
         for kernel in _kernels():
@@ -123,7 +109,7 @@ def test_kernel_names_and_environment_override(gptqkit):
 def test_bad_arguments_raise_clear_errors(gptqkit):
     from gptqkit._native import _C
 
-    p = _random_layer(gptqkit, 16, 64, 4, 32)
+    p = random_packed_layer(gptqkit, 16, 64, 4, 32)
     with pytest.raises(ValueError, match=r"qweight: expected shape \[16, 16\]"):
         _C.CpuPreparedWeight(p.qweight, p.qzeros, p.scales, p.g_idx, 8, "v1")
     with pytest.raises(ValueError, match="scales: expected dtype"):
@@ -168,7 +154,7 @@ def test_numpy_arrays_and_grad_inputs(gptqkit):
 
     from gptqkit._native import _C
 
-    p = _random_layer(gptqkit, 24, 64, 4, 32)
+    p = random_packed_layer(gptqkit, 24, 64, 4, 32)
     w = _prepare(p)
     x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
     y = np.empty((2, 24), dtype=np.float32)
@@ -179,7 +165,7 @@ def test_numpy_arrays_and_grad_inputs(gptqkit):
 
 
 def test_prepared_copy_is_about_the_packed_size(gptqkit):
-    packed = _random_layer(gptqkit, 512, 1024, 4, 128, act_order=True)
+    packed = random_packed_layer(gptqkit, 512, 1024, 4, 128, act_order=True)
     prepared = _prepare(packed)
     packed_bytes = sum(t.numel() * t.element_size() for t in (packed.qweight, packed.qzeros, packed.scales,
                                                                packed.g_idx))
@@ -191,8 +177,8 @@ def test_prepared_copy_is_about_the_packed_size(gptqkit):
 def test_quant_linear_prepares_once_and_follows_buffer_changes(gptqkit):
     from gptqkit.nn import QuantLinear
 
-    p1 = _random_layer(gptqkit, 48, 96, 4, 32, act_order=True, seed=1)
-    p2 = _random_layer(gptqkit, 48, 96, 4, 32, seed=2)
+    p1 = random_packed_layer(gptqkit, 48, 96, 4, 32, act_order=True, seed=1)
+    p2 = random_packed_layer(gptqkit, 48, 96, 4, 32, seed=2)
     layer = QuantLinear.from_packed(p1, bias=torch.randn(48))
     x = torch.randn(5, 96)
 
@@ -236,7 +222,7 @@ def test_quant_linear_prepares_once_and_follows_buffer_changes(gptqkit):
 def test_quant_linear_under_inference_mode(gptqkit):
     from gptqkit.nn import QuantLinear
 
-    packed = _random_layer(gptqkit, 40, 64, 3, 16)
+    packed = random_packed_layer(gptqkit, 40, 64, 3, 16)
     with torch.inference_mode():
         layer = QuantLinear.from_packed(packed)  # inference tensors have no version counter
         x = torch.randn(2, 64)

@@ -11,24 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from packed_layers import random_packed_layer
 
 BITS = (2, 3, 4, 8)
-
-
-def _random_layer(gptqkit, n, k, bits, group_size, fmt="v1", act_order=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    groups = 1 if group_size == -1 else -(-k // group_size)
-    codes = torch.randint(0, 2 ** bits, (n, k), dtype=torch.uint8, generator=g)
-    low = 1 if fmt == "v1" else 0
-    zeros = torch.randint(low, 2 ** bits, (groups, n), dtype=torch.int32, generator=g)
-    scales = (torch.rand(groups, n, generator=g) * 0.05 + 0.001).half()
-    if group_size == -1:
-        g_idx = torch.zeros(k, dtype=torch.int32)
-    else:
-        order = torch.randperm(k, generator=g) if act_order else torch.arange(k)
-        g_idx = torch.empty(k, dtype=torch.int32)
-        g_idx[order] = (torch.arange(k) // group_size).to(torch.int32)
-    return gptqkit.pack(codes, zeros, scales, g_idx, bits, fmt)
 
 
 def _oracle(packed):
@@ -64,7 +49,7 @@ def test_layout_decodes_to_the_oracle(gptqkit, bits, group_size, act_order):
     from gptqkit.ops import _dequantize_reference
 
     n, k = 203, 333  # odd K and N: padded columns, a partial last chunk and group
-    packed = _random_layer(gptqkit, n, k, bits, group_size, act_order=act_order, seed=bits * 7 + group_size)
+    packed = random_packed_layer(gptqkit, n, k, bits, group_size, act_order=act_order, seed=bits * 7 + group_size)
     lay = _layout(gptqkit, packed)
     assert lay.qweight.shape[1] % 128 == 0 and lay.qweight.shape[1] >= n
     assert lay.qweight.shape[0] == lay.chunk_group.shape[0] * bits
@@ -76,7 +61,7 @@ def test_layout_decodes_to_the_oracle(gptqkit, bits, group_size, act_order):
 
 
 def test_layout_without_reordering_keeps_the_checkpoint_words(gptqkit):
-    packed = _random_layer(gptqkit, 256, 512, 4, 128)
+    packed = random_packed_layer(gptqkit, 256, 512, 4, 128)
     lay = _layout(gptqkit, packed)
     assert lay.perm is None
     assert torch.equal(lay.qweight, torch.as_tensor(packed.qweight))
@@ -85,7 +70,7 @@ def test_layout_without_reordering_keeps_the_checkpoint_words(gptqkit):
 def test_bf16_layout(gptqkit):
     from gptqkit.ops import _dequantize_reference
 
-    packed = _random_layer(gptqkit, 64, 96, 4, 32, act_order=True)
+    packed = random_packed_layer(gptqkit, 64, 96, 4, 32, act_order=True)
     lay = _layout(gptqkit, packed, dtype=torch.bfloat16)
     assert lay.sz.dtype == torch.bfloat16
     w = _dequantize_reference(lay.qweight, lay.sz, lay.chunk_group, lay.perm, 4, 96, 64)
@@ -94,7 +79,7 @@ def test_bf16_layout(gptqkit):
 
 @pytest.mark.parametrize("m", [1, 5, 17])
 def test_op_cpu_reference(gptqkit, m):
-    packed = _random_layer(gptqkit, 45, 100, 3, 32, act_order=True, seed=m)
+    packed = random_packed_layer(gptqkit, 45, 100, 3, 32, act_order=True, seed=m)
     lay = _layout(gptqkit, packed)
     x = torch.randn(m, 100).half()
     bias = torch.randn(45).half()
@@ -106,7 +91,7 @@ def test_op_cpu_reference(gptqkit, m):
 
 
 def test_fake_implementation_on_meta(gptqkit):
-    packed = _random_layer(gptqkit, 45, 100, 4, 32, act_order=True)
+    packed = random_packed_layer(gptqkit, 45, 100, 4, 32, act_order=True)
     lay = _layout(gptqkit, packed, dtype=torch.bfloat16).to("meta")
     x = torch.empty(7, 100, dtype=torch.bfloat16, device="meta")
     y = _call(lay, x)
@@ -118,7 +103,7 @@ def test_fake_implementation_on_meta(gptqkit):
 
 
 def test_opcheck(gptqkit):
-    packed = _random_layer(gptqkit, 24, 64, 4, 32, act_order=True)
+    packed = random_packed_layer(gptqkit, 24, 64, 4, 32, act_order=True)
     lay = _layout(gptqkit, packed)
     x = torch.randn(3, 64).half()
     args = (x, lay.qweight, lay.sz, lay.chunk_group, lay.perm, torch.randn(24).half(), 4, 64, 24)
@@ -127,7 +112,7 @@ def test_opcheck(gptqkit):
 
 
 def test_torch_compile_traces_the_op(gptqkit):
-    packed = _random_layer(gptqkit, 24, 64, 4, 32)
+    packed = random_packed_layer(gptqkit, 24, 64, 4, 32)
     lay = _layout(gptqkit, packed)
 
     def f(x):
@@ -139,7 +124,7 @@ def test_torch_compile_traces_the_op(gptqkit):
 
 
 def test_bad_arguments(gptqkit):
-    packed = _random_layer(gptqkit, 24, 64, 4, 32)
+    packed = random_packed_layer(gptqkit, 24, 64, 4, 32)
     lay = _layout(gptqkit, packed)
     with pytest.raises(ValueError, match="x: expected dtype torch.float16"):
         _call(lay, torch.randn(2, 64, dtype=torch.bfloat16))
@@ -156,7 +141,7 @@ def test_bad_arguments(gptqkit):
 def test_native_prepare_validates_outputs(gptqkit):
     from gptqkit._native import _C
 
-    p = _random_layer(gptqkit, 24, 64, 4, 32)
+    p = random_packed_layer(gptqkit, 24, 64, 4, 32)
     q, z, s, g = (torch.as_tensor(t) for t in (p.qweight, p.qzeros, p.scales, p.g_idx))
     shape = _C.gpu_gemm_shape(g, 24, 2, 4)
     assert shape == {"chunks": 2, "positions": 64, "padded_out": 128, "reordered": False}
@@ -179,7 +164,7 @@ def test_build_without_gpu_says_how_to_rebuild(gptqkit):
         pytest.skip("this build has a GPU backend")
     with pytest.raises(NotImplementedError, match="built without GPU support.*GPTQKIT_WITH_CUDA=1"):
         ops.require_gpu_backend()
-    p = _random_layer(gptqkit, 24, 64, 4, 32)
+    p = random_packed_layer(gptqkit, 24, 64, 4, 32)
     lay = _layout(gptqkit, p)
     with pytest.raises(NotImplementedError, match="built without GPU support"):
         _C.gpu_quantized_matmul(torch.randn(2, 64).half(), lay.qweight, lay.sz, lay.chunk_group, None, None,
@@ -211,7 +196,7 @@ gpu = pytest.mark.skipif(_gpu_ready() is not None, reason=str(_gpu_ready()))
 @pytest.mark.parametrize("m", [1, 3, 8, 16, 33, 64, 255, 1024])
 def test_gpu_matches_oracle(gptqkit, monkeypatch, dtype, bits, group_size, act_order, m):
     n, k = 203, 333
-    packed = _random_layer(gptqkit, n, k, bits, group_size, act_order=act_order, seed=bits + m)
+    packed = random_packed_layer(gptqkit, n, k, bits, group_size, act_order=act_order, seed=bits + m)
     lay = _layout(gptqkit, packed, dtype=dtype, device="cuda")
     w = _oracle(packed).double()
     gen = torch.Generator().manual_seed(m)
@@ -232,7 +217,7 @@ def test_gpu_matches_oracle(gptqkit, monkeypatch, dtype, bits, group_size, act_o
 @gpu
 @pytest.mark.parametrize("bits", BITS)
 def test_gpu_dequantize_layout(gptqkit, bits):
-    packed = _random_layer(gptqkit, 203, 333, bits, 32, act_order=True)
+    packed = random_packed_layer(gptqkit, 203, 333, bits, 32, act_order=True)
     lay = _layout(gptqkit, packed, device="cuda")
     w = torch.ops.gptqkit.dequantize_layout(lay.qweight, lay.sz, lay.chunk_group, lay.perm, bits, 333, 203)
     torch.testing.assert_close(w.cpu().float(), _oracle(packed), rtol=2 ** -11, atol=0)
@@ -240,7 +225,7 @@ def test_gpu_dequantize_layout(gptqkit, bits):
 
 @gpu
 def test_gpu_bad_arguments(gptqkit):
-    packed = _random_layer(gptqkit, 64, 128, 4, 32)
+    packed = random_packed_layer(gptqkit, 64, 128, 4, 32)
     lay = _layout(gptqkit, packed, device="cuda")
     with pytest.raises(ValueError, match="expected a tensor on"):
         _call(lay, torch.randn(2, 128).half())  # x on the CPU, layer on the GPU
@@ -262,7 +247,7 @@ def test_gpu_bad_arguments(gptqkit):
 @gpu
 @pytest.mark.parametrize("m", [1, 16])
 def test_gpu_cuda_graph_capture(gptqkit, m):
-    packed = _random_layer(gptqkit, 256, 512, 4, 128, act_order=True)
+    packed = random_packed_layer(gptqkit, 256, 512, 4, 128, act_order=True)
     lay = _layout(gptqkit, packed, device="cuda")
     x = torch.randn(m, 512, device="cuda").half()
     _call(lay, x)  # warm-up outside the capture
@@ -282,7 +267,7 @@ def test_gpu_cuda_graph_capture(gptqkit, m):
 def test_quant_linear_on_cuda(gptqkit):
     from gptqkit.nn import QuantLinear
 
-    packed = _random_layer(gptqkit, 300, 256, 4, 64, act_order=True)
+    packed = random_packed_layer(gptqkit, 300, 256, 4, 64, act_order=True)
     layer = QuantLinear.from_packed(packed, bias=torch.randn(300).half(), group_size=64)
     keys = set(layer.state_dict())
     x = torch.randn(2, 3, 256).half()
@@ -308,7 +293,7 @@ def test_quant_linear_on_cuda(gptqkit):
 def test_quant_linear_shares_qweight_without_act_order(gptqkit):
     from gptqkit.nn import QuantLinear
 
-    layer = QuantLinear.from_packed(_random_layer(gptqkit, 256, 512, 4, 128), group_size=128).to("cuda")
+    layer = QuantLinear.from_packed(random_packed_layer(gptqkit, 256, 512, 4, 128), group_size=128).to("cuda")
     assert layer.__dict__["_gpu_layout"].qweight.data_ptr() == layer.qweight.data_ptr()
 
 
@@ -316,7 +301,7 @@ def test_quant_linear_gpu_forward_compiles_without_graph_breaks(gptqkit):
     """QuantLinear's GPU branch is plain Python around the op; run here on a CPU copy of the layout."""
     from gptqkit.nn import QuantLinear
 
-    packed = _random_layer(gptqkit, 40, 96, 4, 32, act_order=True)
+    packed = random_packed_layer(gptqkit, 40, 96, 4, 32, act_order=True)
     layer = QuantLinear.from_packed(packed, bias=torch.randn(40).half(), group_size=32)
     layer.__dict__["_gpu_layout"] = _layout(gptqkit, packed)  # what .to("cuda") makes, left on the CPU
     x = torch.randn(2, 3, 96).half()
@@ -421,7 +406,7 @@ def _check_emulated(y, x, packed, bias, dtype):
 def test_emulated_gemv(gptqkit, emulators, tmp_path, variant, bits, group_size, act_order, m, lanes):
     dtype = torch.bfloat16 if bits % 2 else torch.float16
     n, k = 203, 333
-    packed = _random_layer(gptqkit, n, k, bits, group_size, act_order=act_order, seed=bits + m)
+    packed = random_packed_layer(gptqkit, n, k, bits, group_size, act_order=act_order, seed=bits + m)
     lay = _layout(gptqkit, packed, dtype=dtype)
     gen = torch.Generator().manual_seed(m)
     x = torch.randn(m, k, generator=gen).to(dtype)
@@ -437,7 +422,7 @@ def test_emulated_gemv(gptqkit, emulators, tmp_path, variant, bits, group_size, 
 def test_emulated_tiled(gptqkit, emulators, tmp_path, variant, bits, group_size, act_order, k, m, mf):
     dtype = torch.bfloat16 if (bits + m) % 2 else torch.float16
     n = 203
-    packed = _random_layer(gptqkit, n, k, bits, group_size, act_order=act_order, seed=bits + m)
+    packed = random_packed_layer(gptqkit, n, k, bits, group_size, act_order=act_order, seed=bits + m)
     lay = _layout(gptqkit, packed, dtype=dtype)
     gen = torch.Generator().manual_seed(m)
     x = torch.randn(m, k, generator=gen).to(dtype)
@@ -448,7 +433,7 @@ def test_emulated_tiled(gptqkit, emulators, tmp_path, variant, bits, group_size,
 
 @pytest.mark.parametrize("bits", BITS)
 def test_emulated_dequantize(gptqkit, emulators, tmp_path, bits):
-    packed = _random_layer(gptqkit, 70, 333, bits, 32, act_order=True, seed=bits)
+    packed = random_packed_layer(gptqkit, 70, 333, bits, 32, act_order=True, seed=bits)
     lay = _layout(gptqkit, packed)
     w = _emulate(emulators["warp32"], tmp_path, 2, lay)
     torch.testing.assert_close(w.float(), _oracle(packed), rtol=2 ** -11, atol=0)
@@ -457,7 +442,7 @@ def test_emulated_dequantize(gptqkit, emulators, tmp_path, bits):
 def test_native_prepare_needs_perm_when_reordered(gptqkit):
     from gptqkit._native import _C
 
-    p = _random_layer(gptqkit, 24, 64, 4, 32, act_order=True)
+    p = random_packed_layer(gptqkit, 24, 64, 4, 32, act_order=True)
     q, z, s, g = (torch.as_tensor(t) for t in (p.qweight, p.qzeros, p.scales, p.g_idx))
     shape = _C.gpu_gemm_shape(g, 24, 2, 4)
     assert shape["reordered"] and shape["positions"] == 64
