@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <string>
@@ -373,6 +374,13 @@ Status validate_prepared(const GpuPreparedView& w, const Device** device, int64_
                                    std::to_string((w.in_features + kGpuChunk - 1) / kGpuChunk) +
                                    " chunks for a layout without perm, got " + std::to_string(c));
   }
+  // The kernels read qweight and sz with 16-byte vector loads (and cp.async):
+  // a view at an odd element offset of a larger buffer would fault.
+  for (const TensorView* t : {&w.qweight, &w.sz})
+    if (reinterpret_cast<uintptr_t>(t->data) % 16 != 0)
+      return Status::InvalidArgument(std::string(t == &w.qweight ? "w.qweight" : "w.sz") +
+                                     ": data must be 16-byte aligned (the kernels use 128-bit loads); "
+                                     "pass a fresh tensor or .clone() of the view");
   if (w.in_features > INT_MAX / 2 || n_pad > INT_MAX / 2 || c * bits > INT_MAX / 2)
     return Status::InvalidArgument("w: extents out of the supported range (K, N < 2^30)");
   *chunks = c;

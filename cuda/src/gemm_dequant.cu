@@ -13,7 +13,7 @@ template <bool BF16, int BITS>
 void launch_one(const GemmArgs& a, void* out) {
   const int64_t total = a.n * a.chunks;
   const dim3 grid(static_cast<unsigned>(ceil_div(total, kThreads)));
-  dequant_kernel<BF16, BITS><<<grid, kThreads, 0, static_cast<gpuStream_t>(a.stream)>>>(
+  GPTQKIT_LAUNCH(grid, kThreads, 0, static_cast<gpuStream_t>(a.stream), dequant_kernel<BF16, BITS>)(
       a.qweight, static_cast<const uint16_t*>(a.sz), a.chunk_group, a.perm, static_cast<uint16_t*>(out),
       static_cast<int>(a.k), static_cast<int>(a.n), static_cast<int>(a.np), static_cast<int>(a.chunks),
       static_cast<int>(a.groups));

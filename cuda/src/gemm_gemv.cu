@@ -21,7 +21,7 @@ std::string launch_mt(const GemmArgs& a) {
   const size_t red_bytes = static_cast<size_t>(kGemvThreads / warp) * MT * 4 * lanes * sizeof(float);
   const size_t smem = std::max(x_bytes, red_bytes);
   const dim3 grid(static_cast<unsigned>(a.np / (4 * lanes)));
-  gemv_kernel<BF16, BITS, MT><<<grid, kGemvThreads, smem, static_cast<gpuStream_t>(a.stream)>>>(
+  GPTQKIT_LAUNCH(grid, kGemvThreads, smem, static_cast<gpuStream_t>(a.stream), gemv_kernel<BF16, BITS, MT>)(
       static_cast<const uint16_t*>(a.x), a.qweight, static_cast<const uint16_t*>(a.sz), a.chunk_group, a.perm,
       static_cast<const uint16_t*>(a.bias), static_cast<uint16_t*>(a.y), static_cast<int>(a.m),
       static_cast<int>(a.k), static_cast<int>(a.n), static_cast<int>(a.np), static_cast<int>(a.chunks),

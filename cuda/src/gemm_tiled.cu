@@ -9,7 +9,7 @@ template <bool BF16, int BITS, int MF>
 std::string launch_mf(const GemmArgs& a, bool x_pairs) {
   constexpr int kBM = 16 * MF;
   const dim3 grid(static_cast<unsigned>(ceil_div(a.m, kBM)), static_cast<unsigned>(a.np / kBN));
-  tiled_kernel<BF16, BITS, MF><<<grid, kTiledThreads, 0, static_cast<gpuStream_t>(a.stream)>>>(
+  GPTQKIT_LAUNCH(grid, kTiledThreads, 0, static_cast<gpuStream_t>(a.stream), tiled_kernel<BF16, BITS, MF>)(
       static_cast<const uint16_t*>(a.x), a.qweight, static_cast<const uint16_t*>(a.sz), a.chunk_group, a.perm,
       static_cast<const uint16_t*>(a.bias), static_cast<uint16_t*>(a.y), static_cast<int>(a.m),
       static_cast<int>(a.k), static_cast<int>(a.n), static_cast<int>(a.np), static_cast<int>(a.chunks),

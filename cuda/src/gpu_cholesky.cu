@@ -242,15 +242,15 @@ unsigned grid_for(int64_t total, int threads) {
 Status launch_cholesky(double* a, int64_t k, DeviceInfo* info, gpuStream_t stream) {
   const int64_t nb = ceil_div(k, kNb);
   for (int64_t kb = 0; kb < nb; ++kb) {
-    potrf_diag_kernel<<<1, 256, 0, stream>>>(a, k, kb, info);
+    GPTQKIT_LAUNCH(1, 256, 0, stream, potrf_diag_kernel)(a, k, kb, info);
     GPTQKIT_GPU_LAUNCHED("potrf_diag_kernel");
     const int64_t below = k - (kb + 1) * kNb;
     if (below <= 0) break;
-    trsm_panel_kernel<<<static_cast<unsigned>(ceil_div(below, kNb)), kNb, 0, stream>>>(a, k, kb, info);
+    GPTQKIT_LAUNCH(static_cast<unsigned>(ceil_div(below, kNb)), kNb, 0, stream, trsm_panel_kernel)(a, k, kb, info);
     GPTQKIT_GPU_LAUNCHED("trsm_panel_kernel");
     const int64_t m = ceil_div(below, kNb);
     const int64_t base = (kb + 1) * kNb;
-    tile_update_kernel<true><<<static_cast<unsigned>(m * (m + 1) / 2), kUpdThreads, 0, stream>>>(
+    GPTQKIT_LAUNCH(static_cast<unsigned>(m * (m + 1) / 2), kUpdThreads, 0, stream, tile_update_kernel<true>)(
         a, a + kb * kNb, a + kb * kNb, k, 1, k, base, base, k, 0, kNb, info);
     GPTQKIT_GPU_LAUNCHED("tile_update_kernel<lower>");
   }
@@ -260,11 +260,11 @@ Status launch_cholesky(double* a, int64_t k, DeviceInfo* info, gpuStream_t strea
 // x (zeroed) <- L^-1 for the lower factor l.
 Status launch_tri_inverse(const double* l, double* x, int64_t k, gpuStream_t stream) {
   const int64_t nb = ceil_div(k, kNb);
-  diag_inverse_kernel<<<static_cast<unsigned>(nb), kNb, 0, stream>>>(l, x, k);
+  GPTQKIT_LAUNCH(static_cast<unsigned>(nb), kNb, 0, stream, diag_inverse_kernel)(l, x, k);
   GPTQKIT_GPU_LAUNCHED("diag_inverse_kernel");
   for (int64_t ib = 0; ib < nb; ++ib) {
     if (ib > 0) {
-      finalize_row_kernel<<<static_cast<unsigned>(ib), 256, 0, stream>>>(x, k, ib);
+      GPTQKIT_LAUNCH(static_cast<unsigned>(ib), 256, 0, stream, finalize_row_kernel)(x, k, ib);
       GPTQKIT_GPU_LAUNCHED("finalize_row_kernel");
     }
     if (ib + 1 < nb) {
@@ -273,7 +273,7 @@ Status launch_tri_inverse(const double* l, double* x, int64_t k, gpuStream_t str
       const int64_t col_end = std::min(k, (ib + 1) * kNb);
       const int64_t tiles_m = ceil_div(k - row_base, kNb), tiles_n = ib + 1;
       const int depth = static_cast<int>(std::min<int64_t>(kNb, k - ib * kNb));
-      tile_update_kernel<false><<<static_cast<unsigned>(tiles_m * tiles_n), kUpdThreads, 0, stream>>>(
+      GPTQKIT_LAUNCH(static_cast<unsigned>(tiles_m * tiles_n), kUpdThreads, 0, stream, tile_update_kernel<false>)(
           x, l + ib * kNb, x + ib * kNb * k, k, k, 1, row_base, 0, col_end, tiles_n, depth, nullptr);
       GPTQKIT_GPU_LAUNCHED("tile_update_kernel<rect>");
     }
@@ -298,9 +298,9 @@ Status factor_inverse_upper(const void* hessian, bool hessian_fp64, int64_t k, c
     const double lambda = percent * mean_diag;
     GPTQKIT_GPU_TRY(gpuMemsetAsync(&info->chol_failed, 0, sizeof(int), stream), "resetting the Cholesky flag");
     if (hessian_fp64)
-      build_kernel<double><<<grid, 256, 0, stream>>>(static_cast<const double*>(hessian), k, perm, dead, lambda, a);
+      GPTQKIT_LAUNCH(grid, 256, 0, stream, build_kernel<double>)(static_cast<const double*>(hessian), k, perm, dead, lambda, a);
     else
-      build_kernel<float><<<grid, 256, 0, stream>>>(static_cast<const float*>(hessian), k, perm, dead, lambda, a);
+      GPTQKIT_LAUNCH(grid, 256, 0, stream, build_kernel<float>)(static_cast<const float*>(hessian), k, perm, dead, lambda, a);
     GPTQKIT_GPU_LAUNCHED("build_kernel");
     GPTQKIT_RETURN_IF_ERROR(launch_cholesky(a, k, info, stream));
     // One host synchronisation per attempt: the next damping (or the error)
@@ -331,7 +331,7 @@ Status factor_inverse_upper(const void* hessian, bool hessian_fp64, int64_t k, c
   GPTQKIT_RETURN_IF_ERROR(scratch.alloc(&x, k * k, "the float64 inverse factor"));
   GPTQKIT_GPU_TRY(gpuMemsetAsync(x, 0, static_cast<size_t>(k * k) * sizeof(double), stream), "zeroing the inverse");
   GPTQKIT_RETURN_IF_ERROR(launch_tri_inverse(a, x, k, stream));
-  extract_upper_kernel<<<grid, 256, 0, stream>>>(x, k, upper);
+  GPTQKIT_LAUNCH(grid, 256, 0, stream, extract_upper_kernel)(x, k, upper);
   GPTQKIT_GPU_LAUNCHED("extract_upper_kernel");
   return Status::Ok();
 }

@@ -188,6 +188,55 @@ __device__ __forceinline__ T gpu_warp_max(T value) {
 #define GPTQKIT_NV_TENSOR_CORES 0
 #endif
 
+#if GPTQKIT_NV_TENSOR_CORES
+// The sm_80 primitives of the tensor-core kernels (GEMM tiles, Hessian
+// tiles). The CPU emulation (tests/gpu_emulation/emu_compat.h) implements
+// the same five with the PTX ISA's lane semantics.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  // .cg: cache in L2 only; streamed operands are read once per block.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+// d += A (16 x 16, row) * B (16 x 8, col) with fp16 or bf16 operands and fp32
+// accumulators; fragments in the PTX ISA's m16n8k16 lane layout.
+template <bool BF16>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (BF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+#endif  // GPTQKIT_NV_TENSOR_CORES
+
+// ---- kernel launch -----------------------------------------------------------------
+// GPTQKIT_LAUNCH(grid, block, smem_bytes, stream, kernel)(args...) is
+// kernel<<<grid, block, smem_bytes, stream>>>(args...). Every launch goes
+// through it so that the CPU emulation (tests/gpu_emulation) can run the
+// host code of cuda/src unchanged; the kernel comes last because its
+// template arguments may contain commas.
+#define GPTQKIT_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+
 // ---- host helpers -----------------------------------------------------------------
 // Warp size of the current device (32 or 64), asked at run time.
 inline int gpu_warp_size() {

@@ -158,27 +158,12 @@ __global__ __launch_bounds__(kMmaThreads) void syrk_mma_kernel(const uint16_t* _
 #pragma unroll
       for (int mt = 0; mt < 4; ++mt) {
         const uint16_t* ap = &a_s[wm + mt * 16 + g][ks + tq * 2];
-        const uint32_t a0 = *reinterpret_cast<const uint32_t*>(ap);
-        const uint32_t a1 = *reinterpret_cast<const uint32_t*>(ap + 8 * kMmaStride);
-        const uint32_t a2 = *reinterpret_cast<const uint32_t*>(ap + 8);
-        const uint32_t a3 = *reinterpret_cast<const uint32_t*>(ap + 8 * kMmaStride + 8);
+        const uint32_t afrag[4] = {*reinterpret_cast<const uint32_t*>(ap),
+                                   *reinterpret_cast<const uint32_t*>(ap + 8 * kMmaStride),
+                                   *reinterpret_cast<const uint32_t*>(ap + 8),
+                                   *reinterpret_cast<const uint32_t*>(ap + 8 * kMmaStride + 8)};
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          float* c = acc[mt][nt];
-          if constexpr (kBf16) {
-            asm volatile(
-                "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                "{%0,%1,%2,%3};\n"
-                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(bf[nt][0]), "r"(bf[nt][1]));
-          } else {
-            asm volatile(
-                "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                "{%0,%1,%2,%3};\n"
-                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(bf[nt][0]), "r"(bf[nt][1]));
-          }
-        }
+        for (int nt = 0; nt < 4; ++nt) mma_16816<kBf16>(acc[mt][nt], afrag, bf[nt][0], bf[nt][1]);
       }
     }
     __syncthreads();
@@ -268,9 +253,9 @@ Status hessian_add_batch(const TensorView& x, void* state, int64_t k, double alp
       const int64_t tiles = nt * (nt + 1) / 2;
       const uint16_t* xp = static_cast<const uint16_t*>(x.data);
       if (bf16)
-        syrk_mma_kernel<true><<<static_cast<unsigned>(tiles), kMmaThreads, 0, stream>>>(xp, rows, ki, a, b, h);
+        GPTQKIT_LAUNCH(static_cast<unsigned>(tiles), kMmaThreads, 0, stream, syrk_mma_kernel<true>)(xp, rows, ki, a, b, h);
       else
-        syrk_mma_kernel<false><<<static_cast<unsigned>(tiles), kMmaThreads, 0, stream>>>(xp, rows, ki, a, b, h);
+        GPTQKIT_LAUNCH(static_cast<unsigned>(tiles), kMmaThreads, 0, stream, syrk_mma_kernel<false>)(xp, rows, ki, a, b, h);
       GPTQKIT_GPU_LAUNCHED("syrk_mma_kernel");
       return Status::Ok();
     }
@@ -280,15 +265,13 @@ Status hessian_add_batch(const TensorView& x, void* state, int64_t k, double alp
   const unsigned tiles = static_cast<unsigned>(nt * (nt + 1) / 2);
   switch (x.dtype) {
     case DType::kFloat32:
-      syrk_simt_kernel<float><<<tiles, kSimtThreads, 0, stream>>>(static_cast<const float*>(x.data), rows, ki, a, b, h);
+      GPTQKIT_LAUNCH(tiles, kSimtThreads, 0, stream, syrk_simt_kernel<float>)(static_cast<const float*>(x.data), rows, ki, a, b, h);
       break;
     case DType::kFloat16:
-      syrk_simt_kernel<gpu_half>
-          <<<tiles, kSimtThreads, 0, stream>>>(static_cast<const gpu_half*>(x.data), rows, ki, a, b, h);
+      GPTQKIT_LAUNCH(tiles, kSimtThreads, 0, stream, syrk_simt_kernel<gpu_half>)(static_cast<const gpu_half*>(x.data), rows, ki, a, b, h);
       break;
     default:
-      syrk_simt_kernel<gpu_bfloat16>
-          <<<tiles, kSimtThreads, 0, stream>>>(static_cast<const gpu_bfloat16*>(x.data), rows, ki, a, b, h);
+      GPTQKIT_LAUNCH(tiles, kSimtThreads, 0, stream, syrk_simt_kernel<gpu_bfloat16>)(static_cast<const gpu_bfloat16*>(x.data), rows, ki, a, b, h);
       break;
   }
   GPTQKIT_GPU_LAUNCHED("syrk_simt_kernel");
@@ -317,9 +300,9 @@ Status hessian_write(const void* state, int64_t k, const TensorView& out, void* 
   }
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(k * k, 256), 65535));
   if (out.dtype == DType::kFloat64)
-    mirror_kernel<double><<<blocks, 256, 0, stream>>>(h, k, static_cast<double*>(out.data));
+    GPTQKIT_LAUNCH(blocks, 256, 0, stream, mirror_kernel<double>)(h, k, static_cast<double*>(out.data));
   else
-    mirror_kernel<float><<<blocks, 256, 0, stream>>>(h, k, static_cast<float*>(out.data));
+    GPTQKIT_LAUNCH(blocks, 256, 0, stream, mirror_kernel<float>)(h, k, static_cast<float*>(out.data));
   GPTQKIT_GPU_LAUNCHED("mirror_kernel");
   return Status::Ok();
 }

@@ -116,7 +116,7 @@ Status first_out_of_range(const T* p, int64_t n, int32_t lo, int32_t hi, gpuStre
   unsigned long long* bad = nullptr;
   GPTQKIT_RETURN_IF_ERROR(scratch.alloc(&bad, 1, "the range check"));
   GPTQKIT_GPU_TRY(gpuMemsetAsync(bad, 0xff, sizeof(unsigned long long), stream), "range check");
-  range_check_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(p, n, lo, hi, bad);
+  GPTQKIT_LAUNCH(blocks_for(n), kThreads, 0, stream, range_check_kernel<T>)(p, n, lo, hi, bad);
   GPTQKIT_GPU_LAUNCHED("range_check_kernel");
   unsigned long long host = 0;
   GPTQKIT_GPU_TRY(gpuMemcpyAsync(&host, bad, sizeof host, gpuMemcpyDeviceToHost, stream), "range check");
@@ -124,7 +124,8 @@ Status first_out_of_range(const T* p, int64_t n, int32_t lo, int32_t hi, gpuStre
   if (host == ~0ull) return Status::Ok();
   *index = static_cast<int64_t>(host);
   T v{};
-  GPTQKIT_GPU_TRY(gpuMemcpy(&v, p + host, sizeof(T), gpuMemcpyDeviceToHost), "range check");
+  GPTQKIT_GPU_TRY(gpuMemcpyAsync(&v, p + host, sizeof(T), gpuMemcpyDeviceToHost, stream), "range check");
+  GPTQKIT_GPU_TRY(gpuStreamSynchronize(stream), "waiting for the GPU");
   *value = static_cast<int32_t>(v);
   return Status::Ok();
 }
@@ -168,7 +169,7 @@ Status pack_qweight(const TensorView& codes, int bits, const TensorView& qweight
   const int64_t chunks = ceil_div(k_dim, kChunk);
   by_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;
-    pack_qweight_kernel<B><<<blocks_for(chunks * n_dim), kThreads, 0, stream>>>(src, n_dim, k_dim, w_dim, q);
+    GPTQKIT_LAUNCH(blocks_for(chunks * n_dim), kThreads, 0, stream, pack_qweight_kernel<B>)(src, n_dim, k_dim, w_dim, q);
   });
   GPTQKIT_GPU_LAUNCHED("pack_qweight_kernel");
   return Status::Ok();
@@ -210,7 +211,7 @@ Status pack_qzeros(const TensorView& zeros, int bits, bool v1, const TensorView&
   const int64_t chunks = ceil_div(n_dim, kChunk);
   by_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;
-    pack_qzeros_kernel<B><<<blocks_for(chunks * g_dim), kThreads, 0, stream>>>(z, g_dim, n_dim, w_dim, lo, q);
+    GPTQKIT_LAUNCH(blocks_for(chunks * g_dim), kThreads, 0, stream, pack_qzeros_kernel<B>)(z, g_dim, n_dim, w_dim, lo, q);
   });
   GPTQKIT_GPU_LAUNCHED("pack_qzeros_kernel");
   return Status::Ok();

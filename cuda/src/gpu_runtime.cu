@@ -84,7 +84,7 @@ void free_persistent(const Device& device, void* ptr, int64_t bytes) {
 }
 
 Status info_reset(DeviceInfo* info, gpuStream_t stream) {
-  info_reset_kernel<<<1, 1, 0, stream>>>(info);
+  GPTQKIT_LAUNCH(1, 1, 0, stream, info_reset_kernel)(info);
   GPTQKIT_GPU_LAUNCHED("info_reset_kernel");
   return Status::Ok();
 }
@@ -101,18 +101,16 @@ Status launch_finite_check(const TensorView& t, unsigned long long* first_bad, g
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(n, kCheckThreads), 4096));
   switch (t.dtype) {
     case DType::kFloat32:
-      finite_kernel<float><<<blocks, kCheckThreads, 0, stream>>>(static_cast<const float*>(t.data), n, first_bad);
+      GPTQKIT_LAUNCH(blocks, kCheckThreads, 0, stream, finite_kernel<float>)(static_cast<const float*>(t.data), n, first_bad);
       break;
     case DType::kFloat64:
-      finite_kernel<double><<<blocks, kCheckThreads, 0, stream>>>(static_cast<const double*>(t.data), n, first_bad);
+      GPTQKIT_LAUNCH(blocks, kCheckThreads, 0, stream, finite_kernel<double>)(static_cast<const double*>(t.data), n, first_bad);
       break;
     case DType::kFloat16:
-      finite_bits_kernel<0x7c00u>
-          <<<blocks, kCheckThreads, 0, stream>>>(static_cast<const uint16_t*>(t.data), n, first_bad);
+      GPTQKIT_LAUNCH(blocks, kCheckThreads, 0, stream, finite_bits_kernel<0x7c00u>)(static_cast<const uint16_t*>(t.data), n, first_bad);
       break;
     case DType::kBFloat16:
-      finite_bits_kernel<0x7f80u>
-          <<<blocks, kCheckThreads, 0, stream>>>(static_cast<const uint16_t*>(t.data), n, first_bad);
+      GPTQKIT_LAUNCH(blocks, kCheckThreads, 0, stream, finite_bits_kernel<0x7f80u>)(static_cast<const uint16_t*>(t.data), n, first_bad);
       break;
     default:
       return Status::Ok();

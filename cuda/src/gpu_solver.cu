@@ -227,7 +227,7 @@ __global__ __launch_bounds__(kThreads) void sweep_block_kernel(SweepArgs p, int6
     const float q = gpu_dequantize_code(code, grid);
     const float* urow = p.u + col * k + i1;
     const float e = (x - q) / urow[i];
-    loss += static_cast<double>(e) * static_cast<double>(e);
+    loss = __dadd_rn(loss, __dmul_rn(static_cast<double>(e), static_cast<double>(e)));
 #pragma unroll
     for (int s = 0; s < kSlots; ++s) {
       const int j = lane + s * kWarpSize;
@@ -422,8 +422,8 @@ Status quantize_weight(const TensorView& weight, const TensorView& hessian, cons
   GPTQKIT_RETURN_IF_ERROR(info_reset(info, stream));
   GPTQKIT_RETURN_IF_ERROR(launch_finite_check(weight, &info->bad_weight, stream));
   GPTQKIT_RETURN_IF_ERROR(launch_finite_check(hessian, &info->bad_hessian, stream));
-  if (h64) diag_kernel<double><<<1, kThreads, 0, stream>>>(static_cast<const double*>(hessian.data), k, diag, dead, info);
-  else diag_kernel<float><<<1, kThreads, 0, stream>>>(static_cast<const float*>(hessian.data), k, diag, dead, info);
+  if (h64) GPTQKIT_LAUNCH(1, kThreads, 0, stream, diag_kernel<double>)(static_cast<const double*>(hessian.data), k, diag, dead, info);
+  else GPTQKIT_LAUNCH(1, kThreads, 0, stream, diag_kernel<float>)(static_cast<const float*>(hessian.data), k, diag, dead, info);
   GPTQKIT_GPU_LAUNCHED("diag_kernel");
   DeviceInfo host;
   GPTQKIT_RETURN_IF_ERROR(info_read(info, &host, stream));
@@ -444,9 +444,9 @@ Status quantize_weight(const TensorView& weight, const TensorView& hessian, cons
   // ---- processing order and g_idx ----
   int64_t* perm = static_cast<int64_t*>(out.perm.data);
   const unsigned kb = static_cast<unsigned>(ceil_div(k, kThreads));
-  perm_kernel<<<kb, kThreads, 0, stream>>>(diag, k, o.desc_act, perm);
+  GPTQKIT_LAUNCH(kb, kThreads, 0, stream, perm_kernel)(diag, k, o.desc_act, perm);
   GPTQKIT_GPU_LAUNCHED("perm_kernel");
-  g_idx_kernel<<<kb, kThreads, 0, stream>>>(perm, k, o.group_size, o.static_groups || !o.desc_act,
+  GPTQKIT_LAUNCH(kb, kThreads, 0, stream, g_idx_kernel)(perm, k, o.group_size, o.static_groups || !o.desc_act,
                                             static_cast<int32_t*>(out.g_idx.data));
   GPTQKIT_GPU_LAUNCHED("g_idx_kernel");
 
@@ -463,7 +463,7 @@ Status quantize_weight(const TensorView& weight, const TensorView& hessian, cons
   if (o.clip_steps > 0 && o.clip_hessian_weighted) {
     GPTQKIT_RETURN_IF_ERROR(scratch.alloc(&col_pos, k, "column weights"));
     GPTQKIT_RETURN_IF_ERROR(scratch.alloc(&col_orig, k, "column weights"));
-    col_weight_kernel<<<kb, kThreads, 0, stream>>>(u, perm, k, col_pos, col_orig);
+    GPTQKIT_LAUNCH(kb, kThreads, 0, stream, col_weight_kernel)(u, perm, k, col_pos, col_orig);
     GPTQKIT_GPU_LAUNCHED("col_weight_kernel");
   }
   GpuGridSearch search;
@@ -483,7 +483,7 @@ Status quantize_weight(const TensorView& weight, const TensorView& hessian, cons
     const int64_t gs = o.group_size < 0 ? -1 : o.group_size;
     GPTQKIT_RETURN_IF_ERROR(by_weight_dtype(weight.dtype, [&](auto tag) {
       using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-      fixed_grid_kernel<T><<<blocks, kThreads, 0, stream>>>(static_cast<const T*>(weight.data), n, k, dead, col_orig,
+      GPTQKIT_LAUNCH(blocks, kThreads, 0, stream, fixed_grid_kernel<T>)(static_cast<const T*>(weight.data), n, k, dead, col_orig,
                                                             gs, groups, maxq, o.sym, search, scales, zeros);
     }));
     GPTQKIT_GPU_LAUNCHED("fixed_grid_kernel");
@@ -494,7 +494,7 @@ Status quantize_weight(const TensorView& weight, const TensorView& hessian, cons
   GPTQKIT_RETURN_IF_ERROR(scratch.alloc(&wp, n * k, "the working copy of the weight"));
   GPTQKIT_RETURN_IF_ERROR(by_weight_dtype(weight.dtype, [&](auto tag) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    load_weight_kernel<T><<<grid_stride_blocks(n * k), kThreads, 0, stream>>>(static_cast<const T*>(weight.data), n,
+    GPTQKIT_LAUNCH(grid_stride_blocks(n * k), kThreads, 0, stream, load_weight_kernel<T>)(static_cast<const T*>(weight.data), n,
                                                                                k, perm, dead, wp);
   }));
   GPTQKIT_GPU_LAUNCHED("load_weight_kernel");
@@ -529,15 +529,15 @@ Status quantize_weight(const TensorView& weight, const TensorView& hessian, cons
   for (int64_t i1 = 0; i1 < k; i1 += block) {
     const int64_t i2 = std::min(i1 + block, k);
     const int width = static_cast<int>(i2 - i1);
-    sweep_block_kernel<<<sweep_blocks, kThreads, 0, stream>>>(args, i1, width);
+    GPTQKIT_LAUNCH(sweep_blocks, kThreads, 0, stream, sweep_block_kernel)(args, i1, width);
     GPTQKIT_GPU_LAUNCHED("sweep_block_kernel");
     if (i2 < k) {
       const dim3 grid(static_cast<unsigned>(ceil_div(k - i2, kGemmTile)), row_tiles);
-      lazy_update_kernel<<<grid, kThreads, 0, stream>>>(wp, err, u, n, k, block, i1, i2, width);
+      GPTQKIT_LAUNCH(grid, kThreads, 0, stream, lazy_update_kernel)(wp, err, u, n, k, block, i1, i2, width);
       GPTQKIT_GPU_LAUNCHED("lazy_update_kernel");
     }
   }
-  loss_kernel<<<1, kThreads, 0, stream>>>(row_loss, n, info);
+  GPTQKIT_LAUNCH(1, kThreads, 0, stream, loss_kernel)(row_loss, n, info);
   GPTQKIT_GPU_LAUNCHED("loss_kernel");
   GPTQKIT_RETURN_IF_ERROR(info_read(info, &host, stream));
   local.loss = host.loss / 2.0;
@@ -571,8 +571,8 @@ Status inverse_hessian_upper_factor(const TensorView& hessian, double damp_perce
   GPTQKIT_RETURN_IF_ERROR(info_reset(info, stream));
   GPTQKIT_RETURN_IF_ERROR(launch_finite_check(hessian, &info->bad_hessian, stream));
   // Without dead-input handling (as the CPU entry point): diag read as is.
-  if (h64) diag_kernel<double><<<1, kThreads, 0, stream>>>(static_cast<const double*>(hessian.data), k, nullptr, nullptr, info);
-  else diag_kernel<float><<<1, kThreads, 0, stream>>>(static_cast<const float*>(hessian.data), k, nullptr, nullptr, info);
+  if (h64) GPTQKIT_LAUNCH(1, kThreads, 0, stream, diag_kernel<double>)(static_cast<const double*>(hessian.data), k, nullptr, nullptr, info);
+  else GPTQKIT_LAUNCH(1, kThreads, 0, stream, diag_kernel<float>)(static_cast<const float*>(hessian.data), k, nullptr, nullptr, info);
   GPTQKIT_GPU_LAUNCHED("diag_kernel");
   DeviceInfo host;
   GPTQKIT_RETURN_IF_ERROR(info_read(info, &host, stream));

@@ -6,7 +6,9 @@
 #include <cstdint>
 #include <string>
 
+#ifndef GPTQKIT_GPU_EMULATION  // tests/gpu_emulation/emu_compat.h stands in for it on the CPU
 #include "gpu_compat.h"
+#endif
 #include "gptqkit/solver.h"
 #include "gptqkit/status.h"
 #include "gptqkit/tensor.h"
@@ -176,8 +178,11 @@ __device__ __forceinline__ int32_t gpu_quantize_code(float x, const GpuGrid& g, 
   return static_cast<int32_t>(q);
 }
 
+// __fmul_rn: the product is rounded on its own, as on the CPU; a plain `*`
+// would be fused by the compiler into the subtraction that usually follows
+// (x - q), which rounds once and changes errors and codes.
 __device__ __forceinline__ float gpu_dequantize_code(int32_t code, const GpuGrid& g) {
-  return g.scale * static_cast<float>(code - g.zero);
+  return __fmul_rn(g.scale, static_cast<float>(code - g.zero));
 }
 
 __device__ __forceinline__ GpuGrid gpu_grid_for_range(float xmin, float xmax, int maxq, bool sym, bool fp16_scales,
@@ -239,7 +244,9 @@ __device__ GpuGrid gpu_warp_search_grid(Load load, const float* weight, int64_t 
   double best_err = gpu_warp_grid_error(load, weight, count, maxq, best, s.norm);
   for (int i = 1; i <= s.steps; ++i) {
     const float p = 1.0f - __fdiv_rn(__fmul_rn(1.0f - s.min_ratio, static_cast<float>(i)), static_cast<float>(s.steps));
-    const GpuGrid g = gpu_grid_for_range(p * xmin, p * xmax, maxq, sym, s.fp16_scales, s.min_zero);
+    // Rounded products (no fusing into xmax - xmin), as the CPU computes them.
+    const GpuGrid g =
+        gpu_grid_for_range(__fmul_rn(p, xmin), __fmul_rn(p, xmax), maxq, sym, s.fp16_scales, s.min_zero);
     const double err = gpu_warp_grid_error(load, weight, count, maxq, g, s.norm);
     if (err < best_err) {
       best_err = err;

@@ -192,7 +192,11 @@ def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, c
     if x.is_cuda:
         require_gpu_backend()
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        x = x.contiguous()
+        # The op's autograd wrapper hands over the caller's tensors, which may
+        # require grad; DLPack refuses to export those, and the kernels need
+        # no graph (the backward formula is registered separately).
+        x = x.detach().contiguous()
+        bias = None if bias is None else bias.detach()
         if x.shape[0] >= dense_min_rows():
             # Compute-bound: dequantize once (16 bits per weight written, 2-8 read)
             # and let the vendor GEMM do the rest.

@@ -1,35 +1,51 @@
-// CPU stand-in for cuda/src/gpu_compat.h, used only by the emulation harness
-// (emulate_gemm.cpp, which includes it before the kernels; it defines
-// GPTQKIT_GPU_EMULATION, which makes gemm_common.cuh skip the real header) so
-// that the kernel sources in cuda/src/*_kernel.cuh compile as plain C++: every GPU thread of a block is a fiber,
-// __syncthreads is a yield to the block's scheduler, shared memory is a function-static array,
-// and warp collectives (shuffles, and on the tensor-core path ldmatrix, mma,
-// cp.async) are emulated with the exact lane semantics of the hardware. A
-// kernel that races, reads out of bounds of a tile, or mixes up fragment
-// layouts computes wrong numbers here, on a machine without a GPU.
+// CPU stand-in for cuda/src/gpu_compat.h, used only by the emulation
+// harnesses (emulate_gemm.cpp, and the solver test tests/cpp/test_gpu_emulation.cpp
+// through emu_unit.cpp). They include it before any GPU source and define
+// GPTQKIT_GPU_EMULATION, which makes gemm_common.cuh and
+// gpu_solver_internal.h skip the real header, so the sources in cuda/src
+// (kernels and their host launchers) compile as plain C++:
+//   * every GPU thread of a block is a cooperative fiber (ucontext, one OS
+//     thread, deterministic); blocks of a grid run one after another;
+//   * __syncthreads is a block barrier; warp collectives (shuffles, and on
+//     the tensor-core path ldmatrix and mma) synchronise only the lanes of
+//     their warp, with the hardware's lane semantics, so a warp may leave a
+//     kernel early while the others go on;
+//   * a barrier that some threads of the block (or lanes of the warp) can no
+//     longer reach is reported, with the kernel's block, and ends the
+//     program: on a GPU it is undefined behaviour;
+//   * __shared__ arrays are function statics, and the runtime API
+//     (emu_runtime.h) works on host memory with a guard page after every
+//     device buffer, so a kernel that reads or writes past the end of a
+//     buffer faults.
+// A kernel that races on shared memory, mixes up fragment layouts or reads a
+// cp.async chunk before it has landed computes wrong numbers here.
 //
 // EMU_WARP (32 or 64) sets kWarpSize; EMU_TC=1 compiles the NVIDIA
-// tensor-core path (warp 32 only).
+// tensor-core paths (warp 32 only).
 #pragma once
 
 #include <ucontext.h>
 
+#include <math.h>
+
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <cmath>
-#include <cstdint>
 #include <cstring>
 #include <deque>
 #include <functional>
 #include <vector>
 
-#include "half.h"  // cpp/src: exact fp16 conversions
+#include "half.h"  // cpp/src: exact fp16 / bf16 conversions
 
 #ifndef EMU_WARP
 #define EMU_WARP 32
 #endif
 #ifndef EMU_TC
 #define EMU_TC 0
+#endif
+#if EMU_TC && EMU_WARP != 32
+#error "the tensor-core path exists for 32-wide warps only"
 #endif
 
 #define GPTQKIT_GPU_EMULATION 1
@@ -52,12 +68,15 @@ struct uint4 {
 };
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 
+constexpr int kWarpSize = EMU_WARP;
+constexpr int kMaxWarpSize = 64;
+
 namespace emu {
-// One block at a time; its threads are cooperative fibers on the calling
-// OS thread (ucontext), so a block of 256 threads costs no OS threads and
-// runs deterministically. A fiber runs until it reaches a barrier (or ends);
-// the scheduler then runs the next one, and a round over all fibers is one
-// barrier phase.
+// A fiber runs until it reaches a barrier (block or warp) or ends; the
+// scheduler then runs the next runnable one. When every live fiber waits,
+// warps whose live lanes all wait at a warp collective are released, else
+// the block barrier is released once every thread has reached it.
+enum class Wait : uint8_t { kNone, kBlock, kWarp };
 struct Copy {
   void* dst;
   unsigned char data[16];
@@ -66,6 +85,7 @@ struct Fiber {
   ucontext_t ctx;
   dim3 thread_idx;
   bool done = false;
+  Wait wait = Wait::kNone;
   std::vector<Copy> pending;                // cp.async issued, not committed
   std::deque<std::vector<Copy>> groups;     // committed, not yet landed
 };
@@ -73,27 +93,79 @@ inline std::vector<Fiber> fibers;
 inline std::vector<std::vector<char>> stacks;
 inline int current = 0;
 inline ucontext_t scheduler;
-inline dim3 block_idx, block_dim;
+inline dim3 block_idx, block_dim, grid_dim;
+inline const char* kernel_name = "";
 inline const std::function<void()>* body = nullptr;
-alignas(16) inline unsigned char dynamic_smem[1 << 17];
+constexpr size_t kDynamicSmemBytes = 1 << 17;
+alignas(16) inline unsigned char dynamic_smem[kDynamicSmemBytes];
 // Lane exchange slots for warp collectives (one per thread of the block).
 inline uint64_t xchg[1024][8];
 inline const void* addr_xchg[1024];
 inline int tid() { return current; }
-inline void sync() { swapcontext(&fibers[current].ctx, &scheduler); }
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "emulation: %s in %s, block (%u, %u)\n", what, kernel_name, block_idx.x, block_idx.y);
+  std::fflush(stderr);
+  std::exit(3);
+}
+
+inline void wait_at(Wait w) {
+  fibers[static_cast<size_t>(current)].wait = w;
+  swapcontext(&fibers[static_cast<size_t>(current)].ctx, &scheduler);
+}
+inline void block_sync() { wait_at(Wait::kBlock); }
+inline void warp_sync() { wait_at(Wait::kWarp); }
 
 inline void trampoline() {
   (*body)();
-  fibers[current].done = true;
-  swapcontext(&fibers[current].ctx, &scheduler);
+  fibers[static_cast<size_t>(current)].done = true;
+  swapcontext(&fibers[static_cast<size_t>(current)].ctx, &scheduler);
 }
 
-// Runs body() as grid x block threads, one block at a time. Exits with a
-// message when the threads of a block disagree about barriers (some ended
-// while others wait), which on a GPU is undefined behaviour.
-inline void launch(dim3 grid, dim3 block, const std::function<void()>& fn) {
+// Releases waiting fibers after a round in which every live fiber stopped;
+// false when the block is finished.
+inline bool release(int n) {
+  int done = 0, at_block = 0;
+  for (const Fiber& f : fibers) {
+    done += f.done ? 1 : 0;
+    at_block += (!f.done && f.wait == Wait::kBlock) ? 1 : 0;
+  }
+  if (done == n) return false;
+  bool released = false;
+  for (int w0 = 0; w0 < n; w0 += kWarpSize) {
+    const int w1 = w0 + kWarpSize < n ? w0 + kWarpSize : n;
+    int waiting = 0, ended = 0;
+    for (int t = w0; t < w1; ++t) {
+      waiting += fibers[static_cast<size_t>(t)].wait == Wait::kWarp && !fibers[static_cast<size_t>(t)].done ? 1 : 0;
+      ended += fibers[static_cast<size_t>(t)].done ? 1 : 0;
+    }
+    if (waiting == 0) continue;
+    if (waiting != w1 - w0) {
+      if (waiting + ended == w1 - w0) fail("warp collective with lanes that have left the kernel");
+      continue;  // other lanes are still at a block barrier: reported below if nothing moves
+    }
+    for (int t = w0; t < w1; ++t) fibers[static_cast<size_t>(t)].wait = Wait::kNone;
+    released = true;
+  }
+  if (released) return true;
+  if (at_block == n - done) {
+    if (done != 0) fail("__syncthreads that some threads of the block never reach (they returned)");
+    for (Fiber& f : fibers) f.wait = Wait::kNone;
+    return true;
+  }
+  fail("lanes of one warp wait at different barriers (warp collective vs __syncthreads)");
+}
+
+// Runs body() as grid x block threads, one block at a time.
+inline void launch(dim3 grid, dim3 block, size_t smem, const char* name, const std::function<void()>& fn) {
   const int n = static_cast<int>(block.x);
+  kernel_name = name;
+  if (block.y != 1 || block.z != 1 || grid.z != 1) fail("unsupported launch shape (block.y/z or grid.z > 1)");
+  if (n < 1 || n > 1024) fail("block size outside 1..1024");
+  if (smem > kDynamicSmemBytes) fail("dynamic shared memory larger than the emulation provides");
+  if (grid.x == 0 || grid.y == 0) fail("empty grid (a launch error on a GPU)");
   block_dim = block;
+  grid_dim = grid;
   body = &fn;
   stacks.resize(static_cast<size_t>(n));
   for (auto& st : stacks) st.resize(256 * 1024);
@@ -111,67 +183,127 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& fn) {
         f.ctx.uc_link = nullptr;
         makecontext(&f.ctx, trampoline, 0);
       }
-      for (;;) {
-        int finished = 0;
+      do {
         for (int t = 0; t < n; ++t) {
+          Fiber& f = fibers[static_cast<size_t>(t)];
+          if (f.done || f.wait != Wait::kNone) continue;
           current = t;
-          swapcontext(&scheduler, &fibers[static_cast<size_t>(t)].ctx);
-          finished += fibers[static_cast<size_t>(t)].done ? 1 : 0;
+          swapcontext(&scheduler, &f.ctx);
         }
-        if (finished == n) break;
-        if (finished != 0) {
-          std::fprintf(stderr, "emulation: divergent barrier in block (%u, %u): %d of %d threads ended\n", bx, by,
-                       finished, n);
-          std::exit(3);
-        }
-      }
+      } while (release(n));
     }
 }
+
+// GPTQKIT_LAUNCH(grid, block, smem, stream, kernel)(args...): the kernel's
+// arguments are evaluated once, as for a real launch, and each thread gets
+// its own copies of them.
+template <typename Body>
+struct Launch {
+  dim3 grid, block;
+  size_t smem;
+  const char* name;
+  Body body;
+  template <typename... Args>
+  void operator()(Args&&... args) const {
+    launch(grid, block, smem, name, [&] { body(args...); });
+  }
+};
+template <typename Body>
+Launch<Body> make_launch(dim3 grid, dim3 block, size_t smem, const void* /*stream*/, const char* name, Body body) {
+  return Launch<Body>{grid, block, smem, name, body};
+}
 }  // namespace emu
+
+#define GPTQKIT_LAUNCH(grid, block, smem, stream, ...)                                                  \
+  emu::make_launch(dim3(grid), dim3(block), static_cast<size_t>(smem), static_cast<const void*>(stream), \
+                   #__VA_ARGS__, [](auto&... emu_args) { __VA_ARGS__(emu_args...); })
 
 #define threadIdx (emu::fibers[static_cast<size_t>(emu::current)].thread_idx)
 #define blockIdx emu::block_idx
 #define blockDim emu::block_dim
-inline void __syncthreads() { emu::sync(); }
+#define gridDim emu::grid_dim
+inline void __syncthreads() { emu::block_sync(); }
 
-constexpr int kWarpSize = EMU_WARP;
-constexpr int kMaxWarpSize = 64;
-
+// ---- device intrinsics -------------------------------------------------------------
+// The emulation is compiled with -ffp-contract=off: no fused multiply-add
+// where the source does not ask for one, as nvcc's _rn intrinsics promise.
 inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline uint32_t __float_as_uint(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 template <typename T> inline T __ldg(const T* p) { return *p; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+template <typename T> inline T min(T a, T b) { return b < a ? b : a; }
+template <typename T> inline T max(T a, T b) { return a < b ? b : a; }
+// One OS thread runs every fiber and a fiber is never preempted inside an
+// atomic, so plain read-modify-writes are atomic here.
+inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
+  const unsigned long long old = *p;
+  if (v < old) *p = v;
+  return old;
+}
+inline float atomicAdd(float* p, float v) { const float old = *p; *p = old + v; return old; }
+inline double atomicAdd(double* p, double v) { const double old = *p; *p = old + v; return old; }
+
+// ---- 16-bit floating point ---------------------------------------------------------
 struct __half { uint16_t bits; };
+struct __nv_bfloat16 { uint16_t bits; };
+using gpu_half = __half;
+using gpu_bfloat16 = __nv_bfloat16;
 inline __half __ushort_as_half(unsigned short u) { return {u}; }
 inline unsigned short __half_as_ushort(__half h) { return h.bits; }
 inline float __half2float(__half h) { return gptqkit::fp16_to_float(h.bits); }
 inline __half __float2half_rn(float f) { return {gptqkit::float_to_fp16(f)}; }
+inline float gpu_to_float(gpu_half x) { return __half2float(x); }
+inline float gpu_to_float(gpu_bfloat16 x) { return gptqkit::bf16_to_float(x.bits); }
+inline float gpu_to_float(float x) { return x; }
 
-// Shuffles: every thread of the block calls them the same number of times
-// (true of the kernels), so a block barrier orders the exchange.
+// ---- warp collectives --------------------------------------------------------------
+// Two warp barriers per exchange: every lane publishes, then reads, and no
+// lane overwrites its slot before the whole warp has read.
 template <typename T>
-inline T gpu_shfl_xor(T value, int lane_mask) {
+inline T emu_shuffle_from(T value, int src_lane) {
   static_assert(sizeof(T) <= 8, "");
   const int t = emu::tid();
   std::memcpy(&emu::xchg[t][0], &value, sizeof(T));
-  emu::sync();
-  const int src = (t / kWarpSize) * kWarpSize + ((t % kWarpSize) ^ lane_mask);
+  emu::warp_sync();
+  const int src = (t / kWarpSize) * kWarpSize + (src_lane % kWarpSize);
   T out;
   std::memcpy(&out, &emu::xchg[src][0], sizeof(T));
-  emu::sync();
+  emu::warp_sync();
   return out;
+}
+template <typename T>
+inline T gpu_shfl_xor(T value, int lane_mask) {
+  return emu_shuffle_from(value, (emu::tid() % kWarpSize) ^ lane_mask);
+}
+template <typename T>
+inline T gpu_shfl(T value, int src_lane) {
+  return emu_shuffle_from(value, src_lane);
 }
 template <typename T>
 inline T gpu_warp_sum(T value) {
   for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) value += gpu_shfl_xor(value, offset);
   return value;
 }
+template <typename T>
+inline T gpu_warp_max(T value) {
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+    T other = gpu_shfl_xor(value, offset);
+    value = other > value ? other : value;
+  }
+  return value;
+}
 
 inline unsigned char* gpu_dynamic_smem() { return emu::dynamic_smem; }
 
 #if EMU_TC
-// The sm_80 primitives of gemm_tiled_kernel.cuh, with the PTX ISA's lane
-// semantics. cp.async copies land as late as the ISA allows: when a
-// cp.async.wait_group leaves fewer groups pending, never earlier.
+// The sm_80 primitives of gpu_compat.h, with the PTX ISA's lane semantics.
+// cp.async copies land as late as the ISA allows: when a cp.async.wait_group
+// leaves fewer groups pending, never earlier.
 inline void cp_async16(void* dst, const void* src) {
   emu::Copy c;
   c.dst = dst;
@@ -194,13 +326,13 @@ inline void cp_async_wait() {
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   const int t = emu::tid();
   emu::addr_xchg[t] = p;
-  emu::sync();
+  emu::warp_sync();
   const int lane = t % 32, base = t - lane;
   for (int i = 0; i < 4; ++i) {
     const unsigned char* row = static_cast<const unsigned char*>(emu::addr_xchg[base + 8 * i + lane / 4]);
     std::memcpy(&r[i], row + 4 * (lane % 4), 4);
   }
-  emu::sync();
+  emu::warp_sync();
 }
 template <bool BF16>
 inline float emu_half(uint32_t word, int hi) {
@@ -213,7 +345,7 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   for (int i = 0; i < 4; ++i) emu::xchg[t][i] = a[i];
   emu::xchg[t][4] = b0;
   emu::xchg[t][5] = b1;
-  emu::sync();
+  emu::warp_sync();
   const int lane = t % 32, base = t - lane, g = lane / 4, q = lane % 4;
   auto A = [&](int row, int k) {  // a0: (g, 2q..), a1: (g+8, 2q..), a2: (g, 2q+8..), a3: (g+8, 2q+8..)
     const int src = (row % 8) * 4 + (k % 8) / 2, reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
@@ -230,15 +362,9 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
     for (int k = 0; k < 16; ++k) acc += A(rows[i], k) * B(k, cols[i]);
     out[i] = acc;
   }
-  emu::sync();
+  emu::warp_sync();
   for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 #endif
 
-// Runtime names used by the launch helpers in gemm_common.cuh (never called).
-using gpuError_t = int;
-constexpr int gpuSuccess = 0;
-inline int gpuGetLastError() { return 0; }
-inline const char* gpuGetErrorString(int) { return ""; }
-inline int gpuGetDevice(int* d) { *d = 0; return 0; }
-inline int gpuSetDevice(int) { return 0; }
+#include "emu_runtime.h"

@@ -1,5 +1,5 @@
 // Runs the GPU GEMM kernels (cuda/src/*_kernel.cuh, unmodified) on the CPU
-// through the emulation in ./gpu_compat.h. Driven by
+// through the emulation in ./emu_compat.h. Driven by
 // tests/python/test_gpu_gemm.py, which writes a job file (layout, x, launch
 // parameters chosen like the launchers do), runs this program and compares
 // the result with gptqkit's dequantize oracle.
@@ -40,7 +40,7 @@ void read(std::ifstream& f, std::vector<T>& v, int64_t count) {
 
 template <bool BF16, int BITS, int MT>
 void gemv(const Job& j, uint16_t* y) {
-  emu::launch(dim3(static_cast<unsigned>(j.np / (4 * j.lanes))), dim3(kGemvThreads), [&] {
+  emu::launch(dim3(static_cast<unsigned>(j.np / (4 * j.lanes))), dim3(kGemvThreads), 0, "gemv_kernel", [&] {
     gemv_kernel<BF16, BITS, MT>(j.x.data(), j.qweight.data(), j.sz.data(), j.chunk_group.data(),
                                 j.has_perm ? j.perm.data() : nullptr, j.has_bias ? j.bias.data() : nullptr, y,
                                 int(j.m), int(j.k), int(j.n), int(j.np), int(j.chunks), int(j.groups), int(j.lanes));
@@ -51,7 +51,7 @@ template <bool BF16, int BITS, int MF>
 void tiled(const Job& j, uint16_t* y) {
   const bool x_pairs = !j.has_perm && j.k % 2 == 0;
   emu::launch(dim3(static_cast<unsigned>(ceil_div(j.m, 16 * MF)), static_cast<unsigned>(j.np / kBN)),
-              dim3(kTiledThreads), [&] {
+              dim3(kTiledThreads), 0, "tiled_kernel", [&] {
                 tiled_kernel<BF16, BITS, MF>(j.x.data(), j.qweight.data(), j.sz.data(), j.chunk_group.data(),
                                              j.has_perm ? j.perm.data() : nullptr,
                                              j.has_bias ? j.bias.data() : nullptr, y, int(j.m), int(j.k), int(j.n),
@@ -61,7 +61,7 @@ void tiled(const Job& j, uint16_t* y) {
 
 template <bool BF16, int BITS>
 void dequant(const Job& j, uint16_t* out) {
-  emu::launch(dim3(static_cast<unsigned>(ceil_div(j.n * j.chunks, kDequantThreads))), dim3(kDequantThreads), [&] {
+  emu::launch(dim3(static_cast<unsigned>(ceil_div(j.n * j.chunks, kDequantThreads))), dim3(kDequantThreads), 0, "dequant_kernel", [&] {
     dequant_kernel<BF16, BITS>(j.qweight.data(), j.sz.data(), j.chunk_group.data(),
                                j.has_perm ? j.perm.data() : nullptr, out, int(j.k), int(j.n), int(j.np),
                                int(j.chunks), int(j.groups));

@@ -290,6 +290,23 @@ def test_quant_linear_on_cuda(gptqkit):
 
 
 @gpu
+@pytest.mark.parametrize("m", [1, 16, 1024])
+def test_quant_linear_on_cuda_backward(gptqkit, monkeypatch, m):
+    """Inputs that require grad (training adapters, any forward outside no_grad) on every path."""
+    from gptqkit.nn import QuantLinear
+
+    monkeypatch.setenv("GPTQKIT_GPU_DENSE_MIN_ROWS", "1024")
+    packed = random_packed_layer(gptqkit, 200, 256, 4, 64)
+    layer = QuantLinear.from_packed(packed, bias=torch.randn(200).half(), group_size=64).to("cuda")
+    x = torch.randn(m, 256, device="cuda", dtype=torch.float16, requires_grad=True)
+    y = layer(x)
+    y.float().square().sum().backward()
+    w = _oracle(packed).double()
+    grad_ref = (2 * y.detach().double()) @ w.to("cuda")
+    torch.testing.assert_close(x.grad.double(), grad_ref, rtol=2e-2, atol=2e-2)
+
+
+@gpu
 def test_quant_linear_shares_qweight_without_act_order(gptqkit):
     from gptqkit.nn import QuantLinear
 
@@ -338,7 +355,8 @@ def emulators():
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler for the kernel emulation")
-    sources = [os.path.join(_REPO, "tests", "gpu_emulation", f) for f in ("emulate_gemm.cpp", "emu_compat.h")]
+    sources = [os.path.join(_REPO, "tests", "gpu_emulation", f)
+               for f in ("emulate_gemm.cpp", "emu_compat.h", "emu_runtime.h")]
     sources += [os.path.join(_REPO, "cuda", "src", f) for f in ("gemm_common.cuh", "gemm_gemv_kernel.cuh",
                                                                 "gemm_tiled_kernel.cuh", "gemm_dequant_kernel.cuh",
                                                                 "gpu_gemm_api.h")]

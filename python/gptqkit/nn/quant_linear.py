@@ -331,7 +331,7 @@ class QuantLinear(nn.Module):
         layout = ops.prepare_layout(q, self.qzeros, self.scales, self.g_idx, self.bits, self.format,
                                     dtype=dtype or self._gpu_dtype(), device=q.device)
         if (layout.perm is None and tuple(layout.qweight.shape) == tuple(q.shape) and q.is_contiguous()
-                and self.in_features % 32 == 0):
+                and self.in_features % 32 == 0 and q.data_ptr() % 16 == 0):
             layout = layout._replace(qweight=q)  # identical words: share the buffer, no second copy
         self.__dict__["_gpu_layout"] = layout
         return layout

@@ -1,0 +1,23 @@
+// emu_device.h on top of the emulated runtime (compiled once per emulated
+// target, like the cuda/src units it goes with).
+#include "emu_compat.h"  // first: stands in for gpu_compat.h
+
+#include "emu_device.h"
+
+#include <new>
+
+namespace emu_device {
+
+void* alloc(size_t bytes) {
+  void* p = nullptr;
+  if (emu::device_alloc(&p, bytes) != gpuSuccess) throw std::bad_alloc();
+  return p;
+}
+void free(void* p) { (void)emu::device_free(p); }
+int64_t live_bytes() { return emu::live_bytes; }
+size_t live_buffers() { return emu::device_buffers.size(); }
+void fail_allocation_after(int skip) { emu::fail_after = skip; }
+int warp_size() { return kWarpSize; }
+bool tensor_cores() { return EMU_TC != 0; }
+
+}  // namespace emu_device

@@ -1,0 +1,22 @@
+// What the C++ emulation test (tests/cpp/test_gpu_emulation.cpp) needs from
+// the emulated GPU, without the emulation's macros: device buffers (with a
+// guard page after each, see emu_runtime.h), their accounting, allocation
+// failures on demand and the emulated target.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace emu_device {
+
+void* alloc(size_t bytes);
+void free(void* p);
+int64_t live_bytes();
+size_t live_buffers();
+// The next `skip` allocations succeed, the one after fails (out of memory);
+// a negative value turns this off.
+void fail_allocation_after(int skip);
+int warp_size();
+bool tensor_cores();
+
+}  // namespace emu_device
