@@ -283,14 +283,12 @@ std::vector<uint8_t> weight_bytes(const std::vector<float>& w, DType dtype) {
 // block on 64-wide ones; K = 200: partial last groups and lazy blocks.
 class SolverProblem {
  public:
-  static constexpr int64_t kN = 40, kK = 200;
-
-  explicit SolverProblem(const SolverCase& c) : c_(c) {
-    w_ = random_normal(static_cast<size_t>(kN * kK), 7, 0.05f);
-    h32_ = test_hessian(kK, 9);
+  explicit SolverProblem(const SolverCase& c, int64_t n = 40, int64_t k = 200) : c_(c), n_(n), k_(k) {
+    w_ = random_normal(static_cast<size_t>(n_ * k_), 7, 0.05f);
+    h32_ = test_hessian(k_, 9);
     if (c.dead_inputs)
-      for (int64_t j : {3, 64, 199}) {
-        for (int64_t i = 0; i < kK; ++i) h32_[i * kK + j] = h32_[j * kK + i] = 0.0f;
+      for (int64_t j : {int64_t{3}, k_ / 3, k_ - 1}) {
+        for (int64_t i = 0; i < k_; ++i) h32_[i * k_ + j] = h32_[j * k_ + i] = 0.0f;
       }
     h64_.assign(h32_.begin(), h32_.end());
     wbytes_ = weight_bytes(w_, c.weight_dtype);
@@ -301,24 +299,24 @@ class SolverProblem {
   }
   size_t hessian_bytes() const { return h32_.size() * (c_.hessian_fp64 ? 8 : 4); }
   DType hessian_dtype() const { return c_.hessian_fp64 ? DType::kFloat64 : DType::kFloat32; }
-  int64_t groups() const { return c_.group_size > 0 ? gptqkit::num_groups(kK, c_.group_size) : 1; }
+  int64_t groups() const { return c_.group_size > 0 ? gptqkit::num_groups(k_, c_.group_size) : 1; }
 
   SolverRun run_cpu() {
     const SolverCase& c = c_;
     SolverRun r;
-    r.codes.resize(kN * kK);
-    r.scales.resize(groups() * kN);
-    r.zeros.resize(groups() * kN);
-    r.g_idx.resize(kK);
-    r.perm.resize(kK);
-    QuantizeOutputs out{gptqkit::make_view(r.codes.data(), DType::kUInt8, kN, kK),
-                        gptqkit::make_view(r.scales.data(), DType::kFloat32, groups(), kN),
-                        gptqkit::make_view(r.zeros.data(), DType::kInt32, groups(), kN),
-                        gptqkit::make_view(r.g_idx.data(), DType::kInt32, kK),
-                        gptqkit::make_view(r.perm.data(), DType::kInt64, kK)};
+    r.codes.resize(n_ * k_);
+    r.scales.resize(groups() * n_);
+    r.zeros.resize(groups() * n_);
+    r.g_idx.resize(k_);
+    r.perm.resize(k_);
+    QuantizeOutputs out{gptqkit::make_view(r.codes.data(), DType::kUInt8, n_, k_),
+                        gptqkit::make_view(r.scales.data(), DType::kFloat32, groups(), n_),
+                        gptqkit::make_view(r.zeros.data(), DType::kInt32, groups(), n_),
+                        gptqkit::make_view(r.g_idx.data(), DType::kInt32, k_),
+                        gptqkit::make_view(r.perm.data(), DType::kInt64, k_)};
     const Status s =
-        gptqkit::quantize_weight(gptqkit::make_view(wbytes_.data(), c.weight_dtype, kN, kK),
-                                 gptqkit::make_view(const_cast<void*>(hessian_data()), hessian_dtype(), kK, kK),
+        gptqkit::quantize_weight(gptqkit::make_view(wbytes_.data(), c.weight_dtype, n_, k_),
+                                 gptqkit::make_view(const_cast<void*>(hessian_data()), hessian_dtype(), k_, k_),
                                  options_of(c), out, &r.stats);
     EXPECT_TRUE(s.ok()) << s.message();
     return r;
@@ -329,14 +327,14 @@ class SolverProblem {
     DeviceArray<uint8_t> w(wbytes_);
     DeviceArray<uint8_t> h(std::vector<uint8_t>(static_cast<const uint8_t*>(hessian_data()),
                                                 static_cast<const uint8_t*>(hessian_data()) + hessian_bytes()));
-    DeviceArray<uint8_t> codes(kN * kK);
-    DeviceArray<float> scales(groups() * kN);
-    DeviceArray<int32_t> zeros(groups() * kN), g_idx(kK);
-    DeviceArray<int64_t> perm(kK);
-    QuantizeOutputs out{codes.view(DType::kUInt8, kN, kK), scales.view(DType::kFloat32, groups(), kN),
-                        zeros.view(DType::kInt32, groups(), kN), g_idx.view(DType::kInt32, kK),
-                        perm.view(DType::kInt64, kK)};
-    TensorView wv = w.view(c.weight_dtype, kN, kK), hv = h.view(hessian_dtype(), kK, kK);
+    DeviceArray<uint8_t> codes(n_ * k_);
+    DeviceArray<float> scales(groups() * n_);
+    DeviceArray<int32_t> zeros(groups() * n_), g_idx(k_);
+    DeviceArray<int64_t> perm(k_);
+    QuantizeOutputs out{codes.view(DType::kUInt8, n_, k_), scales.view(DType::kFloat32, groups(), n_),
+                        zeros.view(DType::kInt32, groups(), n_), g_idx.view(DType::kInt32, k_),
+                        perm.view(DType::kInt64, k_)};
+    TensorView wv = w.view(c.weight_dtype, n_, k_), hv = h.view(hessian_dtype(), k_, k_);
     const Status s = gptqkit::gpu::quantize_weight(wv, hv, options_of(c), out, &r->stats, nullptr);
     r->codes = codes.host();
     r->scales = scales.host();
@@ -347,6 +345,7 @@ class SolverProblem {
   }
 
   const SolverCase c_;
+  const int64_t n_, k_;
   std::vector<float> w_, h32_;
   std::vector<double> h64_;
   std::vector<uint8_t> wbytes_;
@@ -477,6 +476,22 @@ TEST(EmuSolverErrors, BadInputIsRejectedBeforeAnyWork) {
   s = gptqkit::gpu::quantize_weight(ok_w.view(DType::kFloat32, n, k), cpu_hessian, o, out, nullptr, nullptr);
   EXPECT_EQ(s.code(), gptqkit::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("hessian"), std::string::npos) << s.message();
+}
+
+TEST(EmuSolverShapes, OddShapesMatchCpu) {
+  // Warps that leave the sweep early (N not a multiple of the rows per
+  // block), K below one tile, a single column, a partial last lazy block.
+  const SolverCase c{"odd", 4, 32, false, true, false, 0, true, 16};
+  for (const auto& [n, k] : std::vector<std::pair<int64_t, int64_t>>{{7, 33}, {1, 1}, {1, 65}, {9, 1}, {13, 129}}) {
+    SolverProblem problem(c, n, k);
+    const SolverRun cpu = problem.run_cpu();
+    SolverRun gpu;
+    const Status s = problem.run_gpu(&gpu);
+    ASSERT_TRUE(s.ok()) << s.message();
+    EXPECT_EQ(gpu.codes, cpu.codes) << n << " x " << k << ", " << target();
+    EXPECT_EQ(gpu.perm, cpu.perm);
+    EXPECT_NEAR(gpu.stats.loss, cpu.stats.loss, 5e-3 * cpu.stats.loss + 1e-12);
+  }
 }
 
 // ---------------------------------------------------------------- packing

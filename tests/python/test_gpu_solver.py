@@ -93,6 +93,15 @@ def test_block_sizes_and_float64_hessian(block_size):
 
 
 @needs_gpu
+@pytest.mark.parametrize("k,n,group_size,block_size", [(33, 7, 32, 16), (1, 1, -1, 128), (65, 1, 32, 128),
+                                                       (1, 9, 128, 128), (129, 13, 50, 48)])
+def test_odd_shapes(k, n, group_size, block_size):
+    """Warps that leave the sweep early (N not a multiple of the rows per block), K below one tile."""
+    W, H = make_problem(k=k, n=n, tokens=256, seed=k)
+    compare(W, H, bits=4, group_size=group_size, sym=False, desc_act=True, block_size=block_size)
+
+
+@needs_gpu
 def test_block_size_above_gpu_limit_is_unsupported():
     W, H = make_problem(seed=1)
     with pytest.raises(NotImplementedError, match="block_size"):
