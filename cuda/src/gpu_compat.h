@@ -128,8 +128,12 @@ template <> __device__ __forceinline__ float gpu_from_float<float>(float x) { re
 #if GPTQKIT_GPU_IS_HIP
 #if defined(__AMDGCN_WAVEFRONT_SIZE)
 constexpr int kWarpSize = __AMDGCN_WAVEFRONT_SIZE;
+#elif defined(__HIP_DEVICE_COMPILE__)
+// Guessing 64 here would silently break wave32 targets (RDNA): launches are
+// sized by the run-time width, so kernels would skip half their rows.
+#error "gptqkit: this HIP compiler does not define __AMDGCN_WAVEFRONT_SIZE; the device code needs the wavefront size at compile time"
 #else
-constexpr int kWarpSize = 64;
+constexpr int kWarpSize = 64;  // host pass: the upper bound only
 #endif
 #else
 constexpr int kWarpSize = 32;

@@ -103,9 +103,6 @@ __global__ __launch_bounds__(kSimtThreads) void syrk_simt_kernel(const T* __rest
 // ---- NVIDIA tensor-core path --------------------------------------------------
 #if !GPTQKIT_GPU_IS_HIP
 constexpr int kMmaTile = 128;     // output tile edge
-constexpr int kMmaRows = 32;      // rows of X per stage (two k16 steps)
-constexpr int kMmaPad = 8;        // row stride 40 halves = 20 words: fragment loads hit 32 distinct banks
-constexpr int kMmaStride = kMmaRows + kMmaPad;
 constexpr int kMmaThreads = 256;  // 8 warps: 2 (i) x 4 (j), each 64 x 32 outputs
 
 // X^T tiles in shared memory, feature-major: s[c][r] = X[r0 + r, c0 + c], so
@@ -114,6 +111,9 @@ template <bool kBf16>
 __global__ __launch_bounds__(kMmaThreads) void syrk_mma_kernel(const uint16_t* __restrict__ x, int64_t rows, int k,
                                                                float alpha, float beta, float* __restrict__ h) {
 #if GPTQKIT_NV_TENSOR_CORES
+  constexpr int kMmaRows = 32;  // rows of X per stage (two k16 steps)
+  constexpr int kMmaPad = 8;    // row stride 40 halves = 20 words: fragment loads hit 32 distinct banks
+  constexpr int kMmaStride = kMmaRows + kMmaPad;
   __shared__ __align__(16) uint16_t a_s[kMmaTile][kMmaStride];
   __shared__ __align__(16) uint16_t b_s[kMmaTile][kMmaStride];
   int ti, tj;

@@ -168,17 +168,22 @@ std::vector<float> test_hessian(int64_t k, uint32_t seed, int64_t rows = 0) {
   return as_float(naive_hessian(correlated_activations(rows, k, seed), rows, k));
 }
 
+// The CPU path's damped factor of H^-1 (damp 1 %, up to 8 retries).
+std::vector<float> cpu_inverse_factor(std::vector<float>& h, int64_t k, QuantizeStats* stats) {
+  std::vector<float> u(static_cast<size_t>(k * k));
+  const Status s = gptqkit::inverse_hessian_upper_factor(gptqkit::make_view(h.data(), DType::kFloat32, k, k), 0.01, 8,
+                                                         gptqkit::make_view(u.data(), DType::kFloat32, k, k), stats);
+  EXPECT_TRUE(s.ok()) << s.message();
+  return u;
+}
+
 class EmuCholesky : public ::testing::TestWithParam<int64_t> {};
 
 TEST_P(EmuCholesky, InverseFactorMatchesCpu) {
   const int64_t k = GetParam();
   std::vector<float> h = test_hessian(k, 21);
-  std::vector<float> u_cpu(static_cast<size_t>(k * k));
   QuantizeStats cpu_stats, gpu_stats;
-  ASSERT_TRUE(gptqkit::inverse_hessian_upper_factor(gptqkit::make_view(h.data(), DType::kFloat32, k, k), 0.01, 8,
-                                                     gptqkit::make_view(u_cpu.data(), DType::kFloat32, k, k),
-                                                     &cpu_stats)
-                  .ok());
+  const std::vector<float> u_cpu = cpu_inverse_factor(h, k, &cpu_stats);
   DeviceArray<float> hd(h), ud(static_cast<size_t>(k * k));
   const Status s = gptqkit::gpu::inverse_hessian_upper_factor(hd.view(DType::kFloat32, k, k), 0.01, 8,
                                                               ud.view(DType::kFloat32, k, k), &gpu_stats, nullptr);
@@ -205,12 +210,8 @@ TEST(EmuCholeskyRetry, SameDampingLadderAsCpu) {
   for (int64_t i = 0; i < k; ++i) mean += h[i * k + i];
   mean /= static_cast<double>(k);
   for (int64_t i = 0; i < k; ++i) h[i * k + i] -= static_cast<float>(0.02 * mean);
-  std::vector<float> u_cpu(static_cast<size_t>(k * k));
   QuantizeStats cpu_stats, gpu_stats;
-  ASSERT_TRUE(gptqkit::inverse_hessian_upper_factor(gptqkit::make_view(h.data(), DType::kFloat32, k, k), 0.01, 8,
-                                                     gptqkit::make_view(u_cpu.data(), DType::kFloat32, k, k),
-                                                     &cpu_stats)
-                  .ok());
+  const std::vector<float> u_cpu = cpu_inverse_factor(h, k, &cpu_stats);
   ASSERT_GT(cpu_stats.damp_attempts, 1);
   DeviceArray<float> hd(h), ud(static_cast<size_t>(k * k));
   ASSERT_TRUE(gptqkit::gpu::inverse_hessian_upper_factor(hd.view(DType::kFloat32, k, k), 0.01, 8,

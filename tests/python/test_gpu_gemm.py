@@ -190,7 +190,7 @@ gpu = pytest.mark.skipif(_gpu_ready() is not None, reason=str(_gpu_ready()))
 
 
 @gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size,act_order", [(-1, False), (32, False), (32, True), (128, False), (128, True)])
 @pytest.mark.parametrize("m", [1, 3, 8, 16, 33, 64, 255, 1024])

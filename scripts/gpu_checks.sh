@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Every GPU check and measurement of the GPU issues, on a machine with an
+# NVIDIA GPU, in stages that each fit a 10-minute slot. Works offline: it
+# builds gptqkit with GPTQKIT_WITH_CUDA=1 into the current Python without
+# build isolation, so torch, pybind11, scikit-build-core, cmake, ninja and
+# scipy-openblas32 must be importable there; wheels found in .whl/ are
+# installed first, without the network (`prepare` downloads them, on a
+# machine that has one).
+#
+#   bash scripts/gpu_checks.sh prepare                  # here: scipy-openblas32 wheel -> .whl/
+#   bash scripts/gpu_checks.sh build test               # on the GPU machine
+#   bash scripts/gpu_checks.sh build sanitize
+#   bash scripts/gpu_checks.sh build bench-solver bench-gemm
+#   bash scripts/gpu_checks.sh build bench-generate solver-7b
+#
+# Stages:
+#   prepare         download the wheels the GPU image lacks into .whl/ (needs PyPI)
+#   build           install .whl/*, build + install gptqkit for this GPU's
+#                   architecture (GPTQKIT_CUDA_ARCH, default: asked from torch),
+#                   skipped when the installed build matches the sources
+#   test            GPU tests of the solver and the GEMM (fails if they skip)
+#   sanitize        compute-sanitizer memcheck + racecheck (docs/gpu.md, docs/gpu_gemm.md)
+#   bench-solver    benchmarks/bench_gpu_solver.py (issue 5's shapes)
+#   solver-7b       bench_gpu_solver.py --model llama-7b (whole 7B-shape model)
+#   bench-gemm      benchmarks/bench_gpu_gemm.py (table, PNG plot, JSON)
+#   bench-generate  benchmarks/bench_gpu_generate.py (decode tokens/s, batch 1 and 16)
+#
+# Each stage writes <stage>.log (and the benchmarks their tables / plots) to
+# $GPTQKIT_GPU_OUT (default build/gpu-checks), prints its time, and the
+# script goes on after a failed stage; it exits non-zero if any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${GPTQKIT_GPU_OUT:-build/gpu-checks}"
+mkdir -p "$out"
+py="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+failed=()
+
+run_stage() {  # name, command...
+  local name="$1"
+  shift
+  local t0=$SECONDS
+  echo "== $name"
+  "$@" 2>&1 | tee "$out/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc, $((SECONDS - t0)) s" | tee -a "$out/$name.log"
+  [ "$rc" -eq 0 ] || failed+=("$name")
+}
+
+stage_prepare() {
+  mkdir -p .whl
+  local version
+  version="$("$py" -c 'import importlib.metadata as m; print(m.version("scipy-openblas32"))' 2>/dev/null || echo 0.3.30.0.6)"
+  # The GPU image's Python is 3.12 on manylinux x86-64; the wheel is pure
+  # native code (py3-none), so one download serves any CPython.
+  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl "scipy-openblas32==$version"
+  ls -l .whl
+}
+
+sources_digest() {
+  cat CMakeLists.txt pyproject.toml $(git ls-files cpp cuda bindings third_party python 2>/dev/null || find cpp cuda bindings python -type f) \
+    2>/dev/null | sha256sum | cut -c1-16
+}
+
+stage_build() {
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || return 1
+  fi
+  local arch="${GPTQKIT_CUDA_ARCH:-}"
+  if [ -z "$arch" ]; then
+    arch="$("$py" -c 'import torch; a, b = torch.cuda.get_device_capability(); print(f"{a}{b}")')" || return 1
+  fi
+  local digest stamp="build/gpu-checks-build.stamp"
+  digest="$(sources_digest)-sm$arch"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] &&
+     "$py" -c 'import gptqkit, sys; sys.exit(gptqkit.gpu_backend() != "cuda")' 2>/dev/null; then
+    echo "gptqkit with CUDA for sm_$arch is installed and matches the sources"
+  else
+    GPTQKIT_WITH_CUDA=1 CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=$arch ${CMAKE_ARGS:-}" \
+      CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+      "$py" -m pip install --no-build-isolation --no-deps --no-index -q . || return 1
+    mkdir -p build && echo "$digest" >"$stamp"
+  fi
+  "$py" - <<'EOF'
+import torch, gptqkit
+assert torch.cuda.is_available(), "torch sees no GPU"
+assert gptqkit.gpu_backend() == "cuda", f"gptqkit has no CUDA backend (gpu_backend() = {gptqkit.gpu_backend()!r})"
+print("torch", torch.__version__, "on", torch.cuda.get_device_name(), "| gptqkit backend:", gptqkit.gpu_backend())
+EOF
+}
+
+gpu_pytest() {  # pytest that fails when any GPU test was skipped
+  "$py" -m pytest -q -p no:cacheprovider -rs "$@" | tee /tmp/gpu_checks_pytest.txt
+  local rc=${PIPESTATUS[0]}
+  if grep -q "needs a GPU\|needs CUDA" /tmp/gpu_checks_pytest.txt; then
+    echo "error: GPU tests were skipped although this machine should run them" >&2
+    return 1
+  fi
+  return "$rc"
+}
+
+stage_test() {
+  gpu_pytest tests/python/test_gpu_solver.py tests/python/test_gpu_gemm.py --junitxml="$out/gpu-tests.xml"
+}
+
+stage_sanitize() {
+  local cs="compute-sanitizer"
+  command -v "$cs" >/dev/null || cs="/usr/local/cuda/bin/compute-sanitizer"
+  # The selections of docs/gpu.md and docs/gpu_gemm.md: every test but the
+  # big option matrices, of which a few representative cases.
+  local solver_sel='not test_gpu_matches_cpu or 4-128-True-False-False-0 or 3-32-False-True-True-8'
+  local gemm_memcheck_sel='(gpu_matches and (1-128-False-4 or 16-32-True-4 or 255-128-False-4 or 1024-128-False-4 or 33--1-False-3)) or graph or backward or gpu_bad or gpu_dequantize'
+  local gemm_racecheck_sel='gpu_matches and (1-128-False-4 or 16-32-True-4 or 255-128-False-4)'
+  local rc=0
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 240 "$cs" --tool memcheck --leak-check full --error-exitcode 1 \
+    "$py" -m pytest -q -x -p no:cacheprovider tests/python/test_gpu_solver.py -k "$solver_sel" || rc=1
+  timeout 150 "$cs" --tool racecheck --racecheck-report hazard --error-exitcode 1 \
+    "$py" -m pytest -q -x -p no:cacheprovider tests/python/test_gpu_solver.py -k "hessian or inverse or odd_shapes" || rc=1
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 "$cs" --tool memcheck --error-exitcode 1 \
+    "$py" -m pytest -q -x -p no:cacheprovider tests/python/test_gpu_gemm.py -k "$gemm_memcheck_sel" || rc=1
+  timeout 90 "$cs" --tool racecheck --racecheck-report hazard --error-exitcode 1 \
+    "$py" -m pytest -q -x -p no:cacheprovider tests/python/test_gpu_gemm.py -k "$gemm_racecheck_sel" || rc=1
+  return $rc
+}
+
+stage_bench_solver() { "$py" benchmarks/bench_gpu_solver.py; }
+stage_solver_7b() { "$py" benchmarks/bench_gpu_solver.py --model llama-7b --skip-torch; }
+stage_bench_gemm() {
+  "$py" benchmarks/bench_gpu_gemm.py --out "$out/gpu_gemm.md" --plot "$out/gpu_gemm.png" --json "$out/gpu_gemm.json"
+}
+stage_bench_generate() { "$py" benchmarks/bench_gpu_generate.py; }
+
+[ $# -gt 0 ] || { sed -n '2,32p' "$0"; exit 2; }
+for stage in "$@"; do
+  case "$stage" in
+    prepare) run_stage prepare stage_prepare ;;
+    build) run_stage build stage_build ;;
+    test) run_stage test stage_test ;;
+    sanitize) run_stage sanitize stage_sanitize ;;
+    bench-solver) run_stage bench-solver stage_bench_solver ;;
+    solver-7b) run_stage solver-7b stage_solver_7b ;;
+    bench-gemm) run_stage bench-gemm stage_bench_gemm ;;
+    bench-generate) run_stage bench-generate stage_bench_generate ;;
+    *) echo "unknown stage: $stage" >&2; exit 2 ;;
+  esac
+  if [ "$stage" = build ] && [ "${#failed[@]}" -gt 0 ]; then break; fi
+done
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "failed stages: ${failed[*]}"
+  exit 1
+fi
+echo "all stages passed"
