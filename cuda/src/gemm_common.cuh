@@ -14,6 +14,7 @@
 #include "gpu_compat.h"
 #endif
 #include "gpu_gemm_api.h"
+#include "gpu_util.h"
 
 namespace gptqkit::gpu {
 
@@ -96,33 +97,12 @@ __device__ __forceinline__ float lo_float(uint32_t w) { return raw_to_float<BF16
 template <bool BF16>
 __device__ __forceinline__ float hi_float(uint32_t w) { return raw_to_float<BF16>(w >> 16); }
 
-__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // The message for a launch that failed (empty when it did not).
 inline std::string launch_error(const char* what) {
   const gpuError_t e = gpuGetLastError();
   if (e == gpuSuccess) return std::string();
   return std::string(what) + ": " + gpuGetErrorString(e);
 }
-
-// Switches to `device` for the scope of a launch (streams belong to a
-// device) and back afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    if (gpuGetDevice(&previous_) == gpuSuccess && previous_ != device && gpuSetDevice(device) == gpuSuccess)
-      switched_ = true;
-  }
-  ~DeviceGuard() {
-    if (switched_) (void)gpuSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-  bool switched_ = false;
-};
 
 // Multiprocessor count of a device, asked once per device.
 int multiprocessor_count(int device);

@@ -12,6 +12,7 @@
 #include "gptqkit/solver.h"
 #include "gptqkit/status.h"
 #include "gptqkit/tensor.h"
+#include "gpu_util.h"
 
 namespace gptqkit::gpu {
 
@@ -27,30 +28,6 @@ inline Status runtime_error(gpuError_t e, const char* what) {
 
 // Right after a kernel launch: a bad configuration surfaces here, not later.
 #define GPTQKIT_GPU_LAUNCHED(what) GPTQKIT_GPU_TRY(gpuGetLastError(), what)
-
-// Makes `index` the calling thread's current device and restores the
-// previous one on exit, so callers (torch) keep their device.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int index) {
-    status_ = gpuGetDevice(&previous_);
-    if (status_ == gpuSuccess && previous_ != index) {
-      status_ = gpuSetDevice(index);
-      changed_ = status_ == gpuSuccess;
-    }
-  }
-  ~DeviceGuard() {
-    if (changed_) (void)gpuSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-  Status status() const { return status_ == gpuSuccess ? Status::Ok() : runtime_error(status_, "selecting the device"); }
-
- private:
-  int previous_ = 0;
-  bool changed_ = false;
-  gpuError_t status_ = gpuSuccess;
-};
 
 void note_alloc(int64_t bytes);
 void note_free(int64_t bytes);
@@ -146,8 +123,6 @@ Status factor_inverse_upper(const void* hessian, bool hessian_fp64, int64_t k, c
 
 // Non-finite check of a device array (sets *first_bad to the least bad flat index).
 Status launch_finite_check(const TensorView& t, unsigned long long* first_bad, gpuStream_t stream);
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- the quantization grid of cpp/src/quantizer.cpp, on the device --------
 // Same operations in the same order (no fused multiply-add where the CPU

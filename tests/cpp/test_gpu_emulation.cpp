@@ -1,7 +1,7 @@
-// The GPU solver backend, run on the CPU: cuda/src's gpu_runtime, gpu_hessian,
-// gpu_cholesky, gpu_solver and gpu_pack (kernels and host code, unmodified)
-// compiled as C++ against the fiber emulation of tests/gpu_emulation, and
-// compared with the CPU solver on the same inputs. Built twice (CMake): with
+// The GPU backend, run on the CPU: every source of cuda/src (kernels and host
+// code, unmodified) compiled as C++ against the fiber emulation of
+// tests/gpu_emulation, with the core's routing to it (the public API on GPU
+// tensors), and compared with the CPU paths on the same inputs. Built twice (CMake): with
 // 32-wide warps and the NVIDIA tensor-core paths (the mma Hessian), and with
 // 64-wide wavefronts and the portable paths (what HIP builds for CDNA).
 //
@@ -21,10 +21,13 @@
 #include <vector>
 
 #include "emu_device.h"
+#include "gptqkit/gpu_gemm.h"
+#include "gptqkit/hessian.h"
 #include "gptqkit/pack.h"
 #include "gptqkit/solver.h"
 #include "gpu_solver_api.h"
 #include "half.h"
+#include "packed_layer_fixture.h"
 #include "test_util.h"
 
 namespace {
@@ -544,5 +547,236 @@ TEST_P(EmuPack, WordsMatchCpu) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Emulated, EmuPack, ::testing::Values(2, 3, 4, 8));
+
+
+// ---------------------------------------------------------------- the public API on GPU tensors
+// The core's routing (hessian.cpp, solver.cpp, pack.cpp, gpu_gemm.cpp built
+// with GPTQKIT_HAS_GPU): the device is chosen by where the tensors live.
+namespace api {
+
+using gptqkit_test::from_bits16;
+using gptqkit_test::to_bits16;
+
+TEST(EmuPublicApi, BackendIsReported) {
+  EXPECT_TRUE(gptqkit::gpu_backend_available());
+  EXPECT_STREQ(gptqkit::gpu_backend_name(), "cuda");
+}
+
+TEST(EmuPublicApi, HessianAccumulatorOnGpuMatchesCpu) {
+  const int64_t k = 70;
+  const int64_t live_before = emu_device::live_bytes();
+  {
+    gptqkit::HessianAccumulator on_gpu(k), on_cpu(k);
+    for (const int64_t rows : {50, 31}) {
+      std::vector<float> x = correlated_activations(rows, k, static_cast<uint32_t>(rows)), rounded;
+      std::vector<uint16_t> x16 = to_16bit(x, DType::kFloat16, &rounded);
+      DeviceArray<uint16_t> xd(x16);
+      ASSERT_TRUE(on_cpu.add_batch(gptqkit::make_view(x16.data(), DType::kFloat16, rows, k)).ok());
+      const Status s = on_gpu.add_batch(xd.view(DType::kFloat16, rows, k));
+      ASSERT_TRUE(s.ok()) << s.message();
+    }
+    std::vector<double> h_cpu(static_cast<size_t>(k * k));
+    ASSERT_TRUE(on_cpu.hessian(gptqkit::make_view(h_cpu.data(), DType::kFloat64, k, k)).ok());
+    DeviceArray<double> hd(static_cast<size_t>(k * k));
+    ASSERT_TRUE(on_gpu.hessian(hd.view(DType::kFloat64, k, k)).ok());
+    EXPECT_LT(gptqkit_test::rel_frobenius(hd.host(), h_cpu), 1e-5) << target();
+
+    // One accumulator never mixes devices.
+    std::vector<float> x(static_cast<size_t>(4 * k), 0.5f);
+    Status s = on_gpu.add_batch(gptqkit::make_view(x.data(), DType::kFloat32, 4, k));
+    EXPECT_EQ(s.code(), gptqkit::StatusCode::kInvalidArgument);
+    EXPECT_NE(s.message().find("cannot mix devices"), std::string::npos) << s.message();
+    s = on_gpu.hessian(gptqkit::make_view(h_cpu.data(), DType::kFloat64, k, k));
+    EXPECT_EQ(s.code(), gptqkit::StatusCode::kInvalidArgument) << s.message();
+    gptqkit::HessianAccumulator fp64(k, gptqkit::AccumulateType::kFloat64);
+    DeviceArray<float> xd(x);
+    EXPECT_EQ(fp64.add_batch(xd.view(DType::kFloat32, 4, k)).code(), gptqkit::StatusCode::kUnsupported);
+  }
+  EXPECT_EQ(emu_device::live_bytes(), live_before) << "the accumulator's device buffer was not freed";
+}
+
+TEST(EmuPublicApi, QuantizeWeightRunsWhereTheTensorsLive) {
+  const int64_t n = 24, k = 96;
+  std::vector<float> w = random_normal(static_cast<size_t>(n * k), 31, 0.05f), h = test_hessian(k, 32);
+  QuantizeOptions o;
+  o.group_size = 32;
+  o.desc_act = true;
+  std::vector<uint8_t> codes(n * k);
+  std::vector<float> scales(3 * n);
+  std::vector<int32_t> zeros(3 * n), g_idx(k);
+  std::vector<int64_t> perm(k);
+  QuantizeStats cpu_stats, gpu_stats;
+  ASSERT_TRUE(gptqkit::quantize_weight(gptqkit::make_view(w.data(), DType::kFloat32, n, k),
+                                       gptqkit::make_view(h.data(), DType::kFloat32, k, k), o,
+                                       {gptqkit::make_view(codes.data(), DType::kUInt8, n, k),
+                                        gptqkit::make_view(scales.data(), DType::kFloat32, 3, n),
+                                        gptqkit::make_view(zeros.data(), DType::kInt32, 3, n),
+                                        gptqkit::make_view(g_idx.data(), DType::kInt32, k),
+                                        gptqkit::make_view(perm.data(), DType::kInt64, k)},
+                                       &cpu_stats)
+                  .ok());
+  DeviceArray<float> wd(w), hd(h), sd(3 * n);
+  DeviceArray<uint8_t> cd(n * k);
+  DeviceArray<int32_t> zd(3 * n), gd(k);
+  DeviceArray<int64_t> pd(k);
+  const QuantizeOutputs out{cd.view(DType::kUInt8, n, k), sd.view(DType::kFloat32, 3, n), zd.view(DType::kInt32, 3, n),
+                            gd.view(DType::kInt32, k), pd.view(DType::kInt64, k)};
+  gptqkit::gpu_solver_memory(true);
+  const Status s = gptqkit::quantize_weight(wd.view(DType::kFloat32, n, k), hd.view(DType::kFloat32, k, k), o, out,
+                                            &gpu_stats);
+  ASSERT_TRUE(s.ok()) << s.message();
+  EXPECT_EQ(cd.host(), codes);
+  EXPECT_EQ(pd.host(), perm);
+  EXPECT_NEAR(gpu_stats.loss, cpu_stats.loss, 5e-3 * cpu_stats.loss);
+  const gptqkit::GpuSolverMemory mem = gptqkit::gpu_solver_memory();
+  EXPECT_GE(mem.peak_bytes, 2 * k * k * 8) << "the float64 factorization buffers are counted";
+  EXPECT_EQ(mem.current_bytes, 0);
+
+  // Every tensor of one call on one device.
+  const Status mixed = gptqkit::quantize_weight(wd.view(DType::kFloat32, n, k),
+                                                gptqkit::make_view(h.data(), DType::kFloat32, k, k), o, out, nullptr);
+  EXPECT_EQ(mixed.code(), gptqkit::StatusCode::kInvalidArgument) << mixed.message();
+
+  // Packing runs where the codes live.
+  const int64_t words = gptqkit::packed_words(k, 4);
+  std::vector<int32_t> q_cpu(static_cast<size_t>(words * n));
+  ASSERT_TRUE(gptqkit::pack_qweight(gptqkit::make_view(codes.data(), DType::kUInt8, n, k), 4,
+                                    gptqkit::make_view(q_cpu.data(), DType::kInt32, words, n))
+                  .ok());
+  DeviceArray<int32_t> qd(static_cast<size_t>(words * n));
+  ASSERT_TRUE(gptqkit::pack_qweight(cd.view(DType::kUInt8, n, k), 4, qd.view(DType::kInt32, words, n)).ok());
+  EXPECT_EQ(qd.host(), q_cpu);
+}
+
+// ---------------------------------------------------------------- the GEMM
+// gpu_gemm_shape + prepare_gpu_weight (host staging, copy to the device) +
+// gpu_quantized_matmul (GEMV for M <= 8, tiled kernel above) and
+// gpu_dequantize_prepared, against gptqkit::dequantize's dense weight.
+class EmuGemm : public ::testing::TestWithParam<std::tuple<int, int64_t, bool, DType>> {};
+
+TEST_P(EmuGemm, MatmulAndDequantizeMatchTheOracle) {
+  const auto [bits, group_size, act_order, dtype] = GetParam();
+  const int64_t n = 200, k = 160;  // N padded to 256 columns; K = 5 chunks
+  gptqkit_test::RandomPackedLayer layer(n, k, group_size, bits, gptqkit::ZeroFormat::kV1, act_order, 77);
+  gptqkit::GpuGemmShape shape;
+  ASSERT_TRUE(gptqkit::gpu_gemm_shape(layer.g_idx_view(), n, layer.g, bits, &shape).ok());
+  EXPECT_EQ(shape.reordered, act_order);
+  DeviceArray<int32_t> qweight(static_cast<size_t>(shape.chunks * bits * shape.padded_out));
+  DeviceArray<uint16_t> sz(static_cast<size_t>(shape.groups * shape.padded_out * 2));
+  DeviceArray<int32_t> chunk_group(static_cast<size_t>(shape.chunks));
+  DeviceArray<int32_t> perm(static_cast<size_t>(std::max<int64_t>(shape.positions, 1)));
+  gptqkit::GpuPreparedView w;
+  w.qweight = qweight.view(DType::kInt32, shape.chunks * bits, shape.padded_out);
+  w.sz = sz.view(dtype, shape.groups, shape.padded_out);
+  w.sz.ndim = 3;  // [G, Np, 2]
+  w.sz.shape[2] = 2;
+  w.sz.strides[0] = shape.padded_out * 2;
+  w.sz.strides[1] = 2;
+  w.sz.strides[2] = 1;
+  w.chunk_group = chunk_group.view(DType::kInt32, shape.chunks);
+  if (shape.reordered) w.perm = perm.view(DType::kInt32, shape.positions);
+  w.bits = bits;
+  w.in_features = k;
+  w.out_features = n;
+  Status s = gptqkit::prepare_gpu_weight(layer.qweight_view(), layer.qzeros_view(), layer.scales_view(),
+                                         layer.g_idx_view(), bits, layer.format, w, nullptr);
+  ASSERT_TRUE(s.ok()) << s.message();
+
+  const double u = dtype == DType::kFloat16 ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
+  std::vector<uint16_t> bias16(static_cast<size_t>(n));
+  std::vector<float> bias(static_cast<size_t>(n));
+  const std::vector<float> bias_values = gptqkit_test::random_vector(static_cast<size_t>(n), 5);
+  for (int64_t j = 0; j < n; ++j) {
+    bias16[j] = to_bits16(bias_values[j], dtype);
+    bias[j] = from_bits16(bias16[j], dtype);
+  }
+  DeviceArray<uint16_t> bias_d(bias16);
+  TensorView bias_view = bias_d.view(dtype, n);
+  for (const int64_t m : {1, 3, 8, 9, 33}) {
+    const std::vector<float> xv = gptqkit_test::random_vector(static_cast<size_t>(m * k), static_cast<uint32_t>(m));
+    std::vector<uint16_t> x16(xv.size());
+    std::vector<float> x(xv.size());
+    for (size_t i = 0; i < xv.size(); ++i) {
+      x16[i] = to_bits16(xv[i], dtype);
+      x[i] = from_bits16(x16[i], dtype);
+    }
+    DeviceArray<uint16_t> xd(x16), yd(static_cast<size_t>(m * n));
+    s = gptqkit::gpu_quantized_matmul(xd.view(dtype, m, k), w, &bias_view, yd.view(dtype, m, n), nullptr);
+    ASSERT_TRUE(s.ok()) << s.message();
+    const std::vector<uint16_t> y = yd.host();
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t j = 0; j < n; ++j) {
+        double ref = bias[j], mag = 0.0;
+        for (int64_t c = 0; c < k; ++c) {
+          const double p = static_cast<double>(x[r * k + c]) * layer.dense[j * k + c];
+          ref += p;
+          mag += std::fabs(p);
+        }
+        const double got = from_bits16(y[r * n + j], dtype);
+        ASSERT_LE(std::fabs(got - ref), 4 * u * mag + 2 * u * std::fabs(ref) + 1e-6)
+            << "M = " << m << ", y[" << r << ", " << j << "], " << target();
+      }
+  }
+
+  DeviceArray<uint16_t> dense(static_cast<size_t>(n * k));
+  s = gptqkit::gpu_dequantize_prepared(w, dense.view(dtype, n, k), nullptr);
+  ASSERT_TRUE(s.ok()) << s.message();
+  const std::vector<uint16_t> d = dense.host();
+  for (int64_t i = 0; i < n * k; ++i)
+    ASSERT_LE(std::fabs(from_bits16(d[i], dtype) - layer.dense[i]), 2 * u * std::fabs(layer.dense[i]) + 1e-7)
+        << "weight[" << i / k << ", " << i % k << "]";
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Emulated, EmuGemm,
+    ::testing::Values(std::make_tuple(4, int64_t{128}, false, DType::kFloat16),
+                      std::make_tuple(4, int64_t{32}, true, DType::kFloat16),
+                      std::make_tuple(4, int64_t{-1}, false, DType::kBFloat16),
+                      std::make_tuple(3, int64_t{32}, true, DType::kBFloat16),
+                      std::make_tuple(2, int64_t{64}, false, DType::kFloat16),
+                      std::make_tuple(8, int64_t{32}, true, DType::kFloat16)));
+
+TEST(EmuGemmErrors, BadArgumentsAreRejected) {
+  gptqkit_test::RandomPackedLayer layer(128, 64, 32, 4, gptqkit::ZeroFormat::kV1, false, 3);
+  gptqkit::GpuGemmShape shape;
+  ASSERT_TRUE(gptqkit::gpu_gemm_shape(layer.g_idx_view(), 128, layer.g, 4, &shape).ok());
+  DeviceArray<int32_t> qweight(static_cast<size_t>(shape.chunks * 4 * shape.padded_out));
+  DeviceArray<uint16_t> sz(static_cast<size_t>(shape.groups * shape.padded_out * 2 + 8));
+  DeviceArray<int32_t> chunk_group(static_cast<size_t>(shape.chunks));
+  gptqkit::GpuPreparedView w;
+  w.qweight = qweight.view(DType::kInt32, shape.chunks * 4, shape.padded_out);
+  w.sz = sz.view(DType::kFloat16, shape.groups, shape.padded_out);
+  w.sz.ndim = 3;
+  w.sz.shape[2] = 2;
+  w.sz.strides[0] = shape.padded_out * 2;
+  w.sz.strides[1] = 2;
+  w.sz.strides[2] = 1;
+  w.chunk_group = chunk_group.view(DType::kInt32, shape.chunks);
+  w.bits = 4;
+  w.in_features = 64;
+  w.out_features = 128;
+  ASSERT_TRUE(gptqkit::prepare_gpu_weight(layer.qweight_view(), layer.qzeros_view(), layer.scales_view(),
+                                          layer.g_idx_view(), 4, layer.format, w, nullptr)
+                  .ok());
+  DeviceArray<uint16_t> x(2 * 64), y(2 * 128);
+  // x of the wrong width, x in another dtype than the layer's, a misaligned sz.
+  Status s = gptqkit::gpu_quantized_matmul(x.view(DType::kFloat16, 2, 63), w, nullptr, y.view(DType::kFloat16, 2, 128),
+                                           nullptr);
+  EXPECT_EQ(s.code(), gptqkit::StatusCode::kInvalidArgument) << s.message();
+  s = gptqkit::gpu_quantized_matmul(x.view(DType::kBFloat16, 2, 64), w, nullptr, y.view(DType::kBFloat16, 2, 128),
+                                    nullptr);
+  EXPECT_EQ(s.code(), gptqkit::StatusCode::kInvalidArgument) << s.message();
+  gptqkit::GpuPreparedView shifted = w;
+  shifted.sz.data = static_cast<uint16_t*>(w.sz.data) + 4;  // 8 bytes off: 128-bit loads would fault
+  s = gptqkit::gpu_quantized_matmul(x.view(DType::kFloat16, 2, 64), shifted, nullptr, y.view(DType::kFloat16, 2, 128),
+                                    nullptr);
+  EXPECT_EQ(s.code(), gptqkit::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("16-byte aligned"), std::string::npos) << s.message();
+  s = gptqkit::gpu_quantized_matmul(x.view(DType::kFloat16, 2, 64), w, nullptr, y.view(DType::kFloat16, 2, 128),
+                                    nullptr);
+  EXPECT_TRUE(s.ok()) << s.message();
+}
+
+}  // namespace api
 
 }  // namespace
