@@ -390,6 +390,29 @@ Status validate_prepared(const GpuPreparedView& w, const Device** device, int64_
   return Status::Ok();
 }
 
+#if defined(GPTQKIT_HAS_GPU)
+// The launch arguments of a validated prepared layer (x, bias, y and M are
+// the matmul's own).
+gpu::GemmArgs layer_args(const GpuPreparedView& w, int64_t chunks, int64_t np, int64_t groups, DType act, int device,
+                         void* stream) {
+  gpu::GemmArgs a;
+  a.qweight = static_cast<const uint32_t*>(w.qweight.data);
+  a.sz = w.sz.data;
+  a.chunk_group = static_cast<const int32_t*>(w.chunk_group.data);
+  a.perm = w.perm.data != nullptr ? static_cast<const int32_t*>(w.perm.data) : nullptr;
+  a.k = w.in_features;
+  a.n = w.out_features;
+  a.np = np;
+  a.chunks = chunks;
+  a.groups = groups;
+  a.bits = w.bits;
+  a.act = act == DType::kBFloat16 ? gpu::Act::kBFloat16 : gpu::Act::kFloat16;
+  a.device = device;
+  a.stream = stream;
+  return a;
+}
+#endif
+
 }  // namespace
 
 Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const TensorView* bias, const TensorView& y,
@@ -428,24 +451,11 @@ Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const
                                        "; pass a separate output array");
     if (m_dim == 0) return Status::Ok();
 #if defined(GPTQKIT_HAS_GPU)
-    gpu::GemmArgs a;
+    gpu::GemmArgs a = layer_args(w, chunks, np, groups, act, device->index, stream);
     a.x = x.data;
-    a.qweight = static_cast<const uint32_t*>(w.qweight.data);
-    a.sz = w.sz.data;
-    a.chunk_group = static_cast<const int32_t*>(w.chunk_group.data);
-    a.perm = w.perm.data != nullptr ? static_cast<const int32_t*>(w.perm.data) : nullptr;
     a.bias = bias != nullptr ? bias->data : nullptr;
     a.y = y.data;
     a.m = m_dim;
-    a.k = k_dim;
-    a.n = n_dim;
-    a.np = np;
-    a.chunks = chunks;
-    a.groups = groups;
-    a.bits = w.bits;
-    a.act = act == DType::kBFloat16 ? gpu::Act::kBFloat16 : gpu::Act::kFloat16;
-    a.device = device->index;
-    a.stream = stream;
     const std::string err = m_dim <= gpu::kGemvMaxRows ? gpu::launch_gemv(a) : gpu::launch_tiled(a);
     if (!err.empty()) return Status::Internal("gpu_quantized_matmul: " + err);
     return Status::Ok();
@@ -472,20 +482,7 @@ Status gpu_dequantize_prepared(const GpuPreparedView& w, const TensorView& weigh
     for (const TensorView* in : {&w.qweight, &w.sz, &w.chunk_group, &w.perm})
       if (overlaps(weight, *in)) return Status::InvalidArgument("weight: overlaps the prepared layer's memory");
 #if defined(GPTQKIT_HAS_GPU)
-    gpu::GemmArgs a;
-    a.qweight = static_cast<const uint32_t*>(w.qweight.data);
-    a.sz = w.sz.data;
-    a.chunk_group = static_cast<const int32_t*>(w.chunk_group.data);
-    a.perm = w.perm.data != nullptr ? static_cast<const int32_t*>(w.perm.data) : nullptr;
-    a.k = w.in_features;
-    a.n = w.out_features;
-    a.np = np;
-    a.chunks = chunks;
-    a.groups = groups;
-    a.bits = w.bits;
-    a.act = act == DType::kBFloat16 ? gpu::Act::kBFloat16 : gpu::Act::kFloat16;
-    a.device = device->index;
-    a.stream = stream;
+    const gpu::GemmArgs a = layer_args(w, chunks, np, groups, act, device->index, stream);
     const std::string err = gpu::launch_dequantize(a, weight.data);
     if (!err.empty()) return Status::Internal("gpu_dequantize_prepared: " + err);
     return Status::Ok();

@@ -14,7 +14,6 @@
 //   loss                                          -> one host read (stats)
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <sstream>
 #include <type_traits>
 
@@ -379,8 +378,10 @@ Status quantize_weight(const TensorView& weight, const TensorView& hessian, cons
   if (n <= 0 || k <= 0)
     return Status::InvalidArgument("weight: expected a non-empty [out_features, in_features] matrix, got " +
                                    shape_string(weight));
-  if (n > std::numeric_limits<int>::max() || k > (int64_t{1} << 20))
-    return Status::InvalidArgument("weight: dimensions too large for the GPU solver, got " + shape_string(weight));
+  // n: the trailing update's grid has ceil(n / 64) rows of tiles, at most 65535.
+  if (n > int64_t{65535} * kGemmTile || k > (int64_t{1} << 20))
+    return Status::InvalidArgument("weight: dimensions too large for the GPU solver (at most 4194240 x 1048576), got " +
+                                   shape_string(weight));
   GPTQKIT_RETURN_IF_ERROR(validate_hessian(hessian, k, dev));
   const int64_t groups = o.group_size > 0 ? num_groups(k, o.group_size) : 1;
   struct Out {
@@ -525,7 +526,6 @@ Status quantize_weight(const TensorView& weight, const TensorView& hessian, cons
   args.search = search;
   const unsigned sweep_blocks = static_cast<unsigned>(ceil_div(n, rows_per_block));
   const unsigned row_tiles = static_cast<unsigned>(ceil_div(n, kGemmTile));
-  if (row_tiles > 65535) return Status::InvalidArgument("weight: too many rows for the GPU solver");
   for (int64_t i1 = 0; i1 < k; i1 += block) {
     const int64_t i2 = std::min(i1 + block, k);
     const int width = static_cast<int>(i2 - i1);
