@@ -3,12 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "blas.h"
 #include "checks.h"
+#include "damping.h"
 
 namespace gptqkit::detail {
 
@@ -39,21 +39,15 @@ Status inverse_upper_factor(const void* hessian, bool hessian_is_fp64, int64_t k
   double mean_diag = 0.0;
   for (int64_t i = 0; i < k; ++i) mean_diag += read(i, i);
   mean_diag /= static_cast<double>(k);
-  if (!(mean_diag > 0.0) || !std::isfinite(mean_diag)) {
-    std::ostringstream msg;
-    msg << "hessian: mean of the diagonal is " << mean_diag
-        << " (must be positive); the Hessian is not positive definite and damping cannot fix it";
-    return Status::NotPositiveDefinite(msg.str());
-  }
+  GPTQKIT_RETURN_IF_ERROR(check_mean_diagonal(mean_diag));
 
   // Single-threaded LAPACK: faster than OpenBLAS's threaded potrf/trtri here.
   blas::ScopedBlasThreads one_thread(1);
   std::vector<double> a(static_cast<size_t>(k * k));
-  const double cap = std::max(1.0, damp_percent);
-  double percent = damp_percent;
+  DampingLadder damping(damp_percent, max_retries, mean_diag);
   int info = 0;
-  for (int attempt = 1;; ++attempt) {
-    const double lambda = percent * mean_diag;
+  for (;;) {
+    const double lambda = damping.lambda();
     // Column-major upper triangle A(i, j) = H(K-1-j, K-1-i) for i <= j: each
     // column of A is a reversed, contiguous row of H (H is symmetric).
     for (int64_t j = 0; j < k; ++j) {
@@ -63,25 +57,10 @@ Status inverse_upper_factor(const void* hessian, bool hessian_is_fp64, int64_t k
       col[j] = read(src, src) + lambda;
     }
     info = blas::dpotrf('U', static_cast<int>(k), a.data(), static_cast<int>(k));
-    if (info == 0) {
-      if (stats) {
-        stats->damp_percent_used = percent;
-        stats->damp_lambda = lambda;
-        stats->damp_attempts = attempt;
-      }
-      break;
-    }
-    if (attempt > max_retries || percent >= cap) {
-      std::ostringstream msg;
-      msg << "hessian: not positive definite even with damping " << percent * 100.0
-          << " % of the mean diagonal after " << attempt << " attempt(s) (requested damp_percent="
-          << damp_percent << "; leading minor " << info
-          << " failed). The calibration data may be too small or degenerate for this layer, or the "
-             "Hessian contains invalid values";
-      return Status::NotPositiveDefinite(msg.str());
-    }
-    percent = std::min(percent > 0.0 ? percent * 3.0 : 0.01, cap);
+    if (info == 0) break;
+    if (!damping.next()) return damping.failure(info);
   }
+  damping.record(stats);
 
   // A = Ru^T Ru with Ru upper, so L = Ru^T and, after trtri, the column-major
   // array holds Ru^-1 = L^-T: read flat, that is L^-1 row-major. U = J L^-1 J

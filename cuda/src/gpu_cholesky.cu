@@ -16,9 +16,9 @@
 // the flops. Matrices are row-major K x K; only lower triangles are used.
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 
 #include "checks.h"
+#include "damping.h"
 #include "gpu_solver_api.h"
 #include "gpu_solver_internal.h"
 
@@ -292,10 +292,9 @@ Status factor_inverse_upper(const void* hessian, bool hessian_fp64, int64_t k, c
   double* a = nullptr;
   GPTQKIT_RETURN_IF_ERROR(scratch.alloc(&a, k * k, "the float64 Cholesky factor"));
   const unsigned grid = grid_for(k * k, 256);
-  const double cap = std::max(1.0, damp_percent);
-  double percent = damp_percent;
-  for (int attempt = 1;; ++attempt) {
-    const double lambda = percent * mean_diag;
+  detail::DampingLadder damping(damp_percent, max_retries, mean_diag);
+  for (;;) {
+    const double lambda = damping.lambda();
     GPTQKIT_GPU_TRY(gpuMemsetAsync(&info->chol_failed, 0, sizeof(int), stream), "resetting the Cholesky flag");
     if (hessian_fp64)
       GPTQKIT_LAUNCH(grid, 256, 0, stream, build_kernel<double>)(static_cast<const double*>(hessian), k, perm, dead, lambda, a);
@@ -307,25 +306,10 @@ Status factor_inverse_upper(const void* hessian, bool hessian_fp64, int64_t k, c
     // depends on whether this factorization succeeded.
     DeviceInfo host;
     GPTQKIT_RETURN_IF_ERROR(info_read(info, &host, stream));
-    if (host.chol_failed == 0) {
-      if (stats) {
-        stats->damp_percent_used = percent;
-        stats->damp_lambda = lambda;
-        stats->damp_attempts = attempt;
-      }
-      break;
-    }
-    if (attempt > max_retries || percent >= cap) {
-      std::ostringstream msg;
-      msg << "hessian: not positive definite even with damping " << percent * 100.0
-          << " % of the mean diagonal after " << attempt << " attempt(s) (requested damp_percent=" << damp_percent
-          << "; leading minor " << host.chol_failed
-          << " failed). The calibration data may be too small or degenerate for this layer, or the "
-             "Hessian contains invalid values";
-      return Status::NotPositiveDefinite(msg.str());
-    }
-    percent = std::min(percent > 0.0 ? percent * 3.0 : 0.01, cap);
+    if (host.chol_failed == 0) break;
+    if (!damping.next()) return damping.failure(host.chol_failed);
   }
+  damping.record(stats);
 
   double* x = nullptr;
   GPTQKIT_RETURN_IF_ERROR(scratch.alloc(&x, k * k, "the float64 inverse factor"));

@@ -14,10 +14,10 @@
 //   loss                                          -> one host read (stats)
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 #include <type_traits>
 
 #include "checks.h"
+#include "damping.h"
 #include "gpu_solver_api.h"
 #include "gpu_solver_internal.h"
 
@@ -435,12 +435,7 @@ Status quantize_weight(const TensorView& weight, const TensorView& hessian, cons
     return Status::InvalidArgument("hessian: contains NaN or Inf (first at flat index " +
                                    std::to_string(host.bad_hessian) + ")");
   const double mean_diag = host.diag_sum / static_cast<double>(k);
-  if (!(mean_diag > 0.0) || !std::isfinite(mean_diag)) {
-    std::ostringstream msg;
-    msg << "hessian: mean of the diagonal is " << mean_diag
-        << " (must be positive); the Hessian is not positive definite and damping cannot fix it";
-    return Status::NotPositiveDefinite(msg.str());
-  }
+  GPTQKIT_RETURN_IF_ERROR(detail::check_mean_diagonal(mean_diag));
 
   // ---- processing order and g_idx ----
   int64_t* perm = static_cast<int64_t*>(out.perm.data);
@@ -581,12 +576,7 @@ Status inverse_hessian_upper_factor(const TensorView& hessian, double damp_perce
                                    std::to_string(host.bad_hessian) + ")");
   // diag_kernel counted zero diagonals as 1; this entry point takes H as is.
   const double mean_diag = (host.diag_sum - static_cast<double>(host.dead_count)) / static_cast<double>(k);
-  if (!(mean_diag > 0.0) || !std::isfinite(mean_diag)) {
-    std::ostringstream msg;
-    msg << "hessian: mean of the diagonal is " << mean_diag
-        << " (must be positive); the Hessian is not positive definite and damping cannot fix it";
-    return Status::NotPositiveDefinite(msg.str());
-  }
+  GPTQKIT_RETURN_IF_ERROR(detail::check_mean_diagonal(mean_diag));
   return factor_inverse_upper(hessian.data, h64, k, nullptr, nullptr, mean_diag, damp_percent, max_retries,
                               static_cast<float*>(upper.data), stats, info, stream);
 }
