@@ -17,6 +17,7 @@
 #include "half.h"
 #include "parallel.h"
 #include "quantizer.h"
+#include "solver_args.h"
 
 namespace gptqkit {
 
@@ -160,25 +161,6 @@ void load_weight(const TensorView& w, std::vector<float>& dst) {
   }
 }
 
-Status validate_outputs(const QuantizeOutputs& out, int64_t n, int64_t k, int64_t g) {
-  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(out.codes, "codes"));
-  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(out.codes, "codes", {DType::kUInt8}));
-  GPTQKIT_RETURN_IF_ERROR(checks::shape_is(out.codes, "codes", {n, k}));
-  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(out.scales, "scales"));
-  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(out.scales, "scales", {DType::kFloat32}));
-  GPTQKIT_RETURN_IF_ERROR(checks::shape_is(out.scales, "scales", {g, n}));
-  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(out.zeros, "zeros"));
-  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(out.zeros, "zeros", {DType::kInt32}));
-  GPTQKIT_RETURN_IF_ERROR(checks::shape_is(out.zeros, "zeros", {g, n}));
-  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(out.g_idx, "g_idx"));
-  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(out.g_idx, "g_idx", {DType::kInt32}));
-  GPTQKIT_RETURN_IF_ERROR(checks::shape_is(out.g_idx, "g_idx", {k}));
-  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(out.perm, "perm"));
-  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(out.perm, "perm", {DType::kInt64}));
-  GPTQKIT_RETURN_IF_ERROR(checks::shape_is(out.perm, "perm", {k}));
-  return Status::Ok();
-}
-
 // The GPTQ sweep proper, on validated inputs. `w` is the weight in processing
 // order ([N, K] row-major, dead columns zeroed), `u` the upper factor of H^-1
 // in processing order.
@@ -292,25 +274,11 @@ class ColumnSweep {
 
 Status quantize_impl(const TensorView& weight, const TensorView& hessian, const QuantizeOptions& o,
                      const QuantizeOutputs& out, QuantizeStats* stats) {
-  GPTQKIT_RETURN_IF_ERROR(validate_options(o));
-  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(weight, "weight"));
-  GPTQKIT_RETURN_IF_ERROR(
-      checks::dtype_is(weight, "weight", {DType::kFloat32, DType::kFloat16, DType::kBFloat16, DType::kFloat64}));
-  GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(weight, "weight", 2));
-  const int64_t n = weight.shape[0], k = weight.shape[1];
-  if (n <= 0 || k <= 0)
-    return Status::InvalidArgument("weight: expected a non-empty [out_features, in_features] matrix, got " +
-                                   shape_string(weight));
+  detail::QuantizeShape shape;
+  GPTQKIT_RETURN_IF_ERROR(detail::check_quantize_args(weight, hessian, o, out, checks::cpu_contiguous, &shape));
+  const int64_t n = shape.n, k = shape.k, g = shape.groups;
   if (n > std::numeric_limits<int>::max() || k > std::numeric_limits<int>::max())
     return Status::InvalidArgument("weight: dimensions must be below 2^31, got " + shape_string(weight));
-  GPTQKIT_RETURN_IF_ERROR(checks::cpu_contiguous(hessian, "hessian"));
-  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(hessian, "hessian", {DType::kFloat32, DType::kFloat64}));
-  if (hessian.ndim != 2 || hessian.shape[0] != k || hessian.shape[1] != k)
-    return Status::InvalidArgument("hessian: expected shape [" + std::to_string(k) + ", " + std::to_string(k) +
-                                   "] to match weight " + shape_string(weight) + " (in_features = " +
-                                   std::to_string(k) + "), got " + shape_string(hessian));
-  const int64_t g = o.group_size > 0 ? num_groups(k, o.group_size) : 1;
-  GPTQKIT_RETURN_IF_ERROR(validate_outputs(out, n, k, g));
   GPTQKIT_RETURN_IF_ERROR(checks::all_finite(weight, "weight"));
   GPTQKIT_RETURN_IF_ERROR(checks::all_finite(hessian, "hessian"));
 

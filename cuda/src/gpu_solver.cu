@@ -20,6 +20,7 @@
 #include "damping.h"
 #include "gpu_solver_api.h"
 #include "gpu_solver_internal.h"
+#include "solver_args.h"
 
 namespace gptqkit::gpu {
 namespace {
@@ -341,16 +342,6 @@ Status on_device(const TensorView& t, const char* name, const Device& device) {
   return Status::Ok();
 }
 
-Status validate_hessian(const TensorView& hessian, int64_t k, const Device& dev) {
-  GPTQKIT_RETURN_IF_ERROR(on_device(hessian, "hessian", dev));
-  GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(hessian, "hessian", {DType::kFloat32, DType::kFloat64}));
-  if (hessian.ndim != 2 || hessian.shape[0] != k || hessian.shape[1] != k)
-    return Status::InvalidArgument("hessian: expected shape [" + std::to_string(k) + ", " + std::to_string(k) +
-                                   "] to match the weight (in_features = " + std::to_string(k) + "), got " +
-                                   shape_string(hessian));
-  return Status::Ok();
-}
-
 template <typename Launch>
 Status by_weight_dtype(DType dtype, Launch&& launch) {
   switch (dtype) {
@@ -368,37 +359,16 @@ Status by_weight_dtype(DType dtype, Launch&& launch) {
 Status quantize_weight(const TensorView& weight, const TensorView& hessian, const QuantizeOptions& o,
                        const QuantizeOutputs& out, QuantizeStats* stats, void* stream_ptr) {
   // ---- validation, before any memory is touched ----
-  GPTQKIT_RETURN_IF_ERROR(validate_options(o));
   const Device dev = weight.device;
-  GPTQKIT_RETURN_IF_ERROR(on_device(weight, "weight", dev));
-  GPTQKIT_RETURN_IF_ERROR(
-      checks::dtype_is(weight, "weight", {DType::kFloat32, DType::kFloat16, DType::kBFloat16, DType::kFloat64}));
-  GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(weight, "weight", 2));
-  const int64_t n = weight.shape[0], k = weight.shape[1];
-  if (n <= 0 || k <= 0)
-    return Status::InvalidArgument("weight: expected a non-empty [out_features, in_features] matrix, got " +
-                                   shape_string(weight));
+  detail::QuantizeShape shape;
+  GPTQKIT_RETURN_IF_ERROR(detail::check_quantize_args(
+      weight, hessian, o, out, [&](const TensorView& t, const char* name) { return on_device(t, name, dev); },
+      &shape));
+  const int64_t n = shape.n, k = shape.k, groups = shape.groups;
   // n: the trailing update's grid has ceil(n / 64) rows of tiles, at most 65535.
   if (n > int64_t{65535} * kGemmTile || k > (int64_t{1} << 20))
     return Status::InvalidArgument("weight: dimensions too large for the GPU solver (at most 4194240 x 1048576), got " +
                                    shape_string(weight));
-  GPTQKIT_RETURN_IF_ERROR(validate_hessian(hessian, k, dev));
-  const int64_t groups = o.group_size > 0 ? num_groups(k, o.group_size) : 1;
-  struct Out {
-    const TensorView* t;
-    const char* name;
-    DType dtype;
-    int64_t d0, d1;
-  };
-  const Out outs[] = {{&out.codes, "codes", DType::kUInt8, n, k},     {&out.scales, "scales", DType::kFloat32, groups, n},
-                      {&out.zeros, "zeros", DType::kInt32, groups, n}, {&out.g_idx, "g_idx", DType::kInt32, k, -1},
-                      {&out.perm, "perm", DType::kInt64, k, -1}};
-  for (const Out& x : outs) {
-    GPTQKIT_RETURN_IF_ERROR(on_device(*x.t, x.name, dev));
-    GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(*x.t, x.name, {x.dtype}));
-    if (x.d1 < 0) GPTQKIT_RETURN_IF_ERROR(checks::shape_is(*x.t, x.name, {x.d0}));
-    else GPTQKIT_RETURN_IF_ERROR(checks::shape_is(*x.t, x.name, {x.d0, x.d1}));
-  }
   const int64_t block = std::min(o.block_size, k);
   if (block > kMaxLazyBlock)
     return Status::Unsupported("block_size: the GPU solver supports lazy blocks of at most " +
