@@ -32,46 +32,31 @@ __device__ __forceinline__ uint32_t chunk_word(const uint32_t (&v)[kChunk], int 
   return x;
 }
 
-// qweight [W, N] from codes [N, K]: thread (chunk c, column n), consecutive
-// threads on consecutive n so the word stores are coalesced.
-template <int BITS>
-__global__ void pack_qweight_kernel(const uint8_t* __restrict__ codes, int64_t n_dim, int64_t k_dim, int64_t w_dim,
-                                    uint32_t* __restrict__ q) {
-  const int64_t chunks = (k_dim + kChunk - 1) / kChunk;
-  const int64_t total = chunks * n_dim;
+// Packs `rows` rows of `count` values (value i of row r at src[r * count + i],
+// minus `offset`) into words: word w of row r goes to
+// q[r * row_stride + w * word_stride], for w < w_dim. One thread per (row,
+// chunk); kRowsFastest puts consecutive rows on consecutive threads, which
+// coalesces the stores when words of one row are far apart (qweight).
+//   qweight [W, N] from codes [N, K]: rows N, count K, row_stride 1, word_stride N
+//   qzeros [G, Wn] from zeros [G, N]: rows G, count N, row_stride Wn, word_stride 1
+template <int BITS, bool kRowsFastest, typename T>
+__global__ void pack_rows_kernel(const T* __restrict__ src, int64_t rows, int64_t count, int32_t offset, int64_t w_dim,
+                                 int64_t row_stride, int64_t word_stride, uint32_t* __restrict__ q) {
+  const int64_t chunks = (count + kChunk - 1) / kChunk;
+  const int64_t total = chunks * rows;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += stride) {
-    const int64_t c = t / n_dim, n = t % n_dim;
-    const int64_t k0 = c * kChunk;
-    const int64_t len = min(static_cast<int64_t>(kChunk), k_dim - k0);
+    const int64_t r = kRowsFastest ? t % rows : t / chunks, c = kRowsFastest ? t / rows : t % chunks;
+    const int64_t i0 = c * kChunk;
+    const int64_t len = min(static_cast<int64_t>(kChunk), count - i0);
+    const T* row = src + r * count + i0;
     uint32_t v[kChunk];
 #pragma unroll
-    for (int i = 0; i < kChunk; ++i) v[i] = i < len ? codes[n * k_dim + k0 + i] : 0u;
+    for (int i = 0; i < kChunk; ++i) v[i] = i < len ? static_cast<uint32_t>(static_cast<int32_t>(row[i]) - offset) : 0u;
     const int64_t w0 = c * BITS;
 #pragma unroll
     for (int j = 0; j < BITS; ++j)
-      if (w0 + j < w_dim) q[(w0 + j) * n_dim + n] = chunk_word<BITS>(v, j);
-  }
-}
-
-// qzeros [G, Wn] from zeros [G, N] minus `offset` (1 for v1): thread (g, chunk).
-template <int BITS>
-__global__ void pack_qzeros_kernel(const int32_t* __restrict__ zeros, int64_t g_dim, int64_t n_dim, int64_t w_dim,
-                                   int32_t offset, uint32_t* __restrict__ q) {
-  const int64_t chunks = (n_dim + kChunk - 1) / kChunk;
-  const int64_t total = chunks * g_dim;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += stride) {
-    const int64_t g = t / chunks, c = t % chunks;
-    const int64_t n0 = c * kChunk;
-    const int64_t len = min(static_cast<int64_t>(kChunk), n_dim - n0);
-    uint32_t v[kChunk];
-#pragma unroll
-    for (int i = 0; i < kChunk; ++i) v[i] = i < len ? static_cast<uint32_t>(zeros[g * n_dim + n0 + i] - offset) : 0u;
-    const int64_t w0 = c * BITS;
-#pragma unroll
-    for (int j = 0; j < BITS; ++j)
-      if (w0 + j < w_dim) q[g * w_dim + w0 + j] = chunk_word<BITS>(v, j);
+      if (w0 + j < w_dim) q[r * row_stride + (w0 + j) * word_stride] = chunk_word<BITS>(v, j);
   }
 }
 
@@ -169,9 +154,10 @@ Status pack_qweight(const TensorView& codes, int bits, const TensorView& qweight
   const int64_t chunks = ceil_div(k_dim, kChunk);
   by_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;
-    GPTQKIT_LAUNCH(blocks_for(chunks * n_dim), kThreads, 0, stream, pack_qweight_kernel<B>)(src, n_dim, k_dim, w_dim, q);
+    GPTQKIT_LAUNCH(blocks_for(chunks * n_dim), kThreads, 0, stream, pack_rows_kernel<B, true, uint8_t>)(
+        src, n_dim, k_dim, 0, w_dim, 1, n_dim, q);
   });
-  GPTQKIT_GPU_LAUNCHED("pack_qweight_kernel");
+  GPTQKIT_GPU_LAUNCHED("pack_rows_kernel (qweight)");
   return Status::Ok();
 }
 
@@ -211,9 +197,10 @@ Status pack_qzeros(const TensorView& zeros, int bits, bool v1, const TensorView&
   const int64_t chunks = ceil_div(n_dim, kChunk);
   by_bits(bits, [&](auto b) {
     constexpr int B = decltype(b)::value;
-    GPTQKIT_LAUNCH(blocks_for(chunks * g_dim), kThreads, 0, stream, pack_qzeros_kernel<B>)(z, g_dim, n_dim, w_dim, lo, q);
+    GPTQKIT_LAUNCH(blocks_for(chunks * g_dim), kThreads, 0, stream, pack_rows_kernel<B, false, int32_t>)(
+        z, g_dim, n_dim, lo, w_dim, w_dim, 1, q);
   });
-  GPTQKIT_GPU_LAUNCHED("pack_qzeros_kernel");
+  GPTQKIT_GPU_LAUNCHED("pack_rows_kernel (qzeros)");
   return Status::Ok();
 }
 
