@@ -264,6 +264,35 @@ def test_gpu_cuda_graph_capture(gptqkit, m):
 
 
 @gpu
+def test_gpu_cuda_graph_capture_in_a_cold_process():
+    """The first launch of a kernel inside a capture (no warm-up): with lazy module loading
+    (CUDA 12.2+ default) the kernel is loaded during the capture, which older drivers refuse."""
+    script = """
+import sys
+import torch
+import gptqkit
+from gptqkit import ops
+sys.path.insert(0, "tests/python")
+from packed_layers import random_packed_layer
+packed = random_packed_layer(gptqkit, 256, 320, 3, 64, act_order=True)
+lay = ops.prepare_layout(packed.qweight, packed.qzeros, packed.scales, packed.g_idx, packed.bits, packed.format,
+                         dtype=torch.bfloat16, device="cuda")
+x = torch.randn(6, 320, device="cuda", dtype=torch.bfloat16)
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    y = torch.ops.gptqkit.quantized_matmul(x, lay.qweight, lay.sz, lay.chunk_group, lay.perm, None, lay.bits,
+                                           lay.in_features, lay.out_features)
+graph.replay()
+torch.cuda.synchronize()
+ref = x.double().cpu() @ torch.as_tensor(packed.dequantize()).double().T
+assert (y.double().cpu() - ref).abs().max() < 0.05 * ref.abs().max(), "wrong result"
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=_REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+@gpu
 def test_quant_linear_on_cuda(gptqkit):
     from gptqkit.nn import QuantLinear
 
@@ -342,6 +371,7 @@ import hashlib  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 
