@@ -32,6 +32,9 @@ class HessianAccumulator {
   // default stream) without synchronising; NaN / Inf inputs are then reported
   // by hessian(). One accumulator never mixes devices (InvalidArgument) until
   // reset(). Builds without a GPU backend return Unsupported for GPU input.
+  // Each batch updates H in place: pass the same stream to every call of one
+  // accumulator (Python passes torch's current stream), or order the streams
+  // yourself; two streams in flight at once would race on H.
   Status add_batch(const TensorView& x, void* stream = nullptr);
 
   // Writes the full symmetric H into out: [K, K] float32 or float64,
