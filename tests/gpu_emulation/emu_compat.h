@@ -10,6 +10,8 @@
 //     the tensor-core path ldmatrix and mma) synchronise only the lanes of
 //     their warp, with the hardware's lane semantics, so a warp may leave a
 //     kernel early while the others go on;
+//   * the order in which threads run between two barriers is ascending, or
+//     reversed / shuffled per round with EMU_SCHEDULE=reverse / random;
 //   * a barrier that some threads of the block (or lanes of the warp) can no
 //     longer reach is reported, with the kernel's block, and ends the
 //     program: on a GPU it is undefined behaviour;
@@ -32,7 +34,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <deque>
+#include <numeric>
+#include <random>
 #include <functional>
 #include <vector>
 
@@ -156,6 +161,17 @@ inline bool release(int n) {
   fail("lanes of one warp wait at different barriers (warp collective vs __syncthreads)");
 }
 
+enum class Schedule { kForward, kReverse, kRandom };
+inline Schedule schedule() {
+  static const Schedule s = [] {
+    const char* v = std::getenv("EMU_SCHEDULE");
+    if (v != nullptr && std::strcmp(v, "reverse") == 0) return Schedule::kReverse;
+    if (v != nullptr && std::strcmp(v, "random") == 0) return Schedule::kRandom;
+    return Schedule::kForward;
+  }();
+  return s;
+}
+
 // Runs body() as grid x block threads, one block at a time.
 inline void launch(dim3 grid, dim3 block, size_t smem, const char* name, const std::function<void()>& fn) {
   const int n = static_cast<int>(block.x);
@@ -183,8 +199,16 @@ inline void launch(dim3 grid, dim3 block, size_t smem, const char* name, const s
         f.ctx.uc_link = nullptr;
         makecontext(&f.ctx, trampoline, 0);
       }
+      std::vector<int> order(static_cast<size_t>(n));
+      std::iota(order.begin(), order.end(), 0);
+      std::mt19937 rng(bx * 7919u + by);
       do {
-        for (int t = 0; t < n; ++t) {
+        // Which thread runs first between two barriers is the hardware's
+        // choice: EMU_SCHEDULE=reverse / random tries other orders, so code
+        // that is right only for one of them shows up.
+        if (schedule() == Schedule::kReverse) std::reverse(order.begin(), order.end());
+        if (schedule() == Schedule::kRandom) std::shuffle(order.begin(), order.end(), rng);
+        for (const int t : order) {
           Fiber& f = fibers[static_cast<size_t>(t)];
           if (f.done || f.wait != Wait::kNone) continue;
           current = t;
