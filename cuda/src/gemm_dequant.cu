@@ -2,6 +2,8 @@
 // the original column order (the large-M path: a caller with a vendor GEMM,
 // e.g. torch.mm on cuBLAS/hipBLAS, multiplies it), and the small runtime
 // helpers of the GEMM front end.
+#include <cstdint>
+
 #include "gemm_dequant_kernel.cuh"
 
 namespace gptqkit::gpu {
@@ -16,7 +18,8 @@ void launch_one(const GemmArgs& a, void* out) {
   GPTQKIT_LAUNCH(grid, kThreads, 0, static_cast<gpuStream_t>(a.stream), dequant_kernel<BF16, BITS>)(
       a.qweight, static_cast<const uint16_t*>(a.sz), a.chunk_group, a.perm, static_cast<uint16_t*>(out),
       static_cast<int>(a.k), static_cast<int>(a.n), static_cast<int>(a.np), static_cast<int>(a.chunks),
-      static_cast<int>(a.groups));
+      static_cast<int>(a.groups),
+      a.perm == nullptr && a.k % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0);
 }
 
 template <bool BF16>

@@ -64,7 +64,8 @@ void dequant(const Job& j, uint16_t* out) {
   emu::launch(dim3(static_cast<unsigned>(ceil_div(j.n * j.chunks, kDequantThreads))), dim3(kDequantThreads), 0, "dequant_kernel", [&] {
     dequant_kernel<BF16, BITS>(j.qweight.data(), j.sz.data(), j.chunk_group.data(),
                                j.has_perm ? j.perm.data() : nullptr, out, int(j.k), int(j.n), int(j.np),
-                               int(j.chunks), int(j.groups));
+                               int(j.chunks), int(j.groups),
+                               !j.has_perm && j.k % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0);
   });
 }
 

@@ -480,8 +480,9 @@ def test_emulated_tiled(gptqkit, emulators, tmp_path, variant, bits, group_size,
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_emulated_dequantize(gptqkit, emulators, tmp_path, bits):
-    packed = random_packed_layer(gptqkit, 70, 333, bits, 32, act_order=True, seed=bits)
+@pytest.mark.parametrize("act_order,k", [(True, 333), (False, 320), (False, 333)])  # perm / 16-byte rows / odd K
+def test_emulated_dequantize(gptqkit, emulators, tmp_path, bits, act_order, k):
+    packed = random_packed_layer(gptqkit, 70, k, bits, 32, act_order=act_order, seed=bits)
     lay = _layout(gptqkit, packed)
     w = _emulate(emulators["warp32"], tmp_path, 2, lay)
     torch.testing.assert_close(w.float(), _oracle(packed), rtol=2 ** -11, atol=0)
