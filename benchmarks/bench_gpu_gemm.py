@@ -95,6 +95,23 @@ def time_graph(fn_list, x, calls, reps):
     return best
 
 
+class dense_min_rows:
+    """Sets GPTQKIT_GPU_DENSE_MIN_ROWS (read by the op at each call, so also while a graph is captured)."""
+
+    def __init__(self, value):
+        self.value, self.saved = str(value), None
+
+    def __enter__(self):
+        self.saved = os.environ.get("GPTQKIT_GPU_DENSE_MIN_ROWS")
+        os.environ["GPTQKIT_GPU_DENSE_MIN_ROWS"] = self.value
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            os.environ.pop("GPTQKIT_GPU_DENSE_MIN_ROWS", None)
+        else:
+            os.environ["GPTQKIT_GPU_DENSE_MIN_ROWS"] = self.saved
+
+
 def bench_shape(k, n, ms, args, gen, l2):
     dev = torch.device("cuda")
     lay0 = make_layout(k, n, args.act_order, dev, gen)
@@ -133,6 +150,13 @@ def bench_shape(k, n, ms, args, gen, l2):
                 tiny_err = f"{type(exc).__name__}: {exc}"
         row = {"K": k, "N": n, "M": m, "gptqkit_us": t_ours, "fp16_us": t_fp16, "tinygemm_us": t_tiny,
                "speedup_vs_fp16": t_fp16 / t_ours, "speedup_vs_tinygemm": (t_tiny / t_ours) if t_tiny else None}
+        if m >= args.paths_from:
+            # Both large-M paths, whatever the default crossover picks: where
+            # GPTQKIT_GPU_DENSE_MIN_ROWS should be.
+            with dense_min_rows(1 << 30):
+                row["kernel_us"] = time_graph(ours, x, args.calls, args.reps)
+            with dense_min_rows(1):
+                row["dense_us"] = time_graph(ours, x, args.calls, args.reps)
         if m == 1:
             act = 2 * (k + n)
             row["gptqkit_GBps"] = (q_bytes + act) / t_ours / 1e3
@@ -140,7 +164,9 @@ def bench_shape(k, n, ms, args, gen, l2):
         rows.append(row)
         print(f"K={k:6d} N={n:6d} M={m:5d}  gptqkit {t_ours:9.2f} us  fp16 {t_fp16:9.2f} us  "
               f"tinygemm {t_tiny if t_tiny else float('nan'):9.2f} us  x{row['speedup_vs_fp16']:.2f} vs fp16"
-              + (f"  {row['gptqkit_GBps']:.0f} GB/s" if m == 1 else ""), flush=True)
+              + (f"  {row['gptqkit_GBps']:.0f} GB/s" if m == 1 else "")
+              + (f"  [tiled kernel {row['kernel_us']:.2f} us, dequantize + cuBLAS {row['dense_us']:.2f} us]"
+                 if "kernel_us" in row else ""), flush=True)
     del lays, w16, tiny
     torch.cuda.empty_cache()
     return rows, tiny_err
@@ -165,14 +191,16 @@ def write_table(rows, path, meta):
     lines = [f"GPU: {meta['gpu']}; torch {meta['torch']}; CUDA graphs, best of {meta['reps']} replays of "
              f"{meta['calls']} calls; weights rotated over > 2x L2 ({meta['l2_mib']:.0f} MiB); int4 g128"
              f"{' act-order' if meta['act_order'] else ''}; fp16 activations (tinygemm: bf16).", ""]
-    lines.append("| K x N | M | fp16 (us) | tinygemm (us) | gptqkit (us) | vs fp16 | vs tinygemm | M=1 GB/s |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("| K x N | M | fp16 (us) | tinygemm (us) | gptqkit (us) | vs fp16 | vs tinygemm | M=1 GB/s "
+                 "| tiled kernel (us) | dequantize + cuBLAS (us) |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         tiny = f"{r['tinygemm_us']:.1f}" if r["tinygemm_us"] else "n/a"
         vt = f"{r['speedup_vs_tinygemm']:.2f}x" if r["speedup_vs_tinygemm"] else "n/a"
         bw = f"{r['gptqkit_GBps']:.0f}" if "gptqkit_GBps" in r else ""
+        paths = (f"{r['kernel_us']:.1f} | {r['dense_us']:.1f}" if "kernel_us" in r else " | ")
         lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['fp16_us']:.1f} | {tiny} | {r['gptqkit_us']:.1f} | "
-                     f"{r['speedup_vs_fp16']:.2f}x | {vt} | {bw} |")
+                     f"{r['speedup_vs_fp16']:.2f}x | {vt} | {bw} | {paths} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"table written to {path}")
@@ -212,6 +240,8 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "gpu_gemm.md"))
     p.add_argument("--plot", default=os.path.join("benchmarks", "results", "gpu_gemm.png"))
     p.add_argument("--json", default=None, help="also write the raw rows as JSON")
+    p.add_argument("--paths-from", type=int, default=128,
+                   help="from this M, also time the tiled kernel and dequantize + cuBLAS separately (default 128)")
     args = p.parse_args(argv)
 
     reason = gpu_unavailable_reason()
