@@ -419,7 +419,8 @@ TEST(EmuSolverErrors, OutOfMemoryAnywhereFreesEverything) {
   // Allocation number i fails, for every i the solver makes: a clear error,
   // and every scratch buffer of the failed call is freed.
   SolverProblem problem(kSolverCases[0]);
-  for (int skip = 9;; ++skip) {  // run_gpu's own 9 arrays come first
+  constexpr int kOwnArrays = 7;  // run_gpu's device arrays: w, h, codes, scales, zeros, g_idx, perm
+  for (int skip = kOwnArrays;; ++skip) {
     SolverRun r;
     const int64_t live_before = emu_device::live_bytes();
     emu_device::fail_allocation_after(skip);
@@ -427,11 +428,13 @@ TEST(EmuSolverErrors, OutOfMemoryAnywhereFreesEverything) {
     emu_device::fail_allocation_after(-1);
     EXPECT_EQ(emu_device::live_bytes(), live_before);
     if (s.ok()) {
-      EXPECT_GT(skip, 12) << "the solver allocates its scratch";
+      EXPECT_GT(skip, kOwnArrays + 5) << "the solver allocates its scratch";
       break;
     }
     EXPECT_EQ(s.code(), gptqkit::StatusCode::kInternal);
     EXPECT_NE(s.message().find("out of GPU memory"), std::string::npos) << s.message();
+    if (skip == kOwnArrays)  // the solver's first allocation
+      EXPECT_NE(s.message().find("the check results"), std::string::npos) << s.message();
     ASSERT_LT(skip, 40) << "the solver never finished";
   }
 }
