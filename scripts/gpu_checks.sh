@@ -12,6 +12,7 @@
 #   bash scripts/gpu_checks.sh build sanitize
 #   bash scripts/gpu_checks.sh build bench-solver bench-gemm
 #   bash scripts/gpu_checks.sh build bench-generate solver-7b
+#   bash scripts/gpu_checks.sh build quantize-7b
 #
 # Stages:
 #   prepare         download the wheels the GPU image lacks into .whl/ (needs PyPI)
@@ -21,7 +22,9 @@
 #   test            GPU tests of the solver and the GEMM (fails if they skip)
 #   sanitize        compute-sanitizer memcheck + racecheck (docs/gpu.md, docs/gpu_gemm.md)
 #   bench-solver    benchmarks/bench_gpu_solver.py (issue 5's shapes)
-#   solver-7b       bench_gpu_solver.py --model llama-7b (whole 7B-shape model)
+#   solver-7b       bench_gpu_solver.py --model llama-7b (the solver over a 7B-shape model's layers)
+#   quantize-7b     bench_gpu_quantize_model.py (GPTQForCausalLM.quantize of a random 7B-shape
+#                   Llama on the GPU, end to end: forward passes, Hessians, solver, packing)
 #   bench-gemm      benchmarks/bench_gpu_gemm.py (table, PNG plot, JSON)
 #   bench-generate  benchmarks/bench_gpu_generate.py (decode tokens/s, batch 1 and 16)
 #
@@ -131,8 +134,9 @@ stage_bench_gemm() {
   "$py" benchmarks/bench_gpu_gemm.py --out "$out/gpu_gemm.md" --plot "$out/gpu_gemm.png" --json "$out/gpu_gemm.json"
 }
 stage_bench_generate() { "$py" benchmarks/bench_gpu_generate.py; }
+stage_quantize_7b() { "$py" benchmarks/bench_gpu_quantize_model.py; }
 
-[ $# -gt 0 ] || { sed -n '2,32p' "$0"; exit 2; }
+[ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print } /^set /{ exit }' "$0"; exit 2; }
 for stage in "$@"; do
   case "$stage" in
     prepare) run_stage prepare stage_prepare ;;
@@ -143,6 +147,7 @@ for stage in "$@"; do
     solver-7b) run_stage solver-7b stage_solver_7b ;;
     bench-gemm) run_stage bench-gemm stage_bench_gemm ;;
     bench-generate) run_stage bench-generate stage_bench_generate ;;
+    quantize-7b) run_stage quantize-7b stage_quantize_7b ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
   if [ "$stage" = build ] && [ "${#failed[@]}" -gt 0 ]; then break; fi
