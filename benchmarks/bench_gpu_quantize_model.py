@@ -66,7 +66,10 @@ def build_model(args):
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    return model.cpu().eval()
+    model = model.cpu().eval()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the quantization run starts with an empty GPU, as a user's would
+    return model
 
 
 def main(argv=None):
