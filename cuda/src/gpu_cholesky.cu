@@ -297,9 +297,11 @@ Status factor_inverse_upper(const void* hessian, bool hessian_fp64, int64_t k, c
     const double lambda = damping.lambda();
     GPTQKIT_GPU_TRY(gpuMemsetAsync(&info->chol_failed, 0, sizeof(int), stream), "resetting the Cholesky flag");
     if (hessian_fp64)
-      GPTQKIT_LAUNCH(grid, 256, 0, stream, build_kernel<double>)(static_cast<const double*>(hessian), k, perm, dead, lambda, a);
+      GPTQKIT_LAUNCH(grid, 256, 0, stream, build_kernel<double>)(
+          static_cast<const double*>(hessian), k, perm, dead, lambda, a);
     else
-      GPTQKIT_LAUNCH(grid, 256, 0, stream, build_kernel<float>)(static_cast<const float*>(hessian), k, perm, dead, lambda, a);
+      GPTQKIT_LAUNCH(grid, 256, 0, stream, build_kernel<float>)(
+          static_cast<const float*>(hessian), k, perm, dead, lambda, a);
     GPTQKIT_GPU_LAUNCHED("build_kernel");
     GPTQKIT_RETURN_IF_ERROR(launch_cholesky(a, k, info, stream));
     // One host synchronisation per attempt: the next damping (or the error)

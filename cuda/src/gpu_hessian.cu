@@ -253,9 +253,11 @@ Status hessian_add_batch(const TensorView& x, void* state, int64_t k, double alp
       const int64_t tiles = nt * (nt + 1) / 2;
       const uint16_t* xp = static_cast<const uint16_t*>(x.data);
       if (bf16)
-        GPTQKIT_LAUNCH(static_cast<unsigned>(tiles), kMmaThreads, 0, stream, syrk_mma_kernel<true>)(xp, rows, ki, a, b, h);
+        GPTQKIT_LAUNCH(static_cast<unsigned>(tiles), kMmaThreads, 0, stream, syrk_mma_kernel<true>)(
+            xp, rows, ki, a, b, h);
       else
-        GPTQKIT_LAUNCH(static_cast<unsigned>(tiles), kMmaThreads, 0, stream, syrk_mma_kernel<false>)(xp, rows, ki, a, b, h);
+        GPTQKIT_LAUNCH(static_cast<unsigned>(tiles), kMmaThreads, 0, stream, syrk_mma_kernel<false>)(
+            xp, rows, ki, a, b, h);
       GPTQKIT_GPU_LAUNCHED("syrk_mma_kernel");
       return Status::Ok();
     }
@@ -265,13 +267,16 @@ Status hessian_add_batch(const TensorView& x, void* state, int64_t k, double alp
   const unsigned tiles = static_cast<unsigned>(nt * (nt + 1) / 2);
   switch (x.dtype) {
     case DType::kFloat32:
-      GPTQKIT_LAUNCH(tiles, kSimtThreads, 0, stream, syrk_simt_kernel<float>)(static_cast<const float*>(x.data), rows, ki, a, b, h);
+      GPTQKIT_LAUNCH(tiles, kSimtThreads, 0, stream, syrk_simt_kernel<float>)(
+          static_cast<const float*>(x.data), rows, ki, a, b, h);
       break;
     case DType::kFloat16:
-      GPTQKIT_LAUNCH(tiles, kSimtThreads, 0, stream, syrk_simt_kernel<gpu_half>)(static_cast<const gpu_half*>(x.data), rows, ki, a, b, h);
+      GPTQKIT_LAUNCH(tiles, kSimtThreads, 0, stream, syrk_simt_kernel<gpu_half>)(
+          static_cast<const gpu_half*>(x.data), rows, ki, a, b, h);
       break;
     default:
-      GPTQKIT_LAUNCH(tiles, kSimtThreads, 0, stream, syrk_simt_kernel<gpu_bfloat16>)(static_cast<const gpu_bfloat16*>(x.data), rows, ki, a, b, h);
+      GPTQKIT_LAUNCH(tiles, kSimtThreads, 0, stream, syrk_simt_kernel<gpu_bfloat16>)(
+          static_cast<const gpu_bfloat16*>(x.data), rows, ki, a, b, h);
       break;
   }
   GPTQKIT_GPU_LAUNCHED("syrk_simt_kernel");

@@ -101,16 +101,20 @@ Status launch_finite_check(const TensorView& t, unsigned long long* first_bad, g
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(n, kCheckThreads), 4096));
   switch (t.dtype) {
     case DType::kFloat32:
-      GPTQKIT_LAUNCH(blocks, kCheckThreads, 0, stream, finite_kernel<float>)(static_cast<const float*>(t.data), n, first_bad);
+      GPTQKIT_LAUNCH(blocks, kCheckThreads, 0, stream, finite_kernel<float>)(
+          static_cast<const float*>(t.data), n, first_bad);
       break;
     case DType::kFloat64:
-      GPTQKIT_LAUNCH(blocks, kCheckThreads, 0, stream, finite_kernel<double>)(static_cast<const double*>(t.data), n, first_bad);
+      GPTQKIT_LAUNCH(blocks, kCheckThreads, 0, stream, finite_kernel<double>)(
+          static_cast<const double*>(t.data), n, first_bad);
       break;
     case DType::kFloat16:
-      GPTQKIT_LAUNCH(blocks, kCheckThreads, 0, stream, finite_bits_kernel<0x7c00u>)(static_cast<const uint16_t*>(t.data), n, first_bad);
+      GPTQKIT_LAUNCH(blocks, kCheckThreads, 0, stream, finite_bits_kernel<0x7c00u>)(
+          static_cast<const uint16_t*>(t.data), n, first_bad);
       break;
     case DType::kBFloat16:
-      GPTQKIT_LAUNCH(blocks, kCheckThreads, 0, stream, finite_bits_kernel<0x7f80u>)(static_cast<const uint16_t*>(t.data), n, first_bad);
+      GPTQKIT_LAUNCH(blocks, kCheckThreads, 0, stream, finite_bits_kernel<0x7f80u>)(
+          static_cast<const uint16_t*>(t.data), n, first_bad);
       break;
     default:
       return Status::Ok();

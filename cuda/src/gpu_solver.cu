@@ -393,8 +393,10 @@ Status quantize_weight(const TensorView& weight, const TensorView& hessian, cons
   GPTQKIT_RETURN_IF_ERROR(info_reset(info, stream));
   GPTQKIT_RETURN_IF_ERROR(launch_finite_check(weight, &info->bad_weight, stream));
   GPTQKIT_RETURN_IF_ERROR(launch_finite_check(hessian, &info->bad_hessian, stream));
-  if (h64) GPTQKIT_LAUNCH(1, kThreads, 0, stream, diag_kernel<double>)(static_cast<const double*>(hessian.data), k, diag, dead, info);
-  else GPTQKIT_LAUNCH(1, kThreads, 0, stream, diag_kernel<float>)(static_cast<const float*>(hessian.data), k, diag, dead, info);
+  if (h64) GPTQKIT_LAUNCH(1, kThreads, 0, stream, diag_kernel<double>)(
+      static_cast<const double*>(hessian.data), k, diag, dead, info);
+  else GPTQKIT_LAUNCH(1, kThreads, 0, stream, diag_kernel<float>)(
+      static_cast<const float*>(hessian.data), k, diag, dead, info);
   GPTQKIT_GPU_LAUNCHED("diag_kernel");
   DeviceInfo host;
   GPTQKIT_RETURN_IF_ERROR(info_read(info, &host, stream));
@@ -449,8 +451,8 @@ Status quantize_weight(const TensorView& weight, const TensorView& hessian, cons
     const int64_t gs = o.group_size < 0 ? -1 : o.group_size;
     GPTQKIT_RETURN_IF_ERROR(by_weight_dtype(weight.dtype, [&](auto tag) {
       using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-      GPTQKIT_LAUNCH(blocks, kThreads, 0, stream, fixed_grid_kernel<T>)(static_cast<const T*>(weight.data), n, k, dead, col_orig,
-                                                            gs, groups, maxq, o.sym, search, scales, zeros);
+      GPTQKIT_LAUNCH(blocks, kThreads, 0, stream, fixed_grid_kernel<T>)(
+          static_cast<const T*>(weight.data), n, k, dead, col_orig, gs, groups, maxq, o.sym, search, scales, zeros);
     }));
     GPTQKIT_GPU_LAUNCHED("fixed_grid_kernel");
   }
@@ -460,8 +462,8 @@ Status quantize_weight(const TensorView& weight, const TensorView& hessian, cons
   GPTQKIT_RETURN_IF_ERROR(scratch.alloc(&wp, n * k, "the working copy of the weight"));
   GPTQKIT_RETURN_IF_ERROR(by_weight_dtype(weight.dtype, [&](auto tag) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    GPTQKIT_LAUNCH(grid_stride_blocks(n * k), kThreads, 0, stream, load_weight_kernel<T>)(static_cast<const T*>(weight.data), n,
-                                                                               k, perm, dead, wp);
+    GPTQKIT_LAUNCH(grid_stride_blocks(n * k), kThreads, 0, stream, load_weight_kernel<T>)(
+        static_cast<const T*>(weight.data), n, k, perm, dead, wp);
   }));
   GPTQKIT_GPU_LAUNCHED("load_weight_kernel");
 
@@ -536,8 +538,10 @@ Status inverse_hessian_upper_factor(const TensorView& hessian, double damp_perce
   GPTQKIT_RETURN_IF_ERROR(info_reset(info, stream));
   GPTQKIT_RETURN_IF_ERROR(launch_finite_check(hessian, &info->bad_hessian, stream));
   // Without dead-input handling (as the CPU entry point): diag read as is.
-  if (h64) GPTQKIT_LAUNCH(1, kThreads, 0, stream, diag_kernel<double>)(static_cast<const double*>(hessian.data), k, nullptr, nullptr, info);
-  else GPTQKIT_LAUNCH(1, kThreads, 0, stream, diag_kernel<float>)(static_cast<const float*>(hessian.data), k, nullptr, nullptr, info);
+  if (h64) GPTQKIT_LAUNCH(1, kThreads, 0, stream, diag_kernel<double>)(
+      static_cast<const double*>(hessian.data), k, nullptr, nullptr, info);
+  else GPTQKIT_LAUNCH(1, kThreads, 0, stream, diag_kernel<float>)(
+      static_cast<const float*>(hessian.data), k, nullptr, nullptr, info);
   GPTQKIT_GPU_LAUNCHED("diag_kernel");
   DeviceInfo host;
   GPTQKIT_RETURN_IF_ERROR(info_read(info, &host, stream));
