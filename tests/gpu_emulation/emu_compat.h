@@ -11,7 +11,8 @@
 //     their warp, with the hardware's lane semantics, so a warp may leave a
 //     kernel early while the others go on;
 //   * the order in which threads run between two barriers is ascending, or
-//     reversed / shuffled per round with EMU_SCHEDULE=reverse / random;
+//     reversed / shuffled per round with EMU_SCHEDULE=reverse / random
+//     (random also shuffles the order of the blocks);
 //   * a barrier that some threads of the block (or lanes of the warp) can no
 //     longer reach is reported, with the kernel's block, and ends the
 //     program: on a GPU it is undefined behaviour;
@@ -185,37 +186,45 @@ inline void launch(dim3 grid, dim3 block, size_t smem, const char* name, const s
   body = &fn;
   stacks.resize(static_cast<size_t>(n));
   for (auto& st : stacks) st.resize(256 * 1024);
+  // Blocks run one after another, in grid order or (EMU_SCHEDULE=random)
+  // shuffled: a kernel whose blocks depend on each other's results is wrong
+  // on a GPU, where they run in any order.
+  std::vector<dim3> blocks;
+  blocks.reserve(static_cast<size_t>(grid.x) * grid.y);
   for (unsigned by = 0; by < grid.y; ++by)
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      block_idx = dim3(bx, by);
-      std::memset(dynamic_smem, 0xA5, sizeof dynamic_smem);  // stale garbage, not zeros
-      fibers.assign(static_cast<size_t>(n), Fiber{});
-      for (int t = 0; t < n; ++t) {
-        Fiber& f = fibers[static_cast<size_t>(t)];
-        f.thread_idx = dim3(static_cast<unsigned>(t));
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = stacks[static_cast<size_t>(t)].data();
-        f.ctx.uc_stack.ss_size = stacks[static_cast<size_t>(t)].size();
-        f.ctx.uc_link = nullptr;
-        makecontext(&f.ctx, trampoline, 0);
-      }
-      std::vector<int> order(static_cast<size_t>(n));
-      std::iota(order.begin(), order.end(), 0);
-      std::mt19937 rng(bx * 7919u + by);
-      do {
-        // Which thread runs first between two barriers is the hardware's
-        // choice: EMU_SCHEDULE=reverse / random tries other orders, so code
-        // that is right only for one of them shows up.
-        if (schedule() == Schedule::kReverse) std::reverse(order.begin(), order.end());
-        if (schedule() == Schedule::kRandom) std::shuffle(order.begin(), order.end(), rng);
-        for (const int t : order) {
-          Fiber& f = fibers[static_cast<size_t>(t)];
-          if (f.done || f.wait != Wait::kNone) continue;
-          current = t;
-          swapcontext(&scheduler, &f.ctx);
-        }
-      } while (release(n));
+    for (unsigned bx = 0; bx < grid.x; ++bx) blocks.emplace_back(bx, by);
+  if (schedule() == Schedule::kRandom) std::shuffle(blocks.begin(), blocks.end(), std::mt19937(grid.x * 31u + grid.y));
+  for (const dim3 b : blocks) {
+    const unsigned bx = b.x, by = b.y;
+    block_idx = b;
+    std::memset(dynamic_smem, 0xA5, sizeof dynamic_smem);  // stale garbage, not zeros
+    fibers.assign(static_cast<size_t>(n), Fiber{});
+    for (int t = 0; t < n; ++t) {
+      Fiber& f = fibers[static_cast<size_t>(t)];
+      f.thread_idx = dim3(static_cast<unsigned>(t));
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = stacks[static_cast<size_t>(t)].data();
+      f.ctx.uc_stack.ss_size = stacks[static_cast<size_t>(t)].size();
+      f.ctx.uc_link = nullptr;
+      makecontext(&f.ctx, trampoline, 0);
     }
+    std::vector<int> order(static_cast<size_t>(n));
+    std::iota(order.begin(), order.end(), 0);
+    std::mt19937 rng(bx * 7919u + by);
+    do {
+      // Which thread runs first between two barriers is the hardware's
+      // choice: EMU_SCHEDULE=reverse / random tries other orders, so code
+      // that is right only for one of them shows up.
+      if (schedule() == Schedule::kReverse) std::reverse(order.begin(), order.end());
+      if (schedule() == Schedule::kRandom) std::shuffle(order.begin(), order.end(), rng);
+      for (const int t : order) {
+        Fiber& f = fibers[static_cast<size_t>(t)];
+        if (f.done || f.wait != Wait::kNone) continue;
+        current = t;
+        swapcontext(&scheduler, &f.ctx);
+      }
+    } while (release(n));
+  }
 }
 
 // GPTQKIT_LAUNCH(grid, block, smem, stream, kernel)(args...): the kernel's
