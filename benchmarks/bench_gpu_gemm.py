@@ -38,7 +38,6 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from gpu_bench_util import gpu_unavailable_reason
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]  # K x N
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024]
@@ -243,6 +242,8 @@ def main(argv=None):
     p.add_argument("--paths-from", type=int, default=128,
                    help="from this M, also time the tiled kernel and dequantize + cuBLAS separately (default 128)")
     args = p.parse_args(argv)
+
+    from gptqkit.ops import gpu_unavailable_reason
 
     reason = gpu_unavailable_reason()
     if reason is not None:

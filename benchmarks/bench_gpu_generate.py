@@ -30,7 +30,6 @@ import time
 
 import torch
 
-from gpu_bench_util import gpu_unavailable_reason
 
 
 def llama_7b_config(layers):
@@ -120,6 +119,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs")
     args = p.parse_args(argv)
+
+    from gptqkit.ops import gpu_unavailable_reason
 
     reason = gpu_unavailable_reason()
     if reason is not None:

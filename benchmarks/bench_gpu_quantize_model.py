@@ -27,7 +27,6 @@ import time
 
 import torch
 
-from gpu_bench_util import gpu_unavailable_reason
 
 
 def parse_args(argv=None):
@@ -75,6 +74,8 @@ def build_model(args):
 def main(argv=None):
     args = parse_args(argv)
     if args.device.startswith("cuda"):
+        from gptqkit.ops import gpu_unavailable_reason
+
         reason = gpu_unavailable_reason()
         if reason is not None:
             print(f"bench_gpu_quantize_model: {reason}; nothing to do.")

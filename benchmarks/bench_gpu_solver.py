@@ -74,14 +74,11 @@ GiB = float(1 << 30)
 
 
 def need_gpu() -> bool:
-    if not torch.cuda.is_available():
-        print("bench_gpu_solver: needs a CUDA GPU (torch.cuda.is_available() is False); nothing to measure here.")
-        return False
-    import gptqkit
+    from gptqkit.ops import gpu_unavailable_reason
 
-    if gptqkit.gpu_backend() is None:
-        print("bench_gpu_solver: this gptqkit was built without GPU support; reinstall with "
-              "GPTQKIT_WITH_CUDA=1 pip install . (or GPTQKIT_WITH_HIP=1 for ROCm).")
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        print(f"bench_gpu_solver: {reason}; nothing to measure here.")
         return False
     return True
 

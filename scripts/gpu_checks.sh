@@ -97,7 +97,7 @@ EOF
 gpu_pytest() {  # pytest that fails when any GPU test was skipped
   "$py" -m pytest -q -p no:cacheprovider -rs "$@" | tee /tmp/gpu_checks_pytest.txt
   local rc=${PIPESTATUS[0]}
-  if grep -q "needs a GPU\|needs CUDA" /tmp/gpu_checks_pytest.txt; then
+  if grep -q "needs a GPU" /tmp/gpu_checks_pytest.txt; then  # the skip reason of every GPU test
     echo "error: GPU tests were skipped although this machine should run them" >&2
     return 1
   fi

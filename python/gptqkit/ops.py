@@ -33,7 +33,7 @@ import torch
 from gptqkit._native import _C
 
 __all__ = ["GpuLayout", "prepare_layout", "quantized_matmul", "dequantize_layout", "gpu_backend",
-           "require_gpu_backend", "dense_min_rows"]
+           "require_gpu_backend", "gpu_unavailable_reason", "dense_min_rows"]
 
 _GPU_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -56,6 +56,17 @@ def require_gpu_backend() -> None:
     """Raises ``NotImplementedError`` (with how to rebuild) when gptqkit has no GPU backend."""
     if _BACKEND == "none":
         raise NotImplementedError(NO_GPU_MESSAGE)
+
+
+def gpu_unavailable_reason() -> Optional[str]:
+    """``None`` when gptqkit can run on a GPU here (torch sees a CUDA/ROCm device and gptqkit
+    has a GPU backend), else why not, in words (for skip messages and tools that need a GPU)."""
+    if not torch.cuda.is_available():
+        return "needs a GPU: torch sees no CUDA/ROCm device (torch.cuda.is_available() is False)"
+    if _BACKEND == "none":
+        return ("needs a GPU: gptqkit was built without a GPU backend "
+                "(GPTQKIT_WITH_CUDA=1 or GPTQKIT_WITH_HIP=1 pip install .)")
+    return None
 
 
 def dense_min_rows() -> int:

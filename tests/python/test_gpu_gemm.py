@@ -174,19 +174,16 @@ def test_build_without_gpu_says_how_to_rebuild(gptqkit):
 # ============================================================================ GPU
 
 
-def _gpu_ready():
-    if not torch.cuda.is_available():
-        return "no CUDA/ROCm device"
+def _no_gpu():
     try:
-        from gptqkit import ops
-    except Exception as exc:  # pragma: no cover
-        return f"gptqkit not importable: {exc}"
-    if ops.gpu_backend() == "none":
-        return "gptqkit built without a GPU backend (GPTQKIT_WITH_CUDA=1 / GPTQKIT_WITH_HIP=1)"
-    return None
+        from gptqkit.ops import gpu_unavailable_reason
+    except Exception as exc:  # pragma: no cover - the gptqkit fixture reports it
+        return f"gptqkit is not importable: {exc}"
+    return gpu_unavailable_reason()
 
 
-gpu = pytest.mark.skipif(_gpu_ready() is not None, reason=str(_gpu_ready()))
+_NO_GPU = _no_gpu()
+gpu = pytest.mark.skipif(_NO_GPU is not None, reason=str(_NO_GPU))
 
 
 @gpu

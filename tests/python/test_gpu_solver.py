@@ -19,10 +19,10 @@ import pytest
 import torch
 
 import gptqkit
-from gptqkit import _C
+from gptqkit import _C, ops
 
-HAS_GPU = torch.cuda.is_available() and gptqkit.gpu_backend() is not None
-needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a GPU and gptqkit built with GPTQKIT_WITH_CUDA/HIP")
+_NO_GPU = ops.gpu_unavailable_reason()
+needs_gpu = pytest.mark.skipif(_NO_GPU is not None, reason=str(_NO_GPU))
 cpu_only_build = pytest.mark.skipif(gptqkit.gpu_backend() is not None, reason="this gptqkit has a GPU backend")
 
 K, N = 336, 96  # K: partial last group for group sizes 32 and 128
