@@ -13,21 +13,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from packed_layers import random_packed_layer  # noqa: E402
+
 
 def _random_layer(gptqkit, n, k, bits, group_size, fmt="v1", act_order=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    groups = 1 if group_size == -1 else -(-k // group_size)
-    codes = torch.randint(0, 2 ** bits, (n, k), dtype=torch.uint8, generator=g)
-    low = 1 if fmt == "v1" else 0
-    zeros = torch.randint(low, 2 ** bits, (groups, n), dtype=torch.int32, generator=g)
-    scales = torch.rand(groups, n, generator=g) * 0.05 + 0.001
-    if group_size == -1:
-        g_idx = torch.zeros(k, dtype=torch.int32)
-    else:
-        order = torch.randperm(k, generator=g) if act_order else torch.arange(k)
-        g_idx = torch.empty(k, dtype=torch.int32)
-        g_idx[order] = (torch.arange(k) // group_size).to(torch.int32)
-    return gptqkit.pack(codes, zeros, scales, g_idx, bits, fmt)
+    """A random packed layer with float32 scales (the fp16-scale case is test_cpu_gemm's)."""
+    return random_packed_layer(gptqkit, n, k, bits, group_size, act_order=act_order, fmt=fmt, seed=seed,
+                               scale_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
