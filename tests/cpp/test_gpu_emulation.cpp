@@ -244,13 +244,7 @@ struct SolverCase {
   bool dead_inputs = false;
 };
 
-struct SolverRun {
-  std::vector<uint8_t> codes;
-  std::vector<float> scales;
-  std::vector<int32_t> zeros, g_idx;
-  std::vector<int64_t> perm;
-  QuantizeStats stats;
-};
+using SolverRun = gptqkit_test::Quantized;
 
 QuantizeOptions options_of(const SolverCase& c) {
   QuantizeOptions o;

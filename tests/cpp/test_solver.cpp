@@ -15,15 +15,6 @@ using namespace gptqkit_test;
 
 namespace {
 
-struct Quantized {
-  std::vector<uint8_t> codes;
-  std::vector<float> scales;
-  std::vector<int32_t> zeros, g_idx;
-  std::vector<int64_t> perm;
-  QuantizeStats stats;
-  Status status;
-};
-
 Quantized run(const std::vector<float>& w, const std::vector<float>& h, int64_t n, int64_t k,
               const QuantizeOptions& o) {
   Quantized q;

@@ -7,7 +7,19 @@
 #include <random>
 #include <vector>
 
+#include "gptqkit/solver.h"
+
 namespace gptqkit_test {
+
+// What quantize_weight wrote, copied to host vectors, and what it returned.
+struct Quantized {
+  std::vector<uint8_t> codes;
+  std::vector<float> scales;
+  std::vector<int32_t> zeros, g_idx;
+  std::vector<int64_t> perm;
+  gptqkit::QuantizeStats stats;
+  gptqkit::Status status;
+};
 
 inline std::vector<float> random_normal(size_t n, uint32_t seed, float scale = 1.0f) {
   std::mt19937 gen(seed);
