@@ -149,6 +149,12 @@ def bench_shape(k, n, ms, args, gen, l2):
                 tiny_err = f"{type(exc).__name__}: {exc}"
         row = {"K": k, "N": n, "M": m, "gptqkit_us": t_ours, "fp16_us": t_fp16, "tinygemm_us": t_tiny,
                "speedup_vs_fp16": t_fp16 / t_ours, "speedup_vs_tinygemm": (t_tiny / t_ours) if t_tiny else None}
+        if m > 8:
+            # The same kernels without the op's workspace: no split-K (and the
+            # tiled kernel for act-order layers, whose x gather needs scratch),
+            # to show what splitting K buys at each M.
+            row["unsplit_us"] = time_graph([lambda x, L=L: unsplit_call(x, L, k, n) for L in lays], x, args.calls,
+                                           args.reps)
         if m >= args.paths_from:
             # Both large-M paths, whatever the default crossover picks: where
             # GPTQKIT_GPU_DENSE_MIN_ROWS should be.
@@ -164,11 +170,22 @@ def bench_shape(k, n, ms, args, gen, l2):
         print(f"K={k:6d} N={n:6d} M={m:5d}  gptqkit {t_ours:9.2f} us  fp16 {t_fp16:9.2f} us  "
               f"tinygemm {t_tiny if t_tiny else float('nan'):9.2f} us  x{row['speedup_vs_fp16']:.2f} vs fp16"
               + (f"  {row['gptqkit_GBps']:.0f} GB/s" if m == 1 else "")
-              + (f"  [tiled kernel {row['kernel_us']:.2f} us, dequantize + cuBLAS {row['dense_us']:.2f} us]"
+              + (f"  [no workspace {row['unsplit_us']:.2f} us]" if "unsplit_us" in row else "")
+              + (f"  [native kernel {row['kernel_us']:.2f} us, dequantize + cuBLAS {row['dense_us']:.2f} us]"
                  if "kernel_us" in row else ""), flush=True)
     del lays, w16, tiny
     torch.cuda.empty_cache()
     return rows, tiny_err
+
+
+def unsplit_call(x, lay, k, n):
+    """The native matmul without a workspace (what a C++ caller gets that passes none)."""
+    from gptqkit._native import _C
+
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    _C.gpu_quantized_matmul(x, lay.qweight, lay.sz, lay.chunk_group, lay.perm, None, y, 4, k, n,
+                            torch.cuda.current_stream(x.device).cuda_stream, None)
+    return y
 
 
 def check_correctness(gen):
@@ -176,7 +193,7 @@ def check_correctness(gen):
     dev = torch.device("cuda")
     lay = make_layout(1024, 768, True, dev, gen)
     w = torch.ops.gptqkit.dequantize_layout(lay.qweight, lay.sz, lay.chunk_group, lay.perm, 4, 1024, 768).double()
-    for m in (1, 7, 40):
+    for m in (1, 7, 16, 40, 200):
         x = torch.randn(m, 1024, device=dev, dtype=torch.float16, generator=gen)
         y = torch.ops.gptqkit.quantized_matmul(x, lay.qweight, lay.sz, lay.chunk_group, lay.perm, None, 4, 1024, 768)
         ref = x.double() @ w.T
@@ -191,15 +208,16 @@ def write_table(rows, path, meta):
              f"{meta['calls']} calls; weights rotated over > 2x L2 ({meta['l2_mib']:.0f} MiB); int4 g128"
              f"{' act-order' if meta['act_order'] else ''}; fp16 activations (tinygemm: bf16).", ""]
     lines.append("| K x N | M | fp16 (us) | tinygemm (us) | gptqkit (us) | vs fp16 | vs tinygemm | M=1 GB/s "
-                 "| tiled kernel (us) | dequantize + cuBLAS (us) |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                 "| no workspace (us) | native kernel (us) | dequantize + cuBLAS (us) |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         tiny = f"{r['tinygemm_us']:.1f}" if r["tinygemm_us"] else "n/a"
         vt = f"{r['speedup_vs_tinygemm']:.2f}x" if r["speedup_vs_tinygemm"] else "n/a"
         bw = f"{r['gptqkit_GBps']:.0f}" if "gptqkit_GBps" in r else ""
+        unsplit = f"{r['unsplit_us']:.1f}" if "unsplit_us" in r else ""
         paths = (f"{r['kernel_us']:.1f} | {r['dense_us']:.1f}" if "kernel_us" in r else " | ")
         lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['fp16_us']:.1f} | {tiny} | {r['gptqkit_us']:.1f} | "
-                     f"{r['speedup_vs_fp16']:.2f}x | {vt} | {bw} | {paths} |")
+                     f"{r['speedup_vs_fp16']:.2f}x | {vt} | {bw} | {unsplit} | {paths} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"table written to {path}")
@@ -240,7 +258,7 @@ def main(argv=None):
     p.add_argument("--plot", default=os.path.join("benchmarks", "results", "gpu_gemm.png"))
     p.add_argument("--json", default=None, help="also write the raw rows as JSON")
     p.add_argument("--paths-from", type=int, default=128,
-                   help="from this M, also time the tiled kernel and dequantize + cuBLAS separately (default 128)")
+                   help="from this M, also time the native kernels and dequantize + cuBLAS separately (default 128)")
     args = p.parse_args(argv)
 
     from gptqkit.ops import gpu_unavailable_reason

@@ -92,28 +92,49 @@ void register_gpu_gemm(py::module_& m) {
       "Repacks a layer's checkpoint tensors (CPU arrays) into the GPU kernels' layout (out_*: CPU arrays, or\n"
       "GPU arrays in GPU builds). Load-time work.");
 
+  m.attr("GPU_GEMV_MAX_ROWS") = py::int_(8);  // rows up to which no workspace is ever needed (gpu_gemm.h)
+
+  m.def(
+      "gpu_matmul_workspace_bytes",
+      [](const py::handle& x, const py::handle& qweight, const py::handle& sz, const py::handle& chunk_group,
+         const py::object& perm, int bits, int64_t in_features, int64_t out_features) {
+        Prepared w = borrow_prepared(qweight, sz, chunk_group, perm, bits, in_features, out_features, false);
+        auto bx = borrow_fast(x, "x", false);
+        size_t bytes = 0;
+        throw_if_error(gpu_matmul_workspace_bytes(bx.view, w.view, &bytes));
+        return bytes;
+      },
+      py::arg("x"), py::arg("qweight"), py::arg("sz"), py::arg("chunk_group"), py::arg("perm"), py::arg("bits"),
+      py::arg("in_features"), py::arg("out_features"),
+      "Bytes of device scratch gpu_quantized_matmul would use for this x (split-K partial sums, gathered x);\n"
+      "0 when it needs none.");
+
   m.def(
       "gpu_quantized_matmul",
       [](const py::handle& x, const py::handle& qweight, const py::handle& sz, const py::handle& chunk_group,
          const py::object& perm, const py::object& bias, const py::handle& y, int bits, int64_t in_features,
-         int64_t out_features, uintptr_t stream) {
+         int64_t out_features, uintptr_t stream, const py::object& workspace) {
         Prepared w = borrow_prepared(qweight, sz, chunk_group, perm, bits, in_features, out_features, false);
         auto bx = borrow_fast(x, "x", false);
-        std::optional<BorrowedTensor> bb;
+        std::optional<BorrowedTensor> bb, bws;
         if (!bias.is_none()) bb = borrow_fast(bias, "bias", false);
+        if (!workspace.is_none()) bws = borrow_fast(workspace, "workspace", true);
         auto by = borrow_fast(y, "y", true);
         const TensorView* bias_view = bb ? &bb->view : nullptr;
+        const TensorView* ws_view = bws ? &bws->view : nullptr;
         Status s;
         {
           py::gil_scoped_release release;
-          s = gpu_quantized_matmul(bx.view, w.view, bias_view, by.view, as_stream(stream));
+          s = gpu_quantized_matmul(bx.view, w.view, bias_view, by.view, ws_view, as_stream(stream));
         }
         throw_if_error(s);
       },
       py::arg("x"), py::arg("qweight"), py::arg("sz"), py::arg("chunk_group"), py::arg("perm"), py::arg("bias"),
       py::arg("y"), py::arg("bits"), py::arg("in_features"), py::arg("out_features"), py::arg("stream") = 0,
-      "y[M, N] = x[M, K] @ W.T (+ bias) on the GPU, enqueued on `stream` (an integer cudaStream_t/hipStream_t).\n"
-      "Internal: use gptqkit.ops.quantized_matmul.");
+      py::arg("workspace") = py::none(),
+      "y[M, N] = x[M, K] @ W.T (+ bias) on the GPU, enqueued on `stream` (an integer cudaStream_t/hipStream_t);\n"
+      "workspace: a device buffer of gpu_matmul_workspace_bytes(...) bytes, or None. Internal: use\n"
+      "gptqkit.ops.quantized_matmul.");
 
   m.def(
       "gpu_dequantize_prepared",

@@ -33,13 +33,6 @@ constexpr const char* kNoGpu =
 using checks::overlaps;
 using checks::with_reason;
 
-uint16_t float_to_bf16(float v) {  // round to nearest even, NaN kept quiet (as torch's .bfloat16())
-  uint32_t x;
-  std::memcpy(&x, &v, sizeof x);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
-  return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
-}
-
 float load_float(const void* base, DType dtype, int64_t i) {
   switch (dtype) {
     case DType::kFloat16: return fp16_to_float(static_cast<const uint16_t*>(base)[i]);
@@ -415,8 +408,58 @@ gpu::GemmArgs layer_args(const GpuPreparedView& w, int64_t chunks, int64_t np, i
 
 }  // namespace
 
+namespace {
+
+// The checks of x against a validated layer: a GPU array on its device, its
+// dtype, [M, K].
+Status validate_x(const TensorView& x, const GpuPreparedView& w, const Device* device, DType act) {
+  GPTQKIT_RETURN_IF_ERROR(on_gpu(x, "x", device));
+  GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(x, "x", 2));
+  if (x.dtype != act)
+    return Status::InvalidArgument(std::string("x: expected dtype ") + dtype_name(act) +
+                                   " (the dtype the layer was prepared for, w.sz), got " + dtype_name(x.dtype));
+  GPTQKIT_RETURN_IF_ERROR(with_reason(checks::shape_is(x, "x", {-1, w.in_features}),
+                                      "[M, K] with K = " + std::to_string(w.in_features) +
+                                          ", N = " + std::to_string(w.out_features)));
+  if (x.shape[0] > INT_MAX / 2) return Status::InvalidArgument("x: M = " + std::to_string(x.shape[0]) + " rows exceed 2^30");
+  return Status::Ok();
+}
+
+size_t byte_size(const TensorView& t) { return static_cast<size_t>(t.numel()) * dtype_size(t.dtype); }
+
+}  // namespace
+
+Status gpu_matmul_workspace_bytes(const TensorView& x, const GpuPreparedView& w, size_t* bytes) {
+  try {
+    if (bytes == nullptr) return Status::InvalidArgument("bytes: expected a size_t to fill, got nullptr");
+    *bytes = 0;
+#if !defined(GPTQKIT_HAS_GPU)
+    return Status::Unsupported(std::string("gpu_matmul_workspace_bytes: ") + kNoGpu);
+#else
+    const Device* device = nullptr;
+    int64_t chunks = 0, np = 0, groups = 0;
+    DType act = DType::kFloat16;
+    GPTQKIT_RETURN_IF_ERROR(validate_prepared(w, &device, &chunks, &np, &groups, &act));
+    GPTQKIT_RETURN_IF_ERROR(validate_x(x, w, device, act));
+    gpu::GemmArgs a = layer_args(w, chunks, np, groups, act, device->index, nullptr);
+    a.x = x.data;
+    a.m = x.shape[0];
+    const gpu::MmaPlan plan = gpu::plan_mma(a, SIZE_MAX);
+    if (plan.usable) *bytes = plan.workspace_bytes();
+    return Status::Ok();
+#endif
+  } catch (const std::exception& e) {
+    return Status::Internal(std::string("gpu_matmul_workspace_bytes: ") + e.what());
+  }
+}
+
 Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const TensorView* bias, const TensorView& y,
                             void* stream) {
+  return gpu_quantized_matmul(x, w, bias, y, nullptr, stream);
+}
+
+Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const TensorView* bias, const TensorView& y,
+                            const TensorView* workspace, void* stream) {
   try {
     const Device* device = nullptr;
     int64_t chunks = 0, np = 0, groups = 0;
@@ -425,14 +468,9 @@ Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const
     return Status::Unsupported(std::string("gpu_quantized_matmul: ") + kNoGpu);
 #endif
     GPTQKIT_RETURN_IF_ERROR(validate_prepared(w, &device, &chunks, &np, &groups, &act));
-    GPTQKIT_RETURN_IF_ERROR(on_gpu(x, "x", device));
-    GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(x, "x", 2));
-    if (x.dtype != act)
-      return Status::InvalidArgument(std::string("x: expected dtype ") + dtype_name(act) +
-                                     " (the dtype the layer was prepared for, w.sz), got " + dtype_name(x.dtype));
+    GPTQKIT_RETURN_IF_ERROR(validate_x(x, w, device, act));
     const int64_t k_dim = w.in_features, n_dim = w.out_features, m_dim = x.shape[0];
     const std::string dims = "K = " + std::to_string(k_dim) + ", N = " + std::to_string(n_dim);
-    GPTQKIT_RETURN_IF_ERROR(with_reason(checks::shape_is(x, "x", {-1, k_dim}), "[M, K] with " + dims));
     if (bias != nullptr) {
       GPTQKIT_RETURN_IF_ERROR(on_gpu(*bias, "bias", device));
       GPTQKIT_RETURN_IF_ERROR(with_reason(checks::dtype_is(*bias, "bias", {act}), "the dtype of x"));
@@ -442,13 +480,23 @@ Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const
     GPTQKIT_RETURN_IF_ERROR(with_reason(checks::dtype_is(y, "y", {act}), "the dtype of x"));
     GPTQKIT_RETURN_IF_ERROR(with_reason(checks::shape_is(y, "y", {m_dim, n_dim}),
                                         "[M, N] with M = x.shape[0] = " + std::to_string(m_dim) + ", " + dims));
-    if (m_dim > INT_MAX / 2) return Status::InvalidArgument("x: M = " + std::to_string(m_dim) + " rows exceed 2^30");
     const TensorView* inputs[] = {&x, bias, &w.qweight, &w.sz, &w.chunk_group, &w.perm};
     const char* names[] = {"x", "bias", "w.qweight", "w.sz", "w.chunk_group", "w.perm"};
     for (int i = 0; i < 6; ++i)
       if (inputs[i] != nullptr && overlaps(y, *inputs[i]))
         return Status::InvalidArgument(std::string("y: overlaps the memory of ") + names[i] +
                                        "; pass a separate output array");
+    size_t workspace_bytes = 0;
+    if (workspace != nullptr && workspace->data != nullptr) {
+      GPTQKIT_RETURN_IF_ERROR(on_gpu(*workspace, "workspace", device));
+      if (reinterpret_cast<uintptr_t>(workspace->data) % 16 != 0)
+        return Status::InvalidArgument("workspace: data must be 16-byte aligned");
+      for (int i = 0; i < 6; ++i)
+        if (inputs[i] != nullptr && overlaps(*workspace, *inputs[i]))
+          return Status::InvalidArgument(std::string("workspace: overlaps the memory of ") + names[i]);
+      if (overlaps(*workspace, y)) return Status::InvalidArgument("workspace: overlaps the memory of y");
+      workspace_bytes = byte_size(*workspace);
+    }
     if (m_dim == 0) return Status::Ok();
 #if defined(GPTQKIT_HAS_GPU)
     gpu::GemmArgs a = layer_args(w, chunks, np, groups, act, device->index, stream);
@@ -456,10 +504,18 @@ Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const
     a.bias = bias != nullptr ? bias->data : nullptr;
     a.y = y.data;
     a.m = m_dim;
-    const std::string err = m_dim <= gpu::kGemvMaxRows ? gpu::launch_gemv(a) : gpu::launch_tiled(a);
+    std::string err;
+    if (m_dim <= gpu::kGemvMaxRows) {
+      err = gpu::launch_gemv(a);
+    } else {
+      const gpu::MmaPlan plan = gpu::plan_mma(a, workspace_bytes);
+      err = plan.usable ? gpu::launch_mma(a, plan, workspace_bytes > 0 ? workspace->data : nullptr)
+                        : gpu::launch_tiled(a);
+    }
     if (!err.empty()) return Status::Internal("gpu_quantized_matmul: " + err);
     return Status::Ok();
 #else
+    (void)workspace_bytes;
     return Status::Unsupported(std::string("gpu_quantized_matmul: ") + kNoGpu);
 #endif
   } catch (const std::exception& e) {

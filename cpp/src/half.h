@@ -62,4 +62,12 @@ inline uint16_t float_to_fp16(float value) {
   return static_cast<uint16_t>(sign | half);
 }
 
+// Round to nearest even, NaN kept quiet, as torch's .bfloat16() does.
+inline uint16_t float_to_bf16(float value) {
+  uint32_t x;
+  std::memcpy(&x, &value, sizeof x);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
+  return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
 }  // namespace gptqkit

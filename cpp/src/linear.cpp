@@ -34,15 +34,6 @@ using bitstream::kChunk;
 // plus output tiles when y is 16-bit): 4 Mi floats = 16 MiB.
 constexpr int64_t kScratchFloats = int64_t{1} << 22;
 
-// Round to nearest even, NaN kept quiet (as torch's .bfloat16()).
-inline uint16_t float_to_bf16(float value) {
-  uint32_t x;
-  std::memcpy(&x, &value, sizeof x);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
-  const uint32_t rounding = 0x7fffu + ((x >> 16) & 1u);
-  return static_cast<uint16_t>((x + rounding) >> 16);
-}
-
 inline float load_float(const void* base, DType dtype, int64_t i) {
   switch (dtype) {
     case DType::kFloat16: return fp16_to_float(static_cast<const uint16_t*>(base)[i]);

@@ -195,7 +195,7 @@ __device__ __forceinline__ T gpu_warp_max(T value) {
 #if GPTQKIT_NV_TENSOR_CORES
 // The sm_80 primitives of the tensor-core kernels (GEMM tiles, Hessian
 // tiles). The CPU emulation (tests/gpu_emulation/emu_compat.h) implements
-// the same five with the PTX ISA's lane semantics.
+// the same ones with the PTX ISA's lane semantics (and __byte_perm).
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -230,6 +230,48 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+}
+// Lane-wise arithmetic on two 16-bit floats packed in a 32-bit word (fp16 or
+// bf16, low half first), each result rounded once to nearest even: the
+// register-resident dequantization of the mma GEMM kernel.
+template <bool BF16>
+__device__ __forceinline__ uint32_t hadd2_raw(uint32_t a, uint32_t b) {
+  uint32_t r;
+  if constexpr (BF16) {
+    const __nv_bfloat162 v = __hadd2(*reinterpret_cast<const __nv_bfloat162*>(&a),
+                                     *reinterpret_cast<const __nv_bfloat162*>(&b));
+    r = *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __hadd2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+    r = *reinterpret_cast<const uint32_t*>(&v);
+  }
+  return r;
+}
+template <bool BF16>
+__device__ __forceinline__ uint32_t hsub2_raw(uint32_t a, uint32_t b) {
+  uint32_t r;
+  if constexpr (BF16) {
+    const __nv_bfloat162 v = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&a),
+                                     *reinterpret_cast<const __nv_bfloat162*>(&b));
+    r = *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __hsub2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+    r = *reinterpret_cast<const uint32_t*>(&v);
+  }
+  return r;
+}
+template <bool BF16>
+__device__ __forceinline__ uint32_t hmul2_raw(uint32_t a, uint32_t b) {
+  uint32_t r;
+  if constexpr (BF16) {
+    const __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a),
+                                     *reinterpret_cast<const __nv_bfloat162*>(&b));
+    r = *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+    r = *reinterpret_cast<const uint32_t*>(&v);
+  }
+  return r;
 }
 #endif  // GPTQKIT_NV_TENSOR_CORES
 

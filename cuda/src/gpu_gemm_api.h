@@ -33,6 +33,26 @@ constexpr int64_t kGemvMaxRows = 8;
 std::string launch_gemv(const GemmArgs& a);
 // Any M: tiles of 16 or 64 rows x 64 columns.
 std::string launch_tiled(const GemmArgs& a);
+// The 4-bit tensor-core kernel (M > 8, sm_80+ NVIDIA): how it would take a
+// call. Not usable (the tiled kernel runs instead) for other bit widths,
+// binaries without sm_80 code, ROCm, or when x must be gathered and there is
+// no workspace for it.
+struct MmaPlan {
+  bool usable = false;
+  int mf = 1;                 // tiles of 16 * mf rows
+  int splits = 1;             // K split across blocks: float32 partial sums, then a reduction
+  int chunks_per_split = 0;
+  bool gather_x = false;      // x first gathered into [M, Kp] (act-order, K % 32 != 0, misaligned x)
+  size_t x_bytes = 0;         // workspace: the gathered x, then
+  size_t partial_bytes = 0;   // the partial sums [splits, M, Np]
+  size_t workspace_bytes() const { return x_bytes + partial_bytes; }
+};
+// The plan for a.m rows of a.x with at most `workspace_bytes` of scratch
+// (SIZE_MAX: what it would like); splits fall back to 1 when the scratch is
+// too small for the partial sums.
+MmaPlan plan_mma(const GemmArgs& a, size_t workspace_bytes);
+// Runs a usable plan; `workspace` (16-byte aligned) holds plan.workspace_bytes().
+std::string launch_mma(const GemmArgs& a, const MmaPlan& plan, void* workspace);
 // weight[N, K] (Act) from the layout; a.x, a.bias, a.y unused, `out` instead.
 std::string launch_dequantize(const GemmArgs& a, void* out);
 

@@ -4,7 +4,8 @@
 calls on a CUDA (or ROCm) device. It is a real custom op, opaque to
 ``torch.compile`` (no graph break: its fake implementation gives the output's
 shape and dtype) and safe to capture in a CUDA graph (the native call
-allocates nothing, never synchronises, and runs on the current stream).
+allocates nothing, never synchronises, and runs on the current stream; the
+op's scratch buffer comes from torch's caching allocator).
 
 The weight enters in the kernels' layout (``docs/gpu_gemm.md``), made once per
 layer at load time by :func:`prepare_layout`:
@@ -13,7 +14,8 @@ layer at load time by :func:`prepare_layout`:
   ``chunk_group`` int32 ``[C]`` and ``perm`` int32 ``[32 C]`` (or ``None``).
 
 Routing by the number of rows ``M`` of ``x``: ``M <= 8`` a bandwidth-bound GEMV
-kernel, larger ``M`` a tiled kernel (tensor cores on sm_80+), and from
+kernel; larger ``M`` the 4-bit tensor-core kernel with K split across blocks
+(sm_80+ NVIDIA) or, for other bit widths and GPUs, a tiled kernel; and from
 ``GPTQKIT_GPU_DENSE_MIN_ROWS`` rows (default 1024) dequantization to a dense
 fp16/bf16 weight followed by torch's GEMM (cuBLAS / hipBLAS), which is faster
 once the multiply is compute-bound.
@@ -215,7 +217,16 @@ def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, c
             _C.gpu_dequantize_prepared(qweight, sz, chunk_group, perm, w, bits, in_features, out_features, stream)
             return torch.nn.functional.linear(x, w, bias)
         y = torch.empty((x.shape[0], out_features), dtype=x.dtype, device=x.device)
-        _C.gpu_quantized_matmul(x, qweight, sz, chunk_group, perm, bias, y, bits, in_features, out_features, stream)
+        workspace = None
+        if x.shape[0] > _C.GPU_GEMV_MAX_ROWS:
+            # Scratch for split-K partial sums / act-order x, from torch's caching
+            # allocator (reused across layers, and recorded by CUDA graphs).
+            nbytes = _C.gpu_matmul_workspace_bytes(x, qweight, sz, chunk_group, perm, bits, in_features,
+                                                   out_features)
+            if nbytes:
+                workspace = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+        _C.gpu_quantized_matmul(x, qweight, sz, chunk_group, perm, bias, y, bits, in_features, out_features, stream,
+                                workspace)
         return y
     w = _dequantize_reference(qweight, sz, chunk_group, perm, bits, in_features, out_features)
     y = x.to(torch.float32) @ w.t()

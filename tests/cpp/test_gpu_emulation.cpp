@@ -75,13 +75,6 @@ class DeviceArray {
   T* p_;
 };
 
-// bf16 of a finite float, round to nearest even.
-uint16_t float_to_bf16(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
-}
-
 std::vector<float> as_float(const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); }
 
 // 16-bit copies of x (round to nearest even) and their exact float values.
@@ -93,7 +86,7 @@ std::vector<uint16_t> to_16bit(const std::vector<float>& x, DType dtype, std::ve
       out[i] = gptqkit::float_to_fp16(x[i]);
       (*rounded)[i] = gptqkit::fp16_to_float(out[i]);
     } else {
-      out[i] = float_to_bf16(x[i]);
+      out[i] = gptqkit::float_to_bf16(x[i]);
       (*rounded)[i] = gptqkit::bf16_to_float(out[i]);
     }
   }
@@ -269,7 +262,7 @@ std::vector<uint8_t> weight_bytes(const std::vector<float>& w, DType dtype) {
       const double d = w[i];
       std::memcpy(&bytes[8 * i], &d, 8);
     } else {
-      const uint16_t h = dtype == DType::kFloat16 ? gptqkit::float_to_fp16(w[i]) : float_to_bf16(w[i]);
+      const uint16_t h = dtype == DType::kFloat16 ? gptqkit::float_to_fp16(w[i]) : gptqkit::float_to_bf16(w[i]);
       std::memcpy(&bytes[2 * i], &h, 2);
     }
   }
@@ -647,50 +640,64 @@ TEST(EmuPublicApi, QuantizeWeightRunsWhereTheTensorsLive) {
 
 // ---------------------------------------------------------------- the GEMM
 // gpu_gemm_shape + prepare_gpu_weight (host staging, copy to the device) +
-// gpu_quantized_matmul (GEMV for M <= 8, tiled kernel above) and
-// gpu_dequantize_prepared, against gptqkit::dequantize's dense weight.
-class EmuGemm : public ::testing::TestWithParam<std::tuple<int, int64_t, bool, DType>> {};
-
-TEST_P(EmuGemm, MatmulAndDequantizeMatchTheOracle) {
-  const auto [bits, group_size, act_order, dtype] = GetParam();
-  const int64_t n = 200, k = 160;  // N padded to 256 columns; K = 5 chunks
-  gptqkit_test::RandomPackedLayer layer(n, k, group_size, bits, gptqkit::ZeroFormat::kV1, act_order, 77);
+// gpu_quantized_matmul (GEMV for M <= 8; above, the 4-bit mma kernel on the
+// tensor-core target, with and without a workspace, else the tiled kernel)
+// and gpu_dequantize_prepared, against gptqkit::dequantize's dense weight.
+struct EmuPreparedLayer {
+  gptqkit_test::RandomPackedLayer layer;
   gptqkit::GpuGemmShape shape;
-  ASSERT_TRUE(gptqkit::gpu_gemm_shape(layer.g_idx_view(), n, layer.g, bits, &shape).ok());
-  EXPECT_EQ(shape.reordered, act_order);
-  DeviceArray<int32_t> qweight(static_cast<size_t>(shape.chunks * bits * shape.padded_out));
-  DeviceArray<uint16_t> sz(static_cast<size_t>(shape.groups * shape.padded_out * 2));
-  DeviceArray<int32_t> chunk_group(static_cast<size_t>(shape.chunks));
-  DeviceArray<int32_t> perm(static_cast<size_t>(std::max<int64_t>(shape.positions, 1)));
+  DeviceArray<int32_t> qweight, chunk_group, perm;
+  DeviceArray<uint16_t> sz;
   gptqkit::GpuPreparedView w;
-  w.qweight = qweight.view(DType::kInt32, shape.chunks * bits, shape.padded_out);
-  w.sz = sz.view(dtype, shape.groups, shape.padded_out);
-  w.sz.ndim = 3;  // [G, Np, 2]
-  w.sz.shape[2] = 2;
-  w.sz.strides[0] = shape.padded_out * 2;
-  w.sz.strides[1] = 2;
-  w.sz.strides[2] = 1;
-  w.chunk_group = chunk_group.view(DType::kInt32, shape.chunks);
-  if (shape.reordered) w.perm = perm.view(DType::kInt32, shape.positions);
-  w.bits = bits;
-  w.in_features = k;
-  w.out_features = n;
-  Status s = gptqkit::prepare_gpu_weight(layer.qweight_view(), layer.qzeros_view(), layer.scales_view(),
-                                         layer.g_idx_view(), bits, layer.format, w, nullptr);
-  ASSERT_TRUE(s.ok()) << s.message();
 
-  const double u = dtype == DType::kFloat16 ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
-  std::vector<uint16_t> bias16(static_cast<size_t>(n));
-  std::vector<float> bias(static_cast<size_t>(n));
-  const std::vector<float> bias_values = gptqkit_test::random_vector(static_cast<size_t>(n), 5);
-  for (int64_t j = 0; j < n; ++j) {
-    bias16[j] = to_bits16(bias_values[j], dtype);
-    bias[j] = from_bits16(bias16[j], dtype);
+  EmuPreparedLayer(int64_t n, int64_t k, int64_t group_size, int bits, bool act_order, DType dtype, uint32_t seed)
+      : layer(n, k, group_size, bits, gptqkit::ZeroFormat::kV1, act_order, seed),
+        shape(shape_of(layer, n, bits)),
+        qweight(static_cast<size_t>(shape.chunks * bits * shape.padded_out)),
+        chunk_group(static_cast<size_t>(shape.chunks)),
+        perm(static_cast<size_t>(std::max<int64_t>(shape.positions, 1))),
+        sz(static_cast<size_t>(shape.groups * shape.padded_out * 2)) {
+    w.qweight = qweight.view(DType::kInt32, shape.chunks * bits, shape.padded_out);
+    w.sz = sz.view(dtype, shape.groups, shape.padded_out);
+    w.sz.ndim = 3;  // [G, Np, 2]
+    w.sz.shape[2] = 2;
+    w.sz.strides[0] = shape.padded_out * 2;
+    w.sz.strides[1] = 2;
+    w.sz.strides[2] = 1;
+    w.chunk_group = chunk_group.view(DType::kInt32, shape.chunks);
+    if (shape.reordered) w.perm = perm.view(DType::kInt32, shape.positions);
+    w.bits = bits;
+    w.in_features = k;
+    w.out_features = n;
+    const Status s = gptqkit::prepare_gpu_weight(layer.qweight_view(), layer.qzeros_view(), layer.scales_view(),
+                                                 layer.g_idx_view(), bits, layer.format, w, nullptr);
+    EXPECT_TRUE(s.ok()) << s.message();
   }
-  DeviceArray<uint16_t> bias_d(bias16);
-  TensorView bias_view = bias_d.view(dtype, n);
-  for (const int64_t m : {1, 3, 8, 9, 33}) {
-    const std::vector<float> xv = gptqkit_test::random_vector(static_cast<size_t>(m * k), static_cast<uint32_t>(m));
+
+  static gptqkit::GpuGemmShape shape_of(gptqkit_test::RandomPackedLayer& l, int64_t n, int bits) {
+    gptqkit::GpuGemmShape s;
+    EXPECT_TRUE(gptqkit::gpu_gemm_shape(l.g_idx_view(), n, l.g, bits, &s).ok());
+    return s;
+  }
+
+  // y = x W^T + bias for M random rows (with a workspace of the size the
+  // library asks for, or none), checked against the float64 product with the
+  // oracle's dense weight: one rounding of x W and of y. Returns the
+  // workspace size it was asked for.
+  size_t check_matmul(int64_t m, bool with_workspace, uint32_t seed) {
+    const int64_t n = w.out_features, k = w.in_features;
+    const DType dtype = w.sz.dtype;
+    const double u = dtype == DType::kFloat16 ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
+    std::vector<uint16_t> bias16(static_cast<size_t>(n));
+    std::vector<float> bias(static_cast<size_t>(n));
+    const std::vector<float> bias_values = gptqkit_test::random_vector(static_cast<size_t>(n), 5);
+    for (int64_t j = 0; j < n; ++j) {
+      bias16[j] = to_bits16(bias_values[j], dtype);
+      bias[j] = from_bits16(bias16[j], dtype);
+    }
+    DeviceArray<uint16_t> bias_d(bias16);
+    TensorView bias_view = bias_d.view(dtype, n);
+    const std::vector<float> xv = gptqkit_test::random_vector(static_cast<size_t>(m * k), seed);
     std::vector<uint16_t> x16(xv.size());
     std::vector<float> x(xv.size());
     for (size_t i = 0; i < xv.size(); ++i) {
@@ -698,8 +705,14 @@ TEST_P(EmuGemm, MatmulAndDequantizeMatchTheOracle) {
       x[i] = from_bits16(x16[i], dtype);
     }
     DeviceArray<uint16_t> xd(x16), yd(static_cast<size_t>(m * n));
-    s = gptqkit::gpu_quantized_matmul(xd.view(dtype, m, k), w, &bias_view, yd.view(dtype, m, n), nullptr);
-    ASSERT_TRUE(s.ok()) << s.message();
+    size_t bytes = 0;
+    Status s = gptqkit::gpu_matmul_workspace_bytes(xd.view(dtype, m, k), w, &bytes);
+    EXPECT_TRUE(s.ok()) << s.message();
+    DeviceArray<unsigned char> ws(std::max<size_t>(bytes, 1));
+    TensorView ws_view = ws.view(DType::kUInt8, static_cast<int64_t>(bytes));
+    s = gptqkit::gpu_quantized_matmul(xd.view(dtype, m, k), w, &bias_view, yd.view(dtype, m, n),
+                                      with_workspace && bytes > 0 ? &ws_view : nullptr, nullptr);
+    EXPECT_TRUE(s.ok()) << s.message();
     const std::vector<uint16_t> y = yd.host();
     for (int64_t r = 0; r < m; ++r)
       for (int64_t j = 0; j < n; ++j) {
@@ -710,17 +723,35 @@ TEST_P(EmuGemm, MatmulAndDequantizeMatchTheOracle) {
           mag += std::fabs(p);
         }
         const double got = from_bits16(y[r * n + j], dtype);
-        ASSERT_LE(std::fabs(got - ref), 4 * u * mag + 2 * u * std::fabs(ref) + 1e-6)
-            << "M = " << m << ", y[" << r << ", " << j << "], " << target();
+        if (!(std::fabs(got - ref) <= 4 * u * mag + 2 * u * std::fabs(ref) + 1e-6)) {
+          ADD_FAILURE() << "M = " << m << (with_workspace ? ", workspace " + std::to_string(bytes) : ", no workspace")
+                        << ": y[" << r << ", " << j << "] = " << got << ", expected " << ref << ", " << target();
+          return bytes;
+        }
       }
+    return bytes;
+  }
+};
+
+class EmuGemm : public ::testing::TestWithParam<std::tuple<int, int64_t, bool, DType>> {};
+
+TEST_P(EmuGemm, MatmulAndDequantizeMatchTheOracle) {
+  const auto [bits, group_size, act_order, dtype] = GetParam();
+  const int64_t n = 200, k = 160;  // N padded to 256 columns; K = 5 chunks
+  EmuPreparedLayer p(n, k, group_size, bits, act_order, dtype, 77);
+  EXPECT_EQ(p.shape.reordered, act_order);
+  for (const int64_t m : {1, 3, 8, 9, 33}) {
+    p.check_matmul(m, false, static_cast<uint32_t>(m));
+    if (m > 8) p.check_matmul(m, true, static_cast<uint32_t>(m));
   }
 
   DeviceArray<uint16_t> dense(static_cast<size_t>(n * k));
-  s = gptqkit::gpu_dequantize_prepared(w, dense.view(dtype, n, k), nullptr);
+  const Status s = gptqkit::gpu_dequantize_prepared(p.w, dense.view(dtype, n, k), nullptr);
   ASSERT_TRUE(s.ok()) << s.message();
   const std::vector<uint16_t> d = dense.host();
+  const double u = dtype == DType::kFloat16 ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
   for (int64_t i = 0; i < n * k; ++i)
-    ASSERT_LE(std::fabs(from_bits16(d[i], dtype) - layer.dense[i]), 2 * u * std::fabs(layer.dense[i]) + 1e-7)
+    ASSERT_LE(std::fabs(from_bits16(d[i], dtype) - p.layer.dense[i]), 2 * u * std::fabs(p.layer.dense[i]) + 1e-7)
         << "weight[" << i / k << ", " << i % k << "]";
 }
 
@@ -732,6 +763,45 @@ INSTANTIATE_TEST_SUITE_P(
                       std::make_tuple(3, int64_t{32}, true, DType::kBFloat16),
                       std::make_tuple(2, int64_t{64}, false, DType::kFloat16),
                       std::make_tuple(8, int64_t{32}, true, DType::kFloat16)));
+
+// The 4-bit mma kernel's split-K plan (the emulated GPU has 4 SMs, so narrow
+// layers split K 2-4 ways), its tile heights (16, 32, 64 rows; partial
+// tiles), the pipeline over many stages, chunk ranges that end mid-stage,
+// and the gather of x for act-order and for K that is not a multiple of 32.
+struct MmaCase {
+  int64_t n, k, group_size;
+  bool act_order;
+  DType dtype;
+  std::vector<int64_t> rows;
+};
+
+void PrintTo(const MmaCase& c, std::ostream* os) {
+  *os << "N " << c.n << ", K " << c.k << ", group " << c.group_size << (c.act_order ? ", act-order" : "")
+      << (c.dtype == DType::kBFloat16 ? ", bf16" : ", fp16");
+}
+
+class EmuGemmMma : public ::testing::TestWithParam<MmaCase> {};
+
+TEST_P(EmuGemmMma, SplitAndGatheredCallsMatchTheOracle) {
+  const MmaCase c = GetParam();
+  EmuPreparedLayer p(c.n, c.k, c.group_size, 4, c.act_order, c.dtype, 91);
+  bool any_workspace = false;
+  for (const int64_t m : c.rows) {
+    any_workspace |= p.check_matmul(m, true, static_cast<uint32_t>(m) + 1000) > 0;
+    p.check_matmul(m, false, static_cast<uint32_t>(m) + 2000);
+  }
+  // On the tensor-core target every case asks for a workspace (a split, or
+  // a gather); elsewhere the kernel does not exist and none is asked for.
+  EXPECT_EQ(any_workspace, emu_device::tensor_cores()) << target();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Emulated, EmuGemmMma,
+    ::testing::Values(MmaCase{256, 1024, 128, false, DType::kFloat16, {9, 16, 17, 40, 64, 65}},
+                      MmaCase{130, 928, 64, false, DType::kBFloat16, {12, 33}},   // 29 chunks: a split ends mid-stage
+                      MmaCase{128, 1000, 128, false, DType::kFloat16, {20}},     // K % 32 != 0: x gathered
+                      MmaCase{256, 640, 32, true, DType::kFloat16, {16, 48}},     // act-order: x gathered through perm
+                      MmaCase{200, 480, 96, true, DType::kBFloat16, {24}}));
 
 TEST(EmuGemmErrors, BadArgumentsAreRejected) {
   gptqkit_test::RandomPackedLayer layer(128, 64, 32, 4, gptqkit::ZeroFormat::kV1, false, 3);

@@ -73,6 +73,10 @@ struct uint4 {
   unsigned x, y, z, w;
 };
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+struct float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
 
 constexpr int kWarpSize = EMU_WARP;
 constexpr int kMaxWarpSize = 64;
@@ -110,7 +114,8 @@ inline const void* addr_xchg[1024];
 inline int tid() { return current; }
 
 [[noreturn]] inline void fail(const char* what) {
-  std::fprintf(stderr, "emulation: %s in %s, block (%u, %u)\n", what, kernel_name, block_idx.x, block_idx.y);
+  std::fprintf(stderr, "emulation: %s in %s, block (%u, %u, %u)\n", what, kernel_name, block_idx.x, block_idx.y,
+               block_idx.z);
   std::fflush(stderr);
   std::exit(3);
 }
@@ -177,10 +182,10 @@ inline Schedule schedule() {
 inline void launch(dim3 grid, dim3 block, size_t smem, const char* name, const std::function<void()>& fn) {
   const int n = static_cast<int>(block.x);
   kernel_name = name;
-  if (block.y != 1 || block.z != 1 || grid.z != 1) fail("unsupported launch shape (block.y/z or grid.z > 1)");
+  if (block.y != 1 || block.z != 1) fail("unsupported launch shape (block.y or block.z > 1)");
   if (n < 1 || n > 1024) fail("block size outside 1..1024");
   if (smem > kDynamicSmemBytes) fail("dynamic shared memory larger than the emulation provides");
-  if (grid.x == 0 || grid.y == 0) fail("empty grid (a launch error on a GPU)");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) fail("empty grid (a launch error on a GPU)");
   block_dim = block;
   grid_dim = grid;
   body = &fn;
@@ -190,12 +195,14 @@ inline void launch(dim3 grid, dim3 block, size_t smem, const char* name, const s
   // shuffled: a kernel whose blocks depend on each other's results is wrong
   // on a GPU, where they run in any order.
   std::vector<dim3> blocks;
-  blocks.reserve(static_cast<size_t>(grid.x) * grid.y);
-  for (unsigned by = 0; by < grid.y; ++by)
-    for (unsigned bx = 0; bx < grid.x; ++bx) blocks.emplace_back(bx, by);
-  if (schedule() == Schedule::kRandom) std::shuffle(blocks.begin(), blocks.end(), std::mt19937(grid.x * 31u + grid.y));
+  blocks.reserve(static_cast<size_t>(grid.x) * grid.y * grid.z);
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) blocks.emplace_back(bx, by, bz);
+  if (schedule() == Schedule::kRandom)
+    std::shuffle(blocks.begin(), blocks.end(), std::mt19937(grid.x * 31u + grid.y * 7u + grid.z));
   for (const dim3 b : blocks) {
-    const unsigned bx = b.x, by = b.y;
+    const unsigned bx = b.x, by = b.y * 131u + b.z;
     block_idx = b;
     std::memset(dynamic_smem, 0xA5, sizeof dynamic_smem);  // stale garbage, not zeros
     fibers.assign(static_cast<size_t>(n), Fiber{});
@@ -398,6 +405,30 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   emu::warp_sync();
   for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
+// Two 16-bit floats per word, lane-wise, each result rounded once (the
+// operands the mma kernel uses make every float intermediate exact).
+template <bool BF16>
+inline uint32_t emu_half2_op(uint32_t a, uint32_t b, int op) {
+  uint32_t out = 0;
+  for (int h = 0; h < 2; ++h) {
+    const float x = emu_half<BF16>(a, h), y = emu_half<BF16>(b, h);
+    const float r = op == 0 ? x + y : op == 1 ? x - y : x * y;
+    const uint16_t bits = BF16 ? gptqkit::float_to_bf16(r) : gptqkit::float_to_fp16(r);
+    out |= static_cast<uint32_t>(bits) << (16 * h);
+  }
+  return out;
+}
+template <bool BF16> inline uint32_t hadd2_raw(uint32_t a, uint32_t b) { return emu_half2_op<BF16>(a, b, 0); }
+template <bool BF16> inline uint32_t hsub2_raw(uint32_t a, uint32_t b) { return emu_half2_op<BF16>(a, b, 1); }
+template <bool BF16> inline uint32_t hmul2_raw(uint32_t a, uint32_t b) { return emu_half2_op<BF16>(a, b, 2); }
 #endif
+
+// Byte i of the result is byte (selector nibble i) of the 8-byte value b:a.
+inline uint32_t __byte_perm(uint32_t a, uint32_t b, uint32_t selector) {
+  const uint64_t v = (static_cast<uint64_t>(b) << 32) | a;
+  uint32_t out = 0;
+  for (int i = 0; i < 4; ++i) out |= static_cast<uint32_t>((v >> (8 * ((selector >> (4 * i)) & 7u))) & 0xffu) << (8 * i);
+  return out;
+}
 
 #include "emu_runtime.h"

@@ -212,6 +212,63 @@ def test_gpu_matches_oracle(gptqkit, monkeypatch, dtype, bits, group_size, act_o
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("act_order", [False, True], ids=["direct", "act_order"])
+@pytest.mark.parametrize("m", [9, 16, 64, 255])
+def test_gpu_mma_split_k_on_a_real_shape(gptqkit, monkeypatch, dtype, act_order, m):
+    """The 4-bit tensor-core kernel at a 7B layer's width: with the workspace the op asks for (K split across
+    blocks, act-order x gathered) and without one (unsplit, or the tiled kernel): both within the oracle's bound,
+    and repeated calls bit-identical (the splits are summed in a fixed order)."""
+    from gptqkit import ops
+    from gptqkit._native import _C
+
+    monkeypatch.setenv("GPTQKIT_GPU_DENSE_MIN_ROWS", "1000000000")
+    n = k = 4096
+    packed = random_packed_layer(gptqkit, n, k, 4, 128, act_order=act_order, seed=m)
+    lay = _layout(gptqkit, packed, dtype=dtype, device="cuda")
+    w = _oracle(packed).double()
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    ref = x.double() @ w.T
+    bound = _bound(x, w, ref, dtype)
+    xc = x.cuda()
+    args = (lay.qweight, lay.sz, lay.chunk_group, lay.perm, 4, k, n)
+    nbytes = _C.gpu_matmul_workspace_bytes(xc, *args)
+    if torch.cuda.get_device_capability()[0] >= 8 and ops.gpu_backend() == "cuda":
+        assert nbytes > 0, "a 4096-wide layer at M >= 9 splits K on sm_80+"
+    y_split = _call(lay, xc)
+    assert torch.equal(_call(lay, xc), y_split), "split-K results must be deterministic"
+    y_plain = torch.empty_like(y_split)
+    _C.gpu_quantized_matmul(xc, lay.qweight, lay.sz, lay.chunk_group, lay.perm, None, y_plain, 4, k, n,
+                            torch.cuda.current_stream().cuda_stream, None)
+    torch.cuda.synchronize()
+    for name, y in (("workspace", y_split), ("no workspace", y_plain)):
+        err = (y.cpu().double() - ref).abs()
+        assert (err <= bound).all(), f"{name}: max error {err.max():.3g}, worst ratio {(err / bound).max():.3g}"
+
+
+@gpu
+def test_gpu_workspace_is_validated(gptqkit):
+    from gptqkit._native import _C
+
+    packed = random_packed_layer(gptqkit, 256, 512, 4, 128)
+    lay = _layout(gptqkit, packed, device="cuda")
+    x = torch.randn(16, 512, device="cuda").half()
+    y = torch.empty(16, 256, dtype=torch.float16, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    with pytest.raises(ValueError, match="workspace: expected a GPU array"):
+        _C.gpu_quantized_matmul(x, lay.qweight, lay.sz, lay.chunk_group, None, None, y, 4, 512, 256, stream,
+                                torch.empty(1 << 20, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="workspace: overlaps the memory of y"):
+        _C.gpu_quantized_matmul(x, lay.qweight, lay.sz, lay.chunk_group, None, None, y, 4, 512, 256, stream,
+                                y.view(torch.uint8))
+    # Too small a workspace is not an error: the call runs unsplit.
+    _C.gpu_quantized_matmul(x, lay.qweight, lay.sz, lay.chunk_group, None, None, y, 4, 512, 256, stream,
+                            torch.empty(16, dtype=torch.uint8, device="cuda"))
+    ref = x.cpu().double() @ _oracle(packed).double().T
+    assert ((y.cpu().double() - ref).abs() <= _bound(x.cpu(), _oracle(packed).double(), ref, torch.float16)).all()
+
+
+@gpu
 @pytest.mark.parametrize("bits", BITS)
 def test_gpu_dequantize_layout(gptqkit, bits):
     packed = random_packed_layer(gptqkit, 203, 333, bits, 32, act_order=True)

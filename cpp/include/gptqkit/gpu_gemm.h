@@ -94,11 +94,27 @@ Status prepare_gpu_weight(const TensorView& qweight, const TensorView& qzeros, c
 // x, y (and bias) float16 or bfloat16, all the dtype of w.sz, C-contiguous,
 // on w's device; y must not overlap x or bias. Accumulation is in float32.
 // Kernel choice: M <= 8 a bandwidth-bound GEMV kernel (the weight streamed
-// once, up to 8 rows of x at a time); larger M a tiled kernel (tensor cores
-// on sm_80+, a SIMT path on other GPUs and ROCm). No allocation, no host
-// synchronisation.
+// once, up to 8 rows of x at a time); larger M, 4-bit, sm_80+ NVIDIA: a
+// tensor-core kernel that splits K across blocks when the output alone has
+// too few tiles to fill the GPU; otherwise a tiled kernel (tensor cores on
+// sm_80+, a SIMT path on other GPUs and ROCm).
+// `workspace` (may be nullptr): device scratch of at least
+// gpu_matmul_workspace_bytes(x, w) bytes (any dtype, C-contiguous, 16-byte
+// aligned, on w's device, overlapping nothing else), for the split-K
+// partial sums and for gathering act-order x; without it the call still
+// runs, unsplit, or on the tiled kernel. No allocation, no host
+// synchronisation; results are deterministic (fixed summation order).
+Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const TensorView* bias, const TensorView& y,
+                            const TensorView* workspace, void* stream);
+// The same without a workspace.
 Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const TensorView* bias, const TensorView& y,
                             void* stream);
+
+// Bytes of workspace gpu_quantized_matmul would use for this x (validated
+// like the matmul's); 0 when it needs none (M <= 8, other bit widths, GPUs
+// without the tensor-core kernel). Depends on x's rows and alignment, the
+// layer and the device's SM count.
+Status gpu_matmul_workspace_bytes(const TensorView& x, const GpuPreparedView& w, size_t* bytes);
 
 // weight[N, K] = dequant(W) in the dtype of w.sz, in the original column
 // order (act-order undone), enqueued on `stream`: the first half of the

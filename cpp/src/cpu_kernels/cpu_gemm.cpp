@@ -81,13 +81,6 @@ float load_float(const void* base, DType dtype, int64_t i) {
   }
 }
 
-uint16_t float_to_bf16(float v) {  // round to nearest even, NaN kept quiet
-  uint32_t x;
-  std::memcpy(&x, &v, sizeof x);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
-  return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
-}
-
 // Codes of columns [n0, n0 + cols) of qweight into codes[c * k_dim + k].
 void decode_columns(const uint32_t* q, int bits, int64_t n_dim, int64_t k_dim, int64_t n0, int cols,
                     uint8_t* codes) {

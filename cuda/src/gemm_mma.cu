@@ -1,0 +1,140 @@
+// Launcher of the 4-bit tensor-core kernel (gemm_mma_kernel.cuh, where the
+// design is described): the split-K plan, the optional gather of x, the
+// kernel, and the reduction of the splits.
+#include <algorithm>
+#include <atomic>
+
+#include "gemm_mma_kernel.cuh"
+
+namespace gptqkit::gpu {
+namespace {
+
+constexpr int kHelperThreads = 256;
+// A split gets at least this many pipeline stages, so that filling the ring
+// stays small next to streaming.
+constexpr int64_t kMinStagesPerSplit = 4;
+constexpr int kMaxSplits = 16;
+// Blocks per SM the plan aims for: each holds a 3-4 stage ring of weights in
+// flight, and two of them keep an SM's share of DRAM bandwidth busy (a
+// first guess until benchmarks/bench_gpu_gemm.py has run on the target GPU).
+constexpr int64_t kBlocksPerSm = 2;
+
+size_t round_up(size_t v, size_t to) { return (v + to - 1) / to * to; }
+
+// Whether the binary the runtime picked for `device` has the mma body (it is
+// compiled out below sm_80 and on ROCm). Asked once per device.
+bool mma_compiled_for(int device) {
+#if GPTQKIT_GPU_IS_HIP
+  (void)device;
+  return false;
+#else
+  static std::atomic<int> cache[64];  // 0 unknown, 1 yes, 2 no
+  if (device >= 0 && device < 64) {
+    const int known = cache[device].load(std::memory_order_relaxed);
+    if (known != 0) return known == 1;
+  }
+  gpuFuncAttributes attr;
+  bool yes = false;
+  {
+    DeviceGuard guard(device);
+    if (gpuFuncGetAttributes(&attr, (mma_kernel<false, 1>)) == gpuSuccess) {
+      yes = attr.binaryVersion >= 80;
+    } else {
+      (void)gpuGetLastError();
+    }
+  }
+  if (device >= 0 && device < 64) cache[device].store(yes ? 1 : 2, std::memory_order_relaxed);
+  return yes;
+#endif
+}
+
+template <bool BF16, int MF>
+std::string launch_tile(const GemmArgs& a, const MmaPlan& plan, const uint16_t* x, int x_stride, float* partial) {
+  using Smem = MmaSmem<MF>;
+  const dim3 grid(static_cast<unsigned>(a.np / kMmaBN), static_cast<unsigned>(ceil_div(a.m, Smem::kBM)),
+                  static_cast<unsigned>(plan.splits));
+  GPTQKIT_LAUNCH(grid, kMmaThreads, Smem::kTotal, static_cast<gpuStream_t>(a.stream), mma_kernel<BF16, MF>)(
+      x, x_stride, a.qweight, static_cast<const uint16_t*>(a.sz), a.chunk_group,
+      static_cast<const uint16_t*>(a.bias), static_cast<uint16_t*>(a.y), partial, static_cast<int>(a.m),
+      static_cast<int>(a.n), static_cast<int>(a.np), static_cast<int>(a.chunks), static_cast<int>(a.groups),
+      plan.chunks_per_split);
+  return launch_error("mma_kernel");
+}
+
+template <bool BF16>
+std::string launch_act(const GemmArgs& a, const MmaPlan& plan, void* workspace) {
+  const gpuStream_t stream = static_cast<gpuStream_t>(a.stream);
+  const uint16_t* x = static_cast<const uint16_t*>(a.x);
+  int x_stride = static_cast<int>(a.k);
+  unsigned char* ws = static_cast<unsigned char*>(workspace);
+  if (plan.gather_x) {
+    uint16_t* xc = reinterpret_cast<uint16_t*>(ws);
+    const int64_t kp = a.chunks * kChunk;
+    const int64_t total = a.m * kp;
+    GPTQKIT_LAUNCH(static_cast<unsigned>(ceil_div(total, kHelperThreads)), kHelperThreads, 0, stream,
+                   gather_x_kernel)(x, a.perm, xc, static_cast<int>(a.m), static_cast<int>(a.k), static_cast<int>(kp));
+    std::string err = launch_error("gather_x_kernel");
+    if (!err.empty()) return err;
+    x = xc;
+    x_stride = static_cast<int>(kp);
+  }
+  float* partial = plan.splits > 1 ? reinterpret_cast<float*>(ws + plan.x_bytes) : nullptr;
+  std::string err;
+  switch (plan.mf) {
+    case 1: err = launch_tile<BF16, 1>(a, plan, x, x_stride, partial); break;
+    case 2: err = launch_tile<BF16, 2>(a, plan, x, x_stride, partial); break;
+    default: err = launch_tile<BF16, 4>(a, plan, x, x_stride, partial); break;
+  }
+  if (!err.empty() || partial == nullptr) return err;
+  const int64_t total = a.m * a.n;
+  GPTQKIT_LAUNCH(static_cast<unsigned>(ceil_div(total, kHelperThreads)), kHelperThreads, 0, stream,
+                 splitk_reduce_kernel<BF16>)(partial, plan.splits, static_cast<const uint16_t*>(a.bias),
+                                             static_cast<uint16_t*>(a.y), static_cast<int>(a.m),
+                                             static_cast<int>(a.n), static_cast<int>(a.np));
+  return launch_error("splitk_reduce_kernel");
+}
+
+}  // namespace
+
+MmaPlan plan_mma(const GemmArgs& a, size_t workspace_bytes) {
+  MmaPlan plan;
+  if (a.bits != 4 || a.m <= kGemvMaxRows || a.np % kMmaBN != 0 || a.chunks <= 0) return plan;
+  if (!mma_compiled_for(a.device)) return plan;
+  plan.mf = a.m <= 16 ? 1 : a.m <= 32 ? 2 : 4;
+  const int64_t bm = 16 * plan.mf;
+  // The kernel reads x as [M, Kp] with positions == columns, 16-byte rows.
+  plan.gather_x = a.perm != nullptr || a.k % kChunk != 0 || reinterpret_cast<uintptr_t>(a.x) % 16 != 0;
+  plan.x_bytes = plan.gather_x ? round_up(static_cast<size_t>(a.m * a.chunks * kChunk) * sizeof(uint16_t), 256) : 0;
+  if (plan.x_bytes > workspace_bytes) return plan;  // cannot gather: the tiled kernel takes the call
+
+  const int64_t blocks = (a.np / kMmaBN) * ceil_div(a.m, bm);
+  const int64_t stages = ceil_div(a.chunks, kMmaStageChunks);
+  const int64_t want = ceil_div(kBlocksPerSm * multiprocessor_count(a.device), blocks);
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(kMaxSplits, stages / kMinStagesPerSplit));
+  int64_t splits = std::clamp<int64_t>(want, 1, most);
+  // Whole stages per split, then as few splits as that spacing needs.
+  int64_t per_split = ceil_div(stages, splits) * kMmaStageChunks;
+  splits = ceil_div(a.chunks, per_split);
+  size_t partial_bytes = splits > 1 ? static_cast<size_t>(splits * a.m * a.np) * sizeof(float) : 0;
+  if (plan.x_bytes + partial_bytes > workspace_bytes) {  // not enough scratch: no split
+    splits = 1;
+    per_split = a.chunks;
+    partial_bytes = 0;
+  }
+  plan.splits = static_cast<int>(splits);
+  plan.chunks_per_split = static_cast<int>(per_split);
+  plan.partial_bytes = partial_bytes;
+  plan.usable = true;
+  return plan;
+}
+
+std::string launch_mma(const GemmArgs& a, const MmaPlan& plan, void* workspace) {
+  if (!plan.usable) return "launch_mma: the plan says the mma kernel cannot take this call";
+  if (plan.workspace_bytes() > 0 && workspace == nullptr) return "launch_mma: the plan needs a workspace";
+  if (a.m > 65535 * static_cast<int64_t>(16 * plan.mf))
+    return "launch_mma: M = " + std::to_string(a.m) + " exceeds the grid limit";
+  DeviceGuard guard(a.device);
+  return a.act == Act::kBFloat16 ? launch_act<true>(a, plan, workspace) : launch_act<false>(a, plan, workspace);
+}
+
+}  // namespace gptqkit::gpu

@@ -1,0 +1,252 @@
+// The 4-bit tensor-core kernel for M > 8 on sm_80+ (device code only;
+// launched from gemm_mma.cu, which also holds the split-K plan).
+//
+// Why a second tensor-core kernel next to the tiled one: the tiled kernel
+// dequantizes every chunk into shared memory (two barriers per 32 positions)
+// and runs one block per 64 columns over all of K, so at M = 16 a 4096-wide
+// layer is 64 blocks on a 132-SM H100 with 1 KB of weights in flight each.
+// Small and medium M are bound by the weight stream; this kernel keeps it
+// flowing:
+//   * blocks of BM = 16 * MF rows by kMmaBN = 128 columns, and K split across
+//     blocks (blockIdx.z, chunks_per_split chunks each) until there are about
+//     two blocks per SM; each split writes float32 partial sums that
+//     splitk_reduce_kernel adds in a fixed order (deterministic, no atomics);
+//   * a 3- or 4-deep cp.async ring of stages of 2 chunks (64 positions):
+//     the x tile, the packed words and the (scale, zero) pairs of the stage,
+//     one barrier per stage;
+//   * weights are dequantized in registers straight into mma B fragments
+//     (never written back to shared memory): a B fragment of m16n8k16 holds,
+//     per lane, positions 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1) of column
+//     lane / 4 (t = lane % 4), which are nibbles 2t and 2t+1 of that column's
+//     words 2ks and 2ks+1 of the chunk (the GPTQ stream puts position 8w + j
+//     in nibble j of word w). The four lanes of a quad read the same word
+//     (a shared-memory broadcast) and keep one byte each;
+//   * dequantization in 16-bit pairs: nibble q in the low mantissa bits of
+//     the magic number (1024 for fp16, 128 for bf16) is the value magic + q;
+//     minus (magic + zero) that is q - zero exactly, times the scale one
+//     rounding: bit-identical to the oracle's scale * (q - zero) rounded once
+//     (the product of a small integer and a 16-bit scale is exact in fp32).
+//     Two codes cost about four instructions.
+// x is read as [M, x_stride] with positions == columns (no perm, K a
+// multiple of 32, 16-byte aligned rows); the launcher gathers act-order or
+// unaligned x into that form first (gather_x_kernel).
+#pragma once
+
+#include "gemm_common.cuh"
+
+namespace gptqkit::gpu {
+namespace {
+
+constexpr int kMmaThreads = 128;     // 4 warps, 32 output columns each
+constexpr int kMmaBN = 128;          // output columns per block
+constexpr int kMmaStageChunks = 2;   // chunks (32 positions each) per pipeline stage
+// Row stride of the x tile in 16-bit elements: 64 + 8 makes it 144 bytes, so
+// the 8 rows one ldmatrix phase addresses fall in distinct 16-byte bank groups.
+constexpr int kMmaAStride = kMmaStageChunks * kChunk + 8;
+
+// Bytes of one pipeline stage and of the whole ring (dynamic shared memory),
+// and the ring's depth: 4 stages (3 loading while 1 is multiplied), 3 for
+// 64-row tiles, which keeps every variant under the 48 KB a block gets
+// without an opt-in (57 KB would need cudaFuncSetAttribute per device).
+template <int MF>
+struct MmaSmem {
+  static constexpr int kBM = 16 * MF;
+  static constexpr int kStages = MF >= 4 ? 3 : 4;
+  static constexpr size_t kX = static_cast<size_t>(kBM) * kMmaAStride * sizeof(uint16_t);
+  static constexpr size_t kWords = static_cast<size_t>(kMmaStageChunks) * 4 * kMmaBN * sizeof(uint32_t);
+  static constexpr size_t kSz = static_cast<size_t>(kMmaStageChunks) * kMmaBN * sizeof(uint32_t);
+  static constexpr size_t kStage = kX + kWords + kSz;
+  static constexpr size_t kTotal = kStage * kStages;
+  static_assert(kX % 16 == 0 && kStage % 16 == 0, "cp.async destinations must stay 16-byte aligned");
+  static_assert(kTotal <= 48 * 1024, "more than a block gets without an opt-in");
+};
+
+template <bool BF16, int MF>
+__global__ void __launch_bounds__(kMmaThreads)
+    mma_kernel(const uint16_t* __restrict__ x, int x_stride, const uint32_t* __restrict__ qweight,
+               const uint16_t* __restrict__ sz, const int32_t* __restrict__ chunk_group,
+               const uint16_t* __restrict__ bias, uint16_t* __restrict__ y, float* __restrict__ partial,
+               int m_dim, int n_dim, int np, int chunks, int groups, int chunks_per_split) {
+#if GPTQKIT_NV_TENSOR_CORES
+  static_assert(kWarpSize == 32, "the mma fragment layout is that of 32-lane warps");
+  using Smem = MmaSmem<MF>;
+  constexpr int kMmaStages = Smem::kStages;
+  constexpr int kPiecesPerWordRow = kMmaBN / 4;  // 16-byte pieces of one word row of the tile
+  // 16-bit pattern of the magic number whose low mantissa bits take a code.
+  constexpr uint32_t kMagic = BF16 ? 0x4300u : 0x6400u;  // 128.0 (bf16), 1024.0 (fp16)
+  constexpr uint32_t kMagic2 = kMagic | (kMagic << 16);
+
+  unsigned char* smem = gpu_dynamic_smem();
+  const int t = threadIdx.x;
+  const int warp = t / kWarpSize;
+  const int lane = t % kWarpSize;
+  const int n0 = blockIdx.x * kMmaBN;
+  const int m0 = blockIdx.y * Smem::kBM;
+  const int c_begin = blockIdx.z * chunks_per_split;
+  const int c_end = min(chunks, c_begin + chunks_per_split);
+  const int steps = (c_end - c_begin + kMmaStageChunks - 1) / kMmaStageChunks;
+
+  auto x_tile = [&](int buf) { return reinterpret_cast<uint16_t*>(smem + buf * Smem::kStage); };
+  auto word_tile = [&](int buf) {  // [chunk of stage][word][column]
+    return reinterpret_cast<uint32_t*>(smem + buf * Smem::kStage + Smem::kX);
+  };
+  auto sz_tile = [&](int buf) {  // [chunk of stage][column]: (scale, zero) as two 16-bit values
+    return reinterpret_cast<uint32_t*>(smem + buf * Smem::kStage + Smem::kX + Smem::kWords);
+  };
+
+  // Starts the copies of stage `step` (chunks past c_end are skipped, and
+  // never multiplied).
+  auto issue = [&](int step) {
+    const int buf = step % kMmaStages;
+    const int c0 = c_begin + step * kMmaStageChunks;
+#pragma unroll
+    for (int i = 0; i < MF; ++i) {  // x: BM rows x 64 positions, 8 pieces per row
+      const int piece = t + i * kMmaThreads;
+      const int row = piece / 8, seg = piece % 8;
+      const int c = c0 + seg / 4;
+      if (c < c_end) {
+        // Rows past M read row M - 1 instead: their products land in
+        // accumulator rows that are never stored.
+        const int src_row = min(m0 + row, m_dim - 1);
+        cp_async16(x_tile(buf) + row * kMmaAStride + seg * 8,
+                   x + static_cast<int64_t>(src_row) * x_stride + static_cast<int64_t>(c) * kChunk + (seg % 4) * 8);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kMmaStageChunks; ++j) {  // words: 4 rows x 128 columns per chunk, a piece per thread
+      const int c = c0 + j;
+      if (c < c_end) {
+        const int word = t / kPiecesPerWordRow, col = 4 * (t % kPiecesPerWordRow);
+        cp_async16(word_tile(buf) + (j * 4 + word) * kMmaBN + col,
+                   qweight + (static_cast<int64_t>(c) * 4 + word) * np + n0 + col);
+      }
+    }
+    if (t < kMmaStageChunks * kPiecesPerWordRow) {  // (scale, zero): 128 columns x 4 bytes per chunk
+      const int j = t / kPiecesPerWordRow, col = 4 * (t % kPiecesPerWordRow);
+      const int c = c0 + j;
+      if (c < c_end) {
+        const int g = group_of(chunk_group, c, groups);
+        cp_async16(sz_tile(buf) + j * kMmaBN + col, sz + (static_cast<int64_t>(g) * np + n0 + col) * 2);
+      }
+    }
+  };
+
+  float acc[MF][4][4];
+#pragma unroll
+  for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mf][nt][e] = 0.0f;
+
+#pragma unroll
+  for (int s = 0; s < kMmaStages - 1; ++s) {
+    if (s < steps) issue(s);
+    cp_async_commit();  // possibly empty: keeps one group per stage
+  }
+
+  const int byte_shift = 8 * (lane % 4);  // this lane's byte (two codes) of every word
+  for (int step = 0; step < steps; ++step) {
+    cp_async_wait<kMmaStages - 2>();  // stage `step` has landed (later ones may be in flight)
+    __syncthreads();                  // ... for every thread; and everyone is done with stage step - 1
+    if (step + kMmaStages - 1 < steps) issue(step + kMmaStages - 1);  // into stage step - 1's buffer
+    cp_async_commit();
+
+    const int buf = step % kMmaStages;
+    const uint16_t* xs = x_tile(buf);
+    const uint32_t* ws = word_tile(buf);
+    const uint32_t* zs = sz_tile(buf);
+    const int c0 = c_begin + step * kMmaStageChunks;
+#pragma unroll
+    for (int j = 0; j < kMmaStageChunks; ++j) {
+      if (c0 + j >= c_end) break;  // the same for the whole block
+      uint32_t afrag[2][MF][4];  // A fragments of the chunk's two k16 slabs
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks)
+#pragma unroll
+        for (int mf = 0; mf < MF; ++mf)
+          ldmatrix_x4(afrag[ks][mf],
+                      xs + (mf * 16 + lane % 16) * kMmaAStride + j * kChunk + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int col = warp * 32 + nt * 8 + lane / 4;
+        const uint32_t pair = zs[j * kMmaBN + col];
+        const uint32_t scale2 = __byte_perm(pair, 0u, 0x1010u);                      // (scale, scale)
+        const uint32_t magic_zero2 = hadd2_raw<BF16>(__byte_perm(pair, 0u, 0x3232u), kMagic2);  // magic + zero, exact
+        uint32_t b[4];
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          const uint32_t codes = ws[(j * 4 + w) * kMmaBN + col] >> byte_shift;
+          // Code 2t to the low half, code 2t + 1 to the high half, each in
+          // the mantissa of the magic number.
+          const uint32_t magic_q2 = (codes & 0xfu) | ((codes << 12) & 0xf0000u) | kMagic2;
+          b[w] = hmul2_raw<BF16>(hsub2_raw<BF16>(magic_q2, magic_zero2), scale2);
+        }
+#pragma unroll
+        for (int mf = 0; mf < MF; ++mf) {
+          mma_16816<BF16>(acc[mf][nt], afrag[0][mf], b[0], b[1]);
+          mma_16816<BF16>(acc[mf][nt], afrag[1][mf], b[2], b[3]);
+        }
+      }
+    }
+  }
+  // Every group still pending is empty (nothing is issued past `steps`).
+
+  // mma C fragment: c0, c1 at (row lane / 4, columns 2 * (lane % 4) + {0, 1}); c2, c3 at row + 8.
+#pragma unroll
+  for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = m0 + mf * 16 + lane / 4 + 8 * half;
+        const int cn = n0 + warp * 32 + nt * 8 + 2 * (lane % 4);
+        const float v0 = acc[mf][nt][2 * half], v1 = acc[mf][nt][2 * half + 1];
+        if (r >= m_dim) continue;
+        if (partial != nullptr) {  // split-K: float32 partial sums, columns up to Np
+          float* p = partial + (static_cast<int64_t>(blockIdx.z) * m_dim + r) * np + cn;
+          *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+        } else {
+          uint16_t* out = y + static_cast<int64_t>(r) * n_dim;
+          if (cn < n_dim) out[cn] = float_to_raw<BF16>(bias != nullptr ? v0 + raw_to_float<BF16>(bias[cn]) : v0);
+          if (cn + 1 < n_dim)
+            out[cn + 1] = float_to_raw<BF16>(bias != nullptr ? v1 + raw_to_float<BF16>(bias[cn + 1]) : v1);
+        }
+      }
+#else
+  // Compiled for targets without mma.sync: the launcher never runs it there
+  // (it asks the binary's architecture first).
+  (void)x, (void)x_stride, (void)qweight, (void)sz, (void)chunk_group, (void)bias, (void)y, (void)partial;
+  (void)m_dim, (void)n_dim, (void)np, (void)chunks, (void)groups, (void)chunks_per_split;
+#endif
+}
+
+// y[m, n] = sum over splits s (in order) of partial[s, m, n] (+ bias[n]),
+// rounded once.
+template <bool BF16>
+__global__ void splitk_reduce_kernel(const float* __restrict__ partial, int splits, const uint16_t* __restrict__ bias,
+                                     uint16_t* __restrict__ y, int m_dim, int n_dim, int np) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<int64_t>(m_dim) * n_dim) return;
+  const int64_t m = i / n_dim;
+  const int n = static_cast<int>(i % n_dim);
+  float v = 0.0f;
+  for (int s = 0; s < splits; ++s) v += partial[(static_cast<int64_t>(s) * m_dim + m) * np + n];
+  if (bias != nullptr) v += raw_to_float<BF16>(bias[n]);
+  y[i] = float_to_raw<BF16>(v);
+}
+
+// xc[m, p] = x[m, column of position p] (0 for padding), for p < kp: the
+// x the mma kernel reads, for act-order layouts and K that is not a
+// multiple of 32 (or rows that are not 16-byte aligned).
+__global__ void gather_x_kernel(const uint16_t* __restrict__ x, const int32_t* __restrict__ perm,
+                                uint16_t* __restrict__ xc, int m_dim, int k_dim, int kp) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<int64_t>(m_dim) * kp) return;
+  const int64_t m = i / kp;
+  const int k = column_of(perm, i % kp, k_dim);
+  xc[i] = k >= 0 ? x[m * k_dim + k] : uint16_t{0};
+}
+
+}  // namespace
+}  // namespace gptqkit::gpu
