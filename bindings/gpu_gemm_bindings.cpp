@@ -92,7 +92,7 @@ void register_gpu_gemm(py::module_& m) {
       "Repacks a layer's checkpoint tensors (CPU arrays) into the GPU kernels' layout (out_*: CPU arrays, or\n"
       "GPU arrays in GPU builds). Load-time work.");
 
-  m.attr("GPU_GEMV_MAX_ROWS") = py::int_(8);  // rows up to which no workspace is ever needed (gpu_gemm.h)
+  m.attr("GPU_GEMV_MAX_ROWS") = py::int_(kGpuGemvMaxRows);  // rows up to which no workspace is ever needed
 
   m.def(
       "gpu_matmul_workspace_bytes",

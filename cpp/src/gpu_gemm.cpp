@@ -20,6 +20,7 @@
 
 #if defined(GPTQKIT_HAS_GPU)
 #include "../../cuda/src/gpu_gemm_api.h"
+static_assert(gptqkit::gpu::kGemvMaxRows == gptqkit::kGpuGemvMaxRows, "one GEMV row limit");
 #endif
 
 namespace gptqkit {

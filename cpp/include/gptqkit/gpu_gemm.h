@@ -40,6 +40,9 @@ const char* gpu_backend_name();
 constexpr int64_t kGpuChunk = 32;
 // Output columns are padded to a multiple of this (zero codes, scale 0).
 constexpr int64_t kGpuColumnAlign = 128;
+// Rows of x up to which gpu_quantized_matmul runs the GEMV kernel (and
+// never needs a workspace).
+constexpr int64_t kGpuGemvMaxRows = 8;
 
 // Extents of the kernel layout of one layer.
 struct GpuGemmShape {
