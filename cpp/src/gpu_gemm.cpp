@@ -327,23 +327,30 @@ Status prepare_gpu_weight(const TensorView& qweight, const TensorView& qzeros, c
 
 namespace {
 
+// What a validated prepared view implies: its device, the layout's extents
+// and the activation dtype (that of w.sz).
+struct ValidatedLayer {
+  const Device* device = nullptr;
+  int64_t chunks = 0, np = 0, groups = 0;
+  DType act = DType::kFloat16;
+};
+
 // Everything about a prepared view that can be checked without reading
-// device memory. On success fills the launch arguments that follow from it.
-Status validate_prepared(const GpuPreparedView& w, const Device** device, int64_t* chunks, int64_t* np,
-                         int64_t* groups, DType* act) {
+// device memory. On success fills `out`.
+Status validate_prepared(const GpuPreparedView& w, ValidatedLayer* out) {
   GPTQKIT_RETURN_IF_ERROR(checks::bits_supported(w.bits));
   const int bits = w.bits;
   if (w.in_features <= 0 || w.out_features <= 0)
     return Status::InvalidArgument("w: expected in_features > 0 and out_features > 0, got " +
                                    std::to_string(w.in_features) + " and " + std::to_string(w.out_features));
   GPTQKIT_RETURN_IF_ERROR(on_gpu(w.qweight, "w.qweight", nullptr));
-  *device = &w.qweight.device;
+  out->device = &w.qweight.device;
   GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(w.qweight, "w.qweight", {DType::kInt32}));
   GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(w.qweight, "w.qweight", 2));
-  GPTQKIT_RETURN_IF_ERROR(on_gpu(w.sz, "w.sz", *device));
+  GPTQKIT_RETURN_IF_ERROR(on_gpu(w.sz, "w.sz", out->device));
   GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(w.sz, "w.sz", {DType::kFloat16, DType::kBFloat16}));
   GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(w.sz, "w.sz", 3));
-  GPTQKIT_RETURN_IF_ERROR(on_gpu(w.chunk_group, "w.chunk_group", *device));
+  GPTQKIT_RETURN_IF_ERROR(on_gpu(w.chunk_group, "w.chunk_group", out->device));
   GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(w.chunk_group, "w.chunk_group", {DType::kInt32}));
   GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(w.chunk_group, "w.chunk_group", 1));
   const int64_t c = w.chunk_group.shape[0];
@@ -357,7 +364,7 @@ Status validate_prepared(const GpuPreparedView& w, const Device** device, int64_
   if (g <= 0 || g > w.in_features) return Status::InvalidArgument("w.sz: expected 1 <= G <= K groups, got " + std::to_string(g));
   const bool reordered = w.perm.data != nullptr || w.perm.ndim != 0;
   if (reordered) {
-    GPTQKIT_RETURN_IF_ERROR(on_gpu(w.perm, "w.perm", *device));
+    GPTQKIT_RETURN_IF_ERROR(on_gpu(w.perm, "w.perm", out->device));
     GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(w.perm, "w.perm", {DType::kInt32}));
     GPTQKIT_RETURN_IF_ERROR(with_reason(checks::shape_is(w.perm, "w.perm", {c * kGpuChunk}), "[32 C] with " + lay));
     if (c * kGpuChunk < w.in_features)
@@ -377,18 +384,17 @@ Status validate_prepared(const GpuPreparedView& w, const Device** device, int64_
                                      "pass a fresh tensor or .clone() of the view");
   if (w.in_features > INT_MAX / 2 || n_pad > INT_MAX / 2 || c * bits > INT_MAX / 2)
     return Status::InvalidArgument("w: extents out of the supported range (K, N < 2^30)");
-  *chunks = c;
-  *np = n_pad;
-  *groups = g;
-  *act = w.sz.dtype;
+  out->chunks = c;
+  out->np = n_pad;
+  out->groups = g;
+  out->act = w.sz.dtype;
   return Status::Ok();
 }
 
 #if defined(GPTQKIT_HAS_GPU)
 // The launch arguments of a validated prepared layer (x, bias, y and M are
 // the matmul's own).
-gpu::GemmArgs layer_args(const GpuPreparedView& w, int64_t chunks, int64_t np, int64_t groups, DType act, int device,
-                         void* stream) {
+gpu::GemmArgs layer_args(const GpuPreparedView& w, const ValidatedLayer& layer, void* stream) {
   gpu::GemmArgs a;
   a.qweight = static_cast<const uint32_t*>(w.qweight.data);
   a.sz = w.sz.data;
@@ -396,12 +402,12 @@ gpu::GemmArgs layer_args(const GpuPreparedView& w, int64_t chunks, int64_t np, i
   a.perm = w.perm.data != nullptr ? static_cast<const int32_t*>(w.perm.data) : nullptr;
   a.k = w.in_features;
   a.n = w.out_features;
-  a.np = np;
-  a.chunks = chunks;
-  a.groups = groups;
+  a.np = layer.np;
+  a.chunks = layer.chunks;
+  a.groups = layer.groups;
   a.bits = w.bits;
-  a.act = act == DType::kBFloat16 ? gpu::Act::kBFloat16 : gpu::Act::kFloat16;
-  a.device = device;
+  a.act = layer.act == DType::kBFloat16 ? gpu::Act::kBFloat16 : gpu::Act::kFloat16;
+  a.device = layer.device->index;
   a.stream = stream;
   return a;
 }
@@ -437,12 +443,10 @@ Status gpu_matmul_workspace_bytes(const TensorView& x, const GpuPreparedView& w,
 #if !defined(GPTQKIT_HAS_GPU)
     return Status::Unsupported(std::string("gpu_matmul_workspace_bytes: ") + kNoGpu);
 #else
-    const Device* device = nullptr;
-    int64_t chunks = 0, np = 0, groups = 0;
-    DType act = DType::kFloat16;
-    GPTQKIT_RETURN_IF_ERROR(validate_prepared(w, &device, &chunks, &np, &groups, &act));
-    GPTQKIT_RETURN_IF_ERROR(validate_x(x, w, device, act));
-    gpu::GemmArgs a = layer_args(w, chunks, np, groups, act, device->index, nullptr);
+    ValidatedLayer layer;
+    GPTQKIT_RETURN_IF_ERROR(validate_prepared(w, &layer));
+    GPTQKIT_RETURN_IF_ERROR(validate_x(x, w, layer.device, layer.act));
+    gpu::GemmArgs a = layer_args(w, layer, nullptr);
     a.x = x.data;
     a.m = x.shape[0];
     const gpu::MmaPlan plan = gpu::plan_mma(a, SIZE_MAX);
@@ -462,13 +466,13 @@ Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const
 Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const TensorView* bias, const TensorView& y,
                             const TensorView* workspace, void* stream) {
   try {
-    const Device* device = nullptr;
-    int64_t chunks = 0, np = 0, groups = 0;
-    DType act = DType::kFloat16;
 #if !defined(GPTQKIT_HAS_GPU)
     return Status::Unsupported(std::string("gpu_quantized_matmul: ") + kNoGpu);
 #endif
-    GPTQKIT_RETURN_IF_ERROR(validate_prepared(w, &device, &chunks, &np, &groups, &act));
+    ValidatedLayer layer;
+    GPTQKIT_RETURN_IF_ERROR(validate_prepared(w, &layer));
+    const Device* device = layer.device;
+    const DType act = layer.act;
     GPTQKIT_RETURN_IF_ERROR(validate_x(x, w, device, act));
     const int64_t k_dim = w.in_features, n_dim = w.out_features, m_dim = x.shape[0];
     const std::string dims = "K = " + std::to_string(k_dim) + ", N = " + std::to_string(n_dim);
@@ -500,7 +504,7 @@ Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const
     }
     if (m_dim == 0) return Status::Ok();
 #if defined(GPTQKIT_HAS_GPU)
-    gpu::GemmArgs a = layer_args(w, chunks, np, groups, act, device->index, stream);
+    gpu::GemmArgs a = layer_args(w, layer, stream);
     a.x = x.data;
     a.bias = bias != nullptr ? bias->data : nullptr;
     a.y = y.data;
@@ -529,17 +533,15 @@ Status gpu_dequantize_prepared(const GpuPreparedView& w, const TensorView& weigh
 #if !defined(GPTQKIT_HAS_GPU)
     return Status::Unsupported(std::string("gpu_dequantize_prepared: ") + kNoGpu);
 #endif
-    const Device* device = nullptr;
-    int64_t chunks = 0, np = 0, groups = 0;
-    DType act = DType::kFloat16;
-    GPTQKIT_RETURN_IF_ERROR(validate_prepared(w, &device, &chunks, &np, &groups, &act));
-    GPTQKIT_RETURN_IF_ERROR(on_gpu(weight, "weight", device));
-    GPTQKIT_RETURN_IF_ERROR(with_reason(checks::dtype_is(weight, "weight", {act}), "the dtype of w.sz"));
+    ValidatedLayer layer;
+    GPTQKIT_RETURN_IF_ERROR(validate_prepared(w, &layer));
+    GPTQKIT_RETURN_IF_ERROR(on_gpu(weight, "weight", layer.device));
+    GPTQKIT_RETURN_IF_ERROR(with_reason(checks::dtype_is(weight, "weight", {layer.act}), "the dtype of w.sz"));
     GPTQKIT_RETURN_IF_ERROR(checks::shape_is(weight, "weight", {w.out_features, w.in_features}));
     for (const TensorView* in : {&w.qweight, &w.sz, &w.chunk_group, &w.perm})
       if (overlaps(weight, *in)) return Status::InvalidArgument("weight: overlaps the prepared layer's memory");
 #if defined(GPTQKIT_HAS_GPU)
-    const gpu::GemmArgs a = layer_args(w, chunks, np, groups, act, device->index, stream);
+    const gpu::GemmArgs a = layer_args(w, layer, stream);
     const std::string err = gpu::launch_dequantize(a, weight.data);
     if (!err.empty()) return Status::Internal("gpu_dequantize_prepared: " + err);
     return Status::Ok();

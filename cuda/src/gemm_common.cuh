@@ -97,6 +97,14 @@ __device__ __forceinline__ float lo_float(uint32_t w) { return raw_to_float<BF16
 template <bool BF16>
 __device__ __forceinline__ float hi_float(uint32_t w) { return raw_to_float<BF16>(w >> 16); }
 
+// An output element: the fp32 sum (+ bias[n]) rounded once to the output
+// type, as every GEMM kernel ends.
+template <bool BF16>
+__device__ __forceinline__ uint16_t output_value(float sum, const uint16_t* bias, int n) {
+  if (bias != nullptr) sum += raw_to_float<BF16>(bias[n]);
+  return float_to_raw<BF16>(sum);
+}
+
 // The message for a launch that failed (empty when it did not).
 inline std::string launch_error(const char* what) {
   const gpuError_t e = gpuGetLastError();

@@ -162,8 +162,7 @@ __global__ void __launch_bounds__(kGemvThreads)
     float sum = 0.0f;
 #pragma unroll
     for (int wi = 0; wi < kWarps; ++wi) sum += red[(wi * MT + m) * cols + col];
-    if (bias != nullptr) sum += raw_to_float<BF16>(bias[n]);
-    y[static_cast<int64_t>(m) * n_dim + n] = float_to_raw<BF16>(sum);
+    y[static_cast<int64_t>(m) * n_dim + n] = output_value<BF16>(sum, bias, n);
   }
 }
 

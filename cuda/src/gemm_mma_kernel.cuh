@@ -208,9 +208,8 @@ __global__ void __launch_bounds__(kMmaThreads)
           *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
         } else {
           uint16_t* out = y + static_cast<int64_t>(r) * n_dim;
-          if (cn < n_dim) out[cn] = float_to_raw<BF16>(bias != nullptr ? v0 + raw_to_float<BF16>(bias[cn]) : v0);
-          if (cn + 1 < n_dim)
-            out[cn + 1] = float_to_raw<BF16>(bias != nullptr ? v1 + raw_to_float<BF16>(bias[cn + 1]) : v1);
+          if (cn < n_dim) out[cn] = output_value<BF16>(v0, bias, cn);
+          if (cn + 1 < n_dim) out[cn + 1] = output_value<BF16>(v1, bias, cn + 1);
         }
       }
 #else
@@ -232,8 +231,7 @@ __global__ void splitk_reduce_kernel(const float* __restrict__ partial, int spli
   const int n = static_cast<int>(i % n_dim);
   float v = 0.0f;
   for (int s = 0; s < splits; ++s) v += partial[(static_cast<int64_t>(s) * m_dim + m) * np + n];
-  if (bias != nullptr) v += raw_to_float<BF16>(bias[n]);
-  y[i] = float_to_raw<BF16>(v);
+  y[i] = output_value<BF16>(v, bias, n);
 }
 
 // xc[m, p] = x[m, column of position p] (0 for padding), for p < kp: the

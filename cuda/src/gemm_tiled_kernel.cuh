@@ -242,10 +242,7 @@ __global__ void __launch_bounds__(kTiledThreads)
 
   // Epilogue: fp32 accumulators (+ bias) rounded once to the output type.
   auto store = [&](int m, int n, float v) {
-    if (m < m_dim && n < n_dim) {
-      if (bias != nullptr) v += raw_to_float<BF16>(bias[n]);
-      y[static_cast<int64_t>(m) * n_dim + n] = float_to_raw<BF16>(v);
-    }
+    if (m < m_dim && n < n_dim) y[static_cast<int64_t>(m) * n_dim + n] = output_value<BF16>(v, bias, n);
   };
 #if GPTQKIT_NV_TENSOR_CORES
   // mma C fragment: c0, c1 at (row lane / 4, cols 2 * (lane % 4) + {0, 1}); c2, c3 at row + 8.

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__) || defined(GPTQKIT_GPU_HIP)
 #define GPTQKIT_GPU_IS_HIP 1
@@ -234,44 +235,24 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 // Lane-wise arithmetic on two 16-bit floats packed in a 32-bit word (fp16 or
 // bf16, low half first), each result rounded once to nearest even: the
 // register-resident dequantization of the mma GEMM kernel.
+// `op` gets the two operands as __half2 or __nv_bfloat162.
+template <bool BF16, typename Op>
+__device__ __forceinline__ uint32_t half2_raw_op(uint32_t a, uint32_t b, Op op) {
+  using Pair = typename std::conditional<BF16, __nv_bfloat162, __half2>::type;
+  const Pair v = op(*reinterpret_cast<const Pair*>(&a), *reinterpret_cast<const Pair*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
 template <bool BF16>
 __device__ __forceinline__ uint32_t hadd2_raw(uint32_t a, uint32_t b) {
-  uint32_t r;
-  if constexpr (BF16) {
-    const __nv_bfloat162 v = __hadd2(*reinterpret_cast<const __nv_bfloat162*>(&a),
-                                     *reinterpret_cast<const __nv_bfloat162*>(&b));
-    r = *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __half2 v = __hadd2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
-    r = *reinterpret_cast<const uint32_t*>(&v);
-  }
-  return r;
+  return half2_raw_op<BF16>(a, b, [](auto x, auto y) { return __hadd2(x, y); });
 }
 template <bool BF16>
 __device__ __forceinline__ uint32_t hsub2_raw(uint32_t a, uint32_t b) {
-  uint32_t r;
-  if constexpr (BF16) {
-    const __nv_bfloat162 v = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&a),
-                                     *reinterpret_cast<const __nv_bfloat162*>(&b));
-    r = *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __half2 v = __hsub2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
-    r = *reinterpret_cast<const uint32_t*>(&v);
-  }
-  return r;
+  return half2_raw_op<BF16>(a, b, [](auto x, auto y) { return __hsub2(x, y); });
 }
 template <bool BF16>
 __device__ __forceinline__ uint32_t hmul2_raw(uint32_t a, uint32_t b) {
-  uint32_t r;
-  if constexpr (BF16) {
-    const __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a),
-                                     *reinterpret_cast<const __nv_bfloat162*>(&b));
-    r = *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __half2 v = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
-    r = *reinterpret_cast<const uint32_t*>(&v);
-  }
-  return r;
+  return half2_raw_op<BF16>(a, b, [](auto x, auto y) { return __hmul2(x, y); });
 }
 #endif  // GPTQKIT_NV_TENSOR_CORES
 

@@ -650,13 +650,15 @@ struct EmuPreparedLayer {
   DeviceArray<uint16_t> sz;
   gptqkit::GpuPreparedView w;
 
-  EmuPreparedLayer(int64_t n, int64_t k, int64_t group_size, int bits, bool act_order, DType dtype, uint32_t seed)
+  // sz_slack: spare elements after sz, for views shifted inside its buffer.
+  EmuPreparedLayer(int64_t n, int64_t k, int64_t group_size, int bits, bool act_order, DType dtype, uint32_t seed,
+                   size_t sz_slack = 0)
       : layer(n, k, group_size, bits, gptqkit::ZeroFormat::kV1, act_order, seed),
         shape(shape_of(layer, n, bits)),
         qweight(static_cast<size_t>(shape.chunks * bits * shape.padded_out)),
         chunk_group(static_cast<size_t>(shape.chunks)),
         perm(static_cast<size_t>(std::max<int64_t>(shape.positions, 1))),
-        sz(static_cast<size_t>(shape.groups * shape.padded_out * 2)) {
+        sz(static_cast<size_t>(shape.groups * shape.padded_out * 2) + sz_slack) {
     w.qweight = qweight.view(DType::kInt32, shape.chunks * bits, shape.padded_out);
     w.sz = sz.view(dtype, shape.groups, shape.padded_out);
     w.sz.ndim = 3;  // [G, Np, 2]
@@ -804,27 +806,8 @@ INSTANTIATE_TEST_SUITE_P(
                       MmaCase{200, 480, 96, true, DType::kBFloat16, {24}}));
 
 TEST(EmuGemmErrors, BadArgumentsAreRejected) {
-  gptqkit_test::RandomPackedLayer layer(128, 64, 32, 4, gptqkit::ZeroFormat::kV1, false, 3);
-  gptqkit::GpuGemmShape shape;
-  ASSERT_TRUE(gptqkit::gpu_gemm_shape(layer.g_idx_view(), 128, layer.g, 4, &shape).ok());
-  DeviceArray<int32_t> qweight(static_cast<size_t>(shape.chunks * 4 * shape.padded_out));
-  DeviceArray<uint16_t> sz(static_cast<size_t>(shape.groups * shape.padded_out * 2 + 8));
-  DeviceArray<int32_t> chunk_group(static_cast<size_t>(shape.chunks));
-  gptqkit::GpuPreparedView w;
-  w.qweight = qweight.view(DType::kInt32, shape.chunks * 4, shape.padded_out);
-  w.sz = sz.view(DType::kFloat16, shape.groups, shape.padded_out);
-  w.sz.ndim = 3;
-  w.sz.shape[2] = 2;
-  w.sz.strides[0] = shape.padded_out * 2;
-  w.sz.strides[1] = 2;
-  w.sz.strides[2] = 1;
-  w.chunk_group = chunk_group.view(DType::kInt32, shape.chunks);
-  w.bits = 4;
-  w.in_features = 64;
-  w.out_features = 128;
-  ASSERT_TRUE(gptqkit::prepare_gpu_weight(layer.qweight_view(), layer.qzeros_view(), layer.scales_view(),
-                                          layer.g_idx_view(), 4, layer.format, w, nullptr)
-                  .ok());
+  EmuPreparedLayer p(128, 64, 32, 4, false, DType::kFloat16, 3, /*sz_slack=*/8);
+  const gptqkit::GpuPreparedView& w = p.w;
   DeviceArray<uint16_t> x(2 * 64), y(2 * 128);
   // x of the wrong width, x in another dtype than the layer's, a misaligned sz.
   Status s = gptqkit::gpu_quantized_matmul(x.view(DType::kFloat16, 2, 63), w, nullptr, y.view(DType::kFloat16, 2, 128),
