@@ -110,6 +110,20 @@ void register_gpu_gemm(py::module_& m) {
       "0 when it needs none.");
 
   m.def(
+      "gpu_matmul_kernel",
+      [](const py::handle& x, const py::handle& qweight, const py::handle& sz, const py::handle& chunk_group,
+         const py::object& perm, int bits, int64_t in_features, int64_t out_features, bool with_workspace) {
+        Prepared w = borrow_prepared(qweight, sz, chunk_group, perm, bits, in_features, out_features, false);
+        auto bx = borrow_fast(x, "x", false);
+        const char* kernel = "";
+        throw_if_error(gpu_matmul_kernel(bx.view, w.view, with_workspace, &kernel));
+        return std::string(kernel);
+      },
+      py::arg("x"), py::arg("qweight"), py::arg("sz"), py::arg("chunk_group"), py::arg("perm"), py::arg("bits"),
+      py::arg("in_features"), py::arg("out_features"), py::arg("with_workspace") = true,
+      "The kernel gpu_quantized_matmul runs for this x: 'gemv', 'wgmma', 'mma' or 'tiled'.");
+
+  m.def(
       "gpu_quantized_matmul",
       [](const py::handle& x, const py::handle& qweight, const py::handle& sz, const py::handle& chunk_group,
          const py::object& perm, const py::object& bias, const py::handle& y, int bits, int64_t in_features,

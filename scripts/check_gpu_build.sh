@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compile check of the GPU backend (no GPU needed): every source in cuda/src
 # must compile with warnings as errors
-#   1. as CUDA with nvcc for sm_75, sm_80 and sm_90 (the library target, linked);
+#   1. as CUDA with nvcc for sm_75, sm_80, sm_90a and compute_90 PTX (the
+#      default targets; the library target, linked);
 #   2. as HIP with clang for gfx90a (the library target, linked) and gfx1100
 #      (device code to ISA assembly, see below).
 # Build trees: build/gpu-check-cuda, build/gpu-check-hip. Fails on any error.
@@ -38,10 +39,10 @@ check_cuda() {
   local nvcc_bin
   nvcc_bin="$(command -v nvcc || true)"
   [ -n "$nvcc_bin" ] || { missing "nvcc not found (CUDA part)"; return 0; }
-  echo "== CUDA: sm_75 + sm_80 + sm_90 with $nvcc_bin"
+  echo "== CUDA: sm_75 + sm_80 + sm_90a (+ compute_90 PTX), the default targets, with $nvcc_bin"
   local t0=$SECONDS
   "${nice_cmd[@]}" cmake -S . -B build/gpu-check-cuda "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
-    -DGPTQKIT_WITH_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc_bin" -DCMAKE_CUDA_ARCHITECTURES="75;80;90" \
+    -DGPTQKIT_WITH_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc_bin" -DCMAKE_CUDA_ARCHITECTURES="75-real;80-real;90a-real;90-virtual" \
     -DGPTQKIT_GPU_WERROR=ON -DGPTQKIT_BUILD_TESTS=OFF >/dev/null
   "${nice_cmd[@]}" cmake --build build/gpu-check-cuda --target gptqkit -j "$jobs"
   echo "== CUDA: ok ($((SECONDS - t0)) s)"

@@ -75,6 +75,8 @@ stage_build() {
   if [ -z "$arch" ]; then
     arch="$("$py" -c 'import torch; a, b = torch.cuda.get_device_capability(); print(f"{a}{b}")')" || return 1
   fi
+  # Hopper: the arch-specific target, which has the wgmma GEMM kernel.
+  [ "$arch" = 90 ] && arch=90a
   local digest stamp="build/gpu-checks-build.stamp"
   digest="$(sources_digest)-sm$arch"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] &&
@@ -114,8 +116,8 @@ stage_sanitize() {
   # The selections of docs/gpu.md and docs/gpu_gemm.md: every test but the
   # big option matrices, of which a few representative cases.
   local solver_sel='not test_gpu_matches_cpu or 4-128-True-False-False-0 or 3-32-False-True-True-8'
-  local gemm_memcheck_sel='(gpu_matches and (1-128-False-4 or 16-32-True-4 or 255-128-False-4 or 1024-128-False-4 or 33--1-False-3)) or (mma_split_k and (16-direct-float16 or 64-act_order-bfloat16)) or workspace or graph or backward or gpu_bad or gpu_dequantize'
-  local gemm_racecheck_sel='(gpu_matches and (1-128-False-4 or 16-32-True-4 or 255-128-False-4)) or (mma_split_k and 64-act_order-bfloat16)'
+  local gemm_memcheck_sel='(gpu_matches and (1-128-False-4 or 16-32-True-4 or 255-128-False-4 or 1024-128-False-4 or 33--1-False-3)) or (mma_split_k and (16-direct-float16 or 64-act_order-bfloat16)) or (wgmma_on and (65-direct-float16 or 255-act_order-bfloat16)) or kernel_routing or workspace or graph or backward or gpu_bad or gpu_dequantize'
+  local gemm_racecheck_sel='(gpu_matches and (1-128-False-4 or 16-32-True-4 or 255-128-False-4)) or (mma_split_k and 64-act_order-bfloat16) or (wgmma_on and 65-direct-float16)'
   local rc=0
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 240 "$cs" --tool memcheck --leak-check full --error-exitcode 1 \
     "$py" -m pytest -q -x -p no:cacheprovider tests/python/test_gpu_solver.py -k "$solver_sel" || rc=1

@@ -458,6 +458,33 @@ Status gpu_matmul_workspace_bytes(const TensorView& x, const GpuPreparedView& w,
   }
 }
 
+Status gpu_matmul_kernel(const TensorView& x, const GpuPreparedView& w, bool with_workspace, const char** kernel) {
+  try {
+    if (kernel == nullptr) return Status::InvalidArgument("kernel: expected a const char* to fill, got nullptr");
+    *kernel = "";
+#if !defined(GPTQKIT_HAS_GPU)
+    (void)with_workspace;
+    return Status::Unsupported(std::string("gpu_matmul_kernel: ") + kNoGpu);
+#else
+    ValidatedLayer layer;
+    GPTQKIT_RETURN_IF_ERROR(validate_prepared(w, &layer));
+    GPTQKIT_RETURN_IF_ERROR(validate_x(x, w, layer.device, layer.act));
+    if (x.shape[0] <= gpu::kGemvMaxRows) {
+      *kernel = "gemv";
+      return Status::Ok();
+    }
+    gpu::GemmArgs a = layer_args(w, layer, nullptr);
+    a.x = x.data;
+    a.m = x.shape[0];
+    const gpu::MmaPlan plan = gpu::plan_mma(a, with_workspace ? SIZE_MAX : 0);
+    *kernel = !plan.usable ? "tiled" : plan.wgmma ? "wgmma" : "mma";
+    return Status::Ok();
+#endif
+  } catch (const std::exception& e) {
+    return Status::Internal(std::string("gpu_matmul_kernel: ") + e.what());
+  }
+}
+
 Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const TensorView* bias, const TensorView& y,
                             void* stream) {
   return gpu_quantized_matmul(x, w, bias, y, nullptr, stream);

@@ -1,13 +1,19 @@
-// Launcher of the 4-bit tensor-core kernel (gemm_mma_kernel.cuh, where the
-// design is described): the split-K plan, the optional gather of x, the
-// kernel, and the reduction of the splits.
+// Launcher of the 4-bit tensor-core kernels (gemm_mma_kernel.cuh: mma.sync,
+// sm_80+; gemm_wgmma_kernel.cuh: wgmma, sm_90a, for many rows; the designs
+// are described there): the choice between them, the split-K plan, the
+// optional gather of x, the kernel, and the reduction of the splits.
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 
 #include "gemm_mma_kernel.cuh"
+#include "gemm_wgmma_kernel.cuh"
 
 namespace gptqkit::gpu {
 namespace {
+
+// One plan serves both kernels: the same column tile and stage length.
+static_assert(kWgmmaBN == kMmaBN && kWgmmaStageChunks == kMmaStageChunks, "the mma and wgmma tiles must agree");
 
 constexpr int kHelperThreads = 256;
 // A split gets at least this many pipeline stages, so that filling the ring
@@ -19,7 +25,44 @@ constexpr int kMaxSplits = 16;
 // first guess until benchmarks/bench_gpu_gemm.py has run on the target GPU).
 constexpr int64_t kBlocksPerSm = 2;
 
+// Rows from which the wgmma kernel takes a call where it can (env
+// GPTQKIT_GPU_WGMMA_MIN_ROWS; 0 turns it off). A first guess until
+// benchmarks/bench_gpu_gemm.py has run on an H100: below a few hundred rows
+// the weight stream, not the tensor rate, bounds both kernels.
+constexpr int64_t kWgmmaMinRows = 128;
+
 size_t round_up(size_t v, size_t to) { return (v + to - 1) / to * to; }
+
+int64_t wgmma_min_rows() {
+  const char* env = std::getenv("GPTQKIT_GPU_WGMMA_MIN_ROWS");
+  if (env == nullptr || *env == '\0') return kWgmmaMinRows;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  // The Python layer rejects a malformed value with an error before it gets here.
+  return (*end == '\0' && v >= 0) ? static_cast<int64_t>(v) : kWgmmaMinRows;
+}
+
+// Whether the wgmma kernel can run on `device`: the library was built with
+// sm_90a code (which the runtime then picks for compute capability 9.0, the
+// only GPUs it runs on). Asked once per device.
+bool wgmma_runs_on(int device) {
+#if GPTQKIT_GPU_IS_HIP || !GPTQKIT_CUDA_HAS_SM90A
+  (void)device;
+  return false;
+#else
+  static std::atomic<int> cache[64];  // 0 unknown, 1 yes, 2 no
+  if (device >= 0 && device < 64) {
+    const int known = cache[device].load(std::memory_order_relaxed);
+    if (known != 0) return known == 1;
+  }
+  int major = 0, minor = 0;
+  const bool yes = gpuDeviceGetAttribute(&major, gpuDevAttrComputeCapabilityMajor, device) == gpuSuccess &&
+                   gpuDeviceGetAttribute(&minor, gpuDevAttrComputeCapabilityMinor, device) == gpuSuccess &&
+                   major == 9 && minor == 0;
+  if (device >= 0 && device < 64) cache[device].store(yes ? 1 : 2, std::memory_order_relaxed);
+  return yes;
+#endif
+}
 
 // Whether the binary the runtime picked for `device` has the mma body (it is
 // compiled out below sm_80 and on ROCm). Asked once per device.
@@ -61,6 +104,30 @@ std::string launch_tile(const GemmArgs& a, const MmaPlan& plan, const uint16_t* 
   return launch_error("mma_kernel");
 }
 
+template <bool BF16, int BT>
+std::string launch_wgmma_tile(const GemmArgs& a, const MmaPlan& plan, const uint16_t* x, int x_stride,
+                              float* partial) {
+  using Smem = WgmmaSmem<BT>;
+  // More than the 48 KB a block gets by default: raised once per device.
+  static std::atomic<bool> raised[64];
+  const bool cached = a.device >= 0 && a.device < 64;
+  if (!cached || !raised[a.device].load(std::memory_order_relaxed)) {
+    const auto kernel = wgmma_kernel<BF16, BT>;  // (a template-id would split the macro's arguments)
+    if (gpuFuncSetAttribute(kernel, gpuFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Smem::kTotal)) !=
+        gpuSuccess)
+      return launch_error("wgmma_kernel (shared memory limit)");
+    if (cached) raised[a.device].store(true, std::memory_order_relaxed);
+  }
+  const dim3 grid(static_cast<unsigned>(a.np / kWgmmaBN), static_cast<unsigned>(ceil_div(a.m, BT)),
+                  static_cast<unsigned>(plan.splits));
+  GPTQKIT_LAUNCH(grid, kWgmmaThreads, Smem::kTotal, static_cast<gpuStream_t>(a.stream), wgmma_kernel<BF16, BT>)(
+      x, x_stride, a.qweight, static_cast<const uint16_t*>(a.sz), a.chunk_group,
+      static_cast<const uint16_t*>(a.bias), static_cast<uint16_t*>(a.y), partial, static_cast<int>(a.m),
+      static_cast<int>(a.n), static_cast<int>(a.np), static_cast<int>(a.chunks), static_cast<int>(a.groups),
+      plan.chunks_per_split);
+  return launch_error("wgmma_kernel");
+}
+
 template <bool BF16>
 std::string launch_act(const GemmArgs& a, const MmaPlan& plan, void* workspace) {
   const gpuStream_t stream = static_cast<gpuStream_t>(a.stream);
@@ -80,10 +147,15 @@ std::string launch_act(const GemmArgs& a, const MmaPlan& plan, void* workspace) 
   }
   float* partial = plan.splits > 1 ? reinterpret_cast<float*>(ws + plan.x_bytes) : nullptr;
   std::string err;
-  switch (plan.mf) {
-    case 1: err = launch_tile<BF16, 1>(a, plan, x, x_stride, partial); break;
-    case 2: err = launch_tile<BF16, 2>(a, plan, x, x_stride, partial); break;
-    default: err = launch_tile<BF16, 4>(a, plan, x, x_stride, partial); break;
+  if (plan.wgmma) {
+    err = plan.rows_per_tile == 64 ? launch_wgmma_tile<BF16, 64>(a, plan, x, x_stride, partial)
+                                   : launch_wgmma_tile<BF16, 128>(a, plan, x, x_stride, partial);
+  } else {
+    switch (plan.mf) {
+      case 1: err = launch_tile<BF16, 1>(a, plan, x, x_stride, partial); break;
+      case 2: err = launch_tile<BF16, 2>(a, plan, x, x_stride, partial); break;
+      default: err = launch_tile<BF16, 4>(a, plan, x, x_stride, partial); break;
+    }
   }
   if (!err.empty() || partial == nullptr) return err;
   const int64_t total = a.m * a.n;
@@ -101,7 +173,10 @@ MmaPlan plan_mma(const GemmArgs& a, size_t workspace_bytes) {
   if (a.bits != 4 || a.m <= kGemvMaxRows || a.np % kMmaBN != 0 || a.chunks <= 0) return plan;
   if (!mma_compiled_for(a.device)) return plan;
   plan.mf = a.m <= 16 ? 1 : a.m <= 32 ? 2 : 4;
-  const int64_t bm = 16 * plan.mf;
+  const int64_t wgmma_rows = wgmma_min_rows();
+  plan.wgmma = wgmma_rows > 0 && a.m >= wgmma_rows && wgmma_runs_on(a.device);
+  plan.rows_per_tile = plan.wgmma ? (a.m <= 64 ? 64 : 128) : 16 * plan.mf;
+  const int64_t bm = plan.rows_per_tile;
   // The kernel reads x as [M, Kp] with positions == columns, 16-byte rows.
   plan.gather_x = a.perm != nullptr || a.k % kChunk != 0 || reinterpret_cast<uintptr_t>(a.x) % 16 != 0;
   plan.x_bytes = plan.gather_x ? round_up(static_cast<size_t>(a.m * a.chunks * kChunk) * sizeof(uint16_t), 256) : 0;
@@ -109,7 +184,10 @@ MmaPlan plan_mma(const GemmArgs& a, size_t workspace_bytes) {
 
   const int64_t blocks = (a.np / kMmaBN) * ceil_div(a.m, bm);
   const int64_t stages = ceil_div(a.chunks, kMmaStageChunks);
-  const int64_t want = ceil_div(kBlocksPerSm * multiprocessor_count(a.device), blocks);
+  // A wgmma block (two warpgroups, ~85 KB of shared memory, ~165 registers
+  // per thread) has an SM to itself.
+  const int64_t per_sm = plan.wgmma ? 1 : kBlocksPerSm;
+  const int64_t want = ceil_div(per_sm * multiprocessor_count(a.device), blocks);
   const int64_t most = std::max<int64_t>(1, std::min<int64_t>(kMaxSplits, stages / kMinStagesPerSplit));
   int64_t splits = std::clamp<int64_t>(want, 1, most);
   // Whole stages per split, then as few splits as that spacing needs.
@@ -131,7 +209,7 @@ MmaPlan plan_mma(const GemmArgs& a, size_t workspace_bytes) {
 std::string launch_mma(const GemmArgs& a, const MmaPlan& plan, void* workspace) {
   if (!plan.usable) return "launch_mma: the plan says the mma kernel cannot take this call";
   if (plan.workspace_bytes() > 0 && workspace == nullptr) return "launch_mma: the plan needs a workspace";
-  if (a.m > 65535 * static_cast<int64_t>(16 * plan.mf))
+  if (a.m > 65535 * static_cast<int64_t>(plan.rows_per_tile))
     return "launch_mma: M = " + std::to_string(a.m) + " exceeds the grid limit";
   DeviceGuard guard(a.device);
   return a.act == Act::kBFloat16 ? launch_act<true>(a, plan, workspace) : launch_act<false>(a, plan, workspace);

@@ -45,6 +45,8 @@ using gpuDeviceProp_t = hipDeviceProp_t;
 #define gpuDeviceGetAttribute hipDeviceGetAttribute
 #define gpuDevAttrMultiProcessorCount hipDeviceAttributeMultiprocessorCount
 #define gpuDevAttrWarpSize hipDeviceAttributeWarpSize
+#define gpuDevAttrComputeCapabilityMajor hipDeviceAttributeComputeCapabilityMajor
+#define gpuDevAttrComputeCapabilityMinor hipDeviceAttributeComputeCapabilityMinor
 #define gpuDevAttrMaxSharedMemoryPerBlockOptin hipDeviceAttributeSharedMemPerBlockOptin
 #define gpuFuncSetAttribute(f, attr, v) hipFuncSetAttribute(reinterpret_cast<const void*>(f), attr, v)
 #define gpuFuncAttributeMaxDynamicSharedMemorySize hipFuncAttributeMaxDynamicSharedMemorySize
@@ -80,6 +82,8 @@ using gpuDeviceProp_t = cudaDeviceProp;
 #define gpuDeviceGetAttribute cudaDeviceGetAttribute
 #define gpuDevAttrMultiProcessorCount cudaDevAttrMultiProcessorCount
 #define gpuDevAttrWarpSize cudaDevAttrWarpSize
+#define gpuDevAttrComputeCapabilityMajor cudaDevAttrComputeCapabilityMajor
+#define gpuDevAttrComputeCapabilityMinor cudaDevAttrComputeCapabilityMinor
 #define gpuDevAttrMaxSharedMemoryPerBlockOptin cudaDevAttrMaxSharedMemoryPerBlockOptin
 #define gpuFuncSetAttribute(f, attr, v) cudaFuncSetAttribute(f, attr, v)
 #define gpuFuncAttributeMaxDynamicSharedMemorySize cudaFuncAttributeMaxDynamicSharedMemorySize
@@ -255,6 +259,78 @@ __device__ __forceinline__ uint32_t hmul2_raw(uint32_t a, uint32_t b) {
   return half2_raw_op<BF16>(a, b, [](auto x, auto y) { return __hmul2(x, y); });
 }
 #endif  // GPTQKIT_NV_TENSOR_CORES
+
+// ---- NVIDIA Hopper warpgroup MMA guard ------------------------------------------
+// True only while nvcc compiles device code for the arch-specific sm_90a
+// target (CMAKE_CUDA_ARCHITECTURES "90a-real"): wgmma exists nowhere else,
+// not in plain sm_90 code nor on newer GPUs. The host side knows whether that
+// code was built from GPTQKIT_CUDA_HAS_SM90A (cuda/CMakeLists.txt) and runs
+// it only on compute capability 9.0.
+#if GPTQKIT_NV_TENSOR_CORES && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define GPTQKIT_NV_WGMMA 1
+#else
+#define GPTQKIT_NV_WGMMA 0
+#endif
+
+#if GPTQKIT_NV_WGMMA
+// The sm_90a primitives of the wgmma GEMM kernel (gemm_wgmma_kernel.cuh);
+// the CPU emulation implements the same ones, executing each group of
+// wgmma as late as wgmma.wait_group allows.
+// Orders this thread's generic-proxy shared-memory writes (cp.async
+// included) before later async-proxy reads (wgmma operands from shared memory).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+#define GPTQKIT_WGMMA_N64_OPERANDS \
+  "{" "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+#define GPTQKIT_WGMMA_N64_PRED "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+#define GPTQKIT_WGMMA_D32(d) \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define GPTQKIT_WGMMA_N128_OPERANDS \
+  "{" "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+#define GPTQKIT_WGMMA_N128_PRED "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+#define GPTQKIT_WGMMA_D64(d) \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+// d (64 x BN, fp32) += A (64 x 16, from registers: each warp of the
+// warpgroup holds 16 rows in the m16n8k16 A-fragment layout) * B (16 x BN,
+// in shared memory, described by `desc`; K-major). Asynchronous: a, d and
+// the shared memory must stay untouched until wgmma_wait retires the group.
+template <bool BF16, int BN>
+__device__ __forceinline__ void wgmma_rs(float (&d)[BN / 2], const uint32_t (&a)[4], uint64_t desc) {
+  static_assert(BN == 64 || BN == 128, "wgmma_rs: instantiated for 64 and 128 columns");
+  if constexpr (BN == 64 && BF16) {
+    asm volatile(GPTQKIT_WGMMA_N64_PRED "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " GPTQKIT_WGMMA_N64_OPERANDS
+                 : GPTQKIT_WGMMA_D32(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
+  } else if constexpr (BN == 64) {
+    asm volatile(GPTQKIT_WGMMA_N64_PRED "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " GPTQKIT_WGMMA_N64_OPERANDS
+                 : GPTQKIT_WGMMA_D32(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
+  } else if constexpr (BF16) {
+    asm volatile(GPTQKIT_WGMMA_N128_PRED "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " GPTQKIT_WGMMA_N128_OPERANDS
+                 : GPTQKIT_WGMMA_D64(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
+  } else {
+    asm volatile(GPTQKIT_WGMMA_N128_PRED "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " GPTQKIT_WGMMA_N128_OPERANDS
+                 : GPTQKIT_WGMMA_D64(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
+  }
+}
+#endif  // GPTQKIT_NV_WGMMA
 
 // ---- kernel launch -----------------------------------------------------------------
 // GPTQKIT_LAUNCH(grid, block, smem_bytes, stream, kernel)(args...) is

@@ -33,13 +33,15 @@ constexpr int64_t kGemvMaxRows = 8;
 std::string launch_gemv(const GemmArgs& a);
 // Any M: tiles of 16 or 64 rows x 64 columns.
 std::string launch_tiled(const GemmArgs& a);
-// The 4-bit tensor-core kernel (M > 8, sm_80+ NVIDIA): how it would take a
-// call. Not usable (the tiled kernel runs instead) for other bit widths,
+// The 4-bit tensor-core kernels (M > 8, sm_80+ NVIDIA; wgmma on sm_90a from
+// GPTQKIT_GPU_WGMMA_MIN_ROWS rows): how they would take a call. Not usable (the tiled kernel runs instead) for other bit widths,
 // binaries without sm_80 code, ROCm, or when x must be gathered and there is
 // no workspace for it.
 struct MmaPlan {
   bool usable = false;
-  int mf = 1;                 // tiles of 16 * mf rows
+  bool wgmma = false;         // the sm_90a wgmma kernel (many rows, H100/H200) instead of mma.sync
+  int mf = 1;                 // mma.sync: tiles of 16 * mf rows
+  int rows_per_tile = 16;     // rows of x per block (16 * mf, or 64 / 128 for wgmma)
   int splits = 1;             // K split across blocks: float32 partial sums, then a reduction
   int chunks_per_split = 0;
   bool gather_x = false;      // x first gathered into [M, Kp] (act-order, K % 32 != 0, misaligned x)

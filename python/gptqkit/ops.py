@@ -13,12 +13,14 @@ layer at load time by :func:`prepare_layout`:
 * ``qweight`` int32 ``[C * bits, Np]``, ``sz`` float16/bfloat16 ``[G, Np, 2]``,
   ``chunk_group`` int32 ``[C]`` and ``perm`` int32 ``[32 C]`` (or ``None``).
 
-Routing by the number of rows ``M`` of ``x``: ``M <= 8`` a bandwidth-bound GEMV
-kernel; larger ``M`` the 4-bit tensor-core kernel with K split across blocks
-(sm_80+ NVIDIA) or, for other bit widths and GPUs, a tiled kernel; and from
-``GPTQKIT_GPU_DENSE_MIN_ROWS`` rows (default 1024) dequantization to a dense
-fp16/bf16 weight followed by torch's GEMM (cuBLAS / hipBLAS), which is faster
-once the multiply is compute-bound.
+Routing by the number of rows ``M`` of ``x`` (:func:`matmul_kernel` tells which):
+``M <= 8`` a bandwidth-bound GEMV kernel; larger ``M`` the 4-bit tensor-core
+kernel with K split across blocks (mma.sync on sm_80+ NVIDIA; on Hopper from
+``GPTQKIT_GPU_WGMMA_MIN_ROWS`` rows, default 128, a warpgroup-MMA kernel that
+reaches the tensor rate cuBLAS does) or, for other bit widths and GPUs, a
+tiled kernel; and from ``GPTQKIT_GPU_DENSE_MIN_ROWS`` rows (default 1024)
+dequantization to a dense fp16/bf16 weight followed by torch's GEMM (cuBLAS /
+hipBLAS).
 
 On the CPU the op runs a slow pure-torch reference of the same layout (for
 tests and for ``torch.library.opcheck``); CPU inference uses
@@ -35,7 +37,7 @@ import torch
 from gptqkit._native import _C
 
 __all__ = ["GpuLayout", "prepare_layout", "quantized_matmul", "dequantize_layout", "gpu_backend",
-           "require_gpu_backend", "gpu_unavailable_reason", "dense_min_rows"]
+           "require_gpu_backend", "gpu_unavailable_reason", "dense_min_rows", "wgmma_min_rows", "matmul_kernel"]
 
 _GPU_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -78,6 +80,34 @@ def dense_min_rows() -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"GPTQKIT_GPU_DENSE_MIN_ROWS: expected an integer, got {value!r}") from None
+
+
+def wgmma_min_rows() -> int:
+    """Rows of ``x`` from which Hopper GPUs run the wgmma kernel (env ``GPTQKIT_GPU_WGMMA_MIN_ROWS``, 0: never).
+
+    The native library reads the variable itself; this checks it, so that a
+    malformed value is an error instead of the default.
+    """
+    value = os.environ.get("GPTQKIT_GPU_WGMMA_MIN_ROWS", "128")
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = -1
+    if rows < 0:
+        raise ValueError(f"GPTQKIT_GPU_WGMMA_MIN_ROWS: expected an integer >= 0 (0 turns the wgmma kernel off), "
+                         f"got {value!r}")
+    return rows
+
+
+def matmul_kernel(x: torch.Tensor, layout: "GpuLayout") -> str:
+    """The kernel :func:`quantized_matmul` runs for ``x`` (a GPU tensor) and ``layout``:
+    ``"gemv"``, ``"wgmma"``, ``"mma"``, ``"tiled"`` or ``"dense"`` (dequantize + torch's GEMM)."""
+    require_gpu_backend()
+    if x.shape[0] >= dense_min_rows():
+        return "dense"
+    wgmma_min_rows()
+    return str(_C.gpu_matmul_kernel(x.contiguous(), layout.qweight, layout.sz, layout.chunk_group, layout.perm,
+                                    layout.bits, layout.in_features, layout.out_features, True))
 
 
 class GpuLayout(NamedTuple):
@@ -219,6 +249,7 @@ def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, c
         y = torch.empty((x.shape[0], out_features), dtype=x.dtype, device=x.device)
         workspace = None
         if x.shape[0] > _C.GPU_GEMV_MAX_ROWS:
+            wgmma_min_rows()  # a malformed GPTQKIT_GPU_WGMMA_MIN_ROWS is an error
             # Scratch for split-K partial sums / act-order x, from torch's caching
             # allocator (reused across layers, and recorded by CUDA graphs).
             nbytes = _C.gpu_matmul_workspace_bytes(x, qweight, sz, chunk_group, perm, bits, in_features,

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <tuple>
@@ -804,6 +805,70 @@ INSTANTIATE_TEST_SUITE_P(
                       MmaCase{128, 1000, 128, false, DType::kFloat16, {20}},     // K % 32 != 0: x gathered
                       MmaCase{256, 640, 32, true, DType::kFloat16, {16, 48}},     // act-order: x gathered through perm
                       MmaCase{200, 480, 96, true, DType::kBFloat16, {24}}));
+
+// The sm_90a wgmma kernel: the emulated tensor-core target is a
+// compute-capability-9.0 GPU with sm_90a code, where it takes calls from
+// GPTQKIT_GPU_WGMMA_MIN_ROWS rows (128 by default; 9 here, so that the
+// 64-token tile is covered as well as the 128-token one). Partial token
+// tiles, K split 2-4 ways, splits that end mid-stage, gathered x.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    const char* old = std::getenv(name);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    if (value != nullptr) setenv(name, value, 1); else unsetenv(name);
+  }
+  ~ScopedEnv() {
+    if (had_) setenv(name_, old_.c_str(), 1); else unsetenv(name_);
+  }
+
+ private:
+  const char* name_;
+  bool had_ = false;
+  std::string old_;
+};
+
+class EmuGemmWgmma : public ::testing::TestWithParam<MmaCase> {};
+
+TEST_P(EmuGemmWgmma, TokenTilesSplitsAndGatheredCallsMatchTheOracle) {
+  const MmaCase c = GetParam();
+  EmuPreparedLayer p(c.n, c.k, c.group_size, 4, c.act_order, c.dtype, 93);
+  const ScopedEnv env("GPTQKIT_GPU_WGMMA_MIN_ROWS", "9");
+  const bool gathered = c.act_order || c.k % 32 != 0;
+  const int64_t before = emu_device::launches("wgmma_kernel");
+  for (const int64_t m : c.rows) {
+    p.check_matmul(m, true, static_cast<uint32_t>(m) + 3000);
+    p.check_matmul(m, false, static_cast<uint32_t>(m) + 4000);  // gathered x needs a workspace: mma elsewhere
+  }
+  const int64_t expected = emu_device::tensor_cores() ? static_cast<int64_t>(c.rows.size()) * (gathered ? 1 : 2) : 0;
+  EXPECT_EQ(emu_device::launches("wgmma_kernel") - before, expected) << target();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Emulated, EmuGemmWgmma,
+    ::testing::Values(MmaCase{256, 1024, 128, false, DType::kFloat16, {9, 64, 65, 130}},
+                      MmaCase{130, 928, 64, false, DType::kBFloat16, {12, 100}},  // 29 chunks: a split ends mid-stage
+                      MmaCase{128, 1000, 128, false, DType::kBFloat16, {70}},    // K % 32 != 0: x gathered
+                      MmaCase{256, 640, 32, true, DType::kFloat16, {40}}));       // act-order: x gathered through perm
+
+TEST(EmuGemmWgmmaRouting, FromTheRowThresholdAndNeverWhenTurnedOff) {
+  EmuPreparedLayer p(128, 256, 128, 4, false, DType::kFloat16, 5);
+  auto wgmma_ran = [&](int64_t m) {
+    const int64_t before = emu_device::launches("wgmma_kernel");
+    p.check_matmul(m, true, static_cast<uint32_t>(m));
+    return emu_device::launches("wgmma_kernel") > before;
+  };
+  {
+    const ScopedEnv env("GPTQKIT_GPU_WGMMA_MIN_ROWS", nullptr);  // default: 128
+    EXPECT_FALSE(wgmma_ran(127));
+    EXPECT_EQ(wgmma_ran(128), emu_device::tensor_cores());
+  }
+  {
+    const ScopedEnv env("GPTQKIT_GPU_WGMMA_MIN_ROWS", "0");  // off
+    EXPECT_FALSE(wgmma_ran(200));
+  }
+}
 
 TEST(EmuGemmErrors, BadArgumentsAreRejected) {
   EmuPreparedLayer p(128, 64, 32, 4, false, DType::kFloat16, 3, /*sz_slack=*/8);

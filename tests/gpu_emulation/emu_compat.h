@@ -39,6 +39,7 @@
 #include <deque>
 #include <numeric>
 #include <random>
+#include <string>
 #include <functional>
 #include <vector>
 
@@ -57,11 +58,13 @@
 #define GPTQKIT_GPU_EMULATION 1
 #define GPTQKIT_GPU_IS_HIP 0
 #define GPTQKIT_NV_TENSOR_CORES EMU_TC
+#define GPTQKIT_NV_WGMMA EMU_TC
+#define GPTQKIT_CUDA_HAS_SM90A EMU_TC
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 
@@ -86,10 +89,19 @@ namespace emu {
 // scheduler then runs the next runnable one. When every live fiber waits,
 // warps whose live lanes all wait at a warp collective are released, else
 // the block barrier is released once every thread has reached it.
-enum class Wait : uint8_t { kNone, kBlock, kWarp };
+enum class Wait : uint8_t { kNone, kBlock, kWarp, kWarpgroup };
 struct Copy {
   void* dst;
   unsigned char data[16];
+};
+// One wgmma of a thread: where its accumulators and A registers live (read
+// and written only when the group retires) and the B descriptor.
+struct Wgmma {
+  float* d;
+  const uint32_t* a;
+  uint64_t desc;
+  int bn;
+  bool bf16;
 };
 struct Fiber {
   ucontext_t ctx;
@@ -98,6 +110,8 @@ struct Fiber {
   Wait wait = Wait::kNone;
   std::vector<Copy> pending;                // cp.async issued, not committed
   std::deque<std::vector<Copy>> groups;     // committed, not yet landed
+  std::vector<Wgmma> wgmma_pending;         // issued, not committed
+  std::deque<std::vector<Wgmma>> wgmma_groups;  // committed, not yet retired
 };
 inline std::vector<Fiber> fibers;
 inline std::vector<std::vector<char>> stacks;
@@ -105,6 +119,7 @@ inline int current = 0;
 inline ucontext_t scheduler;
 inline dim3 block_idx, block_dim, grid_dim;
 inline const char* kernel_name = "";
+inline std::vector<std::string> launched;  // kernel names, in launch order (tests ask which kernel ran)
 inline const std::function<void()>* body = nullptr;
 constexpr size_t kDynamicSmemBytes = 1 << 17;
 alignas(16) inline unsigned char dynamic_smem[kDynamicSmemBytes];
@@ -126,6 +141,7 @@ inline void wait_at(Wait w) {
 }
 inline void block_sync() { wait_at(Wait::kBlock); }
 inline void warp_sync() { wait_at(Wait::kWarp); }
+inline void warpgroup_sync() { wait_at(Wait::kWarpgroup); }
 
 inline void trampoline() {
   (*body)();
@@ -159,6 +175,25 @@ inline bool release(int n) {
     released = true;
   }
   if (released) return true;
+  // Warpgroups (4 consecutive warps of 32) whose threads all wait at a
+  // warpgroup collective (wgmma.wait_group).
+  for (int g0 = 0; g0 < n; g0 += 128) {
+    const int g1 = g0 + 128 < n ? g0 + 128 : n;
+    int waiting = 0, ended = 0;
+    for (int t = g0; t < g1; ++t) {
+      waiting += fibers[static_cast<size_t>(t)].wait == Wait::kWarpgroup && !fibers[static_cast<size_t>(t)].done ? 1 : 0;
+      ended += fibers[static_cast<size_t>(t)].done ? 1 : 0;
+    }
+    if (waiting == 0) continue;
+    if (g1 - g0 != 128) fail("warpgroup collective in a block that is not a whole number of warpgroups");
+    if (waiting != g1 - g0) {
+      if (waiting + ended == g1 - g0) fail("warpgroup collective with threads that have left the kernel");
+      continue;
+    }
+    for (int t = g0; t < g1; ++t) fibers[static_cast<size_t>(t)].wait = Wait::kNone;
+    released = true;
+  }
+  if (released) return true;
   if (at_block == n - done) {
     if (done != 0) fail("__syncthreads that some threads of the block never reach (they returned)");
     for (Fiber& f : fibers) f.wait = Wait::kNone;
@@ -182,6 +217,7 @@ inline Schedule schedule() {
 inline void launch(dim3 grid, dim3 block, size_t smem, const char* name, const std::function<void()>& fn) {
   const int n = static_cast<int>(block.x);
   kernel_name = name;
+  launched.emplace_back(name);
   if (block.y != 1 || block.z != 1) fail("unsupported launch shape (block.y or block.z > 1)");
   if (n < 1 || n > 1024) fail("block size outside 1..1024");
   if (smem > kDynamicSmemBytes) fail("dynamic shared memory larger than the emulation provides");
@@ -417,6 +453,100 @@ inline uint32_t emu_half2_op(uint32_t a, uint32_t b, int op) {
     out |= static_cast<uint32_t>(bits) << (16 * h);
   }
   return out;
+}
+// ---- sm_90a warpgroup MMA ----------------------------------------------------------
+// Shared addresses are offsets into the dynamic shared memory plus a base
+// that is 16- but not 1024-aligned, so a kernel that assumes an aligned
+// window for the 128-byte swizzle gets the hardware's (address-based)
+// pattern wrong here.
+constexpr uint32_t kEmuSmemWindowBase = 0x90;
+inline uint32_t smem_addr(const void* p) {
+  const unsigned char* b = static_cast<const unsigned char*>(p);
+  if (b < emu::dynamic_smem || b > emu::dynamic_smem + emu::kDynamicSmemBytes)
+    emu::fail("smem_addr of a pointer outside the dynamic shared memory");
+  return kEmuSmemWindowBase + static_cast<uint32_t>(b - emu::dynamic_smem);
+}
+inline void fence_proxy_async() {}
+inline void wgmma_fence() {}
+// Records the operation; it runs when a wgmma_wait retires its group: the
+// A registers, the accumulators and the shared-memory B are read then (the
+// latest the ISA allows), so inputs changed before the wait give wrong sums.
+template <bool BF16, int BN>
+inline void wgmma_rs(float (&d)[BN / 2], const uint32_t (&a)[4], uint64_t desc) {
+  static_assert(BN == 64 || BN == 128, "wgmma_rs: instantiated for 64 and 128 columns");
+  emu::fibers[static_cast<size_t>(emu::current)].wgmma_pending.push_back(emu::Wgmma{d, a, desc, BN, BF16});
+}
+inline void wgmma_commit() {
+  emu::Fiber& f = emu::fibers[static_cast<size_t>(emu::current)];
+  f.wgmma_groups.push_back(f.wgmma_pending);
+  f.wgmma_pending.clear();
+}
+// B element (k, n) of a K-major operand in the 128-byte swizzle layout:
+// row n at (n / 8) * stride + (n % 8) * 128 from the start, k at 2k bytes,
+// then the 16-byte piece (address bits 4-6) XOR the row in the atom (bits 7-9).
+inline const unsigned char* emu_sw128_element(uint64_t desc, int k, int n) {
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFFu) << 4;
+  const uint32_t stride = static_cast<uint32_t>((desc >> 32) & 0x3FFFu) << 4;
+  if ((desc >> 62) != 1u) emu::fail("wgmma descriptor: only the 128-byte swizzle layout is emulated");
+  if (((desc >> 49) & 7u) != 0u) emu::fail("wgmma descriptor: a non-zero base offset is not emulated");
+  uint32_t addr = start + static_cast<uint32_t>(n / 8) * stride + static_cast<uint32_t>(n % 8) * 128u + 2u * k;
+  addr ^= ((addr >> 7) & 7u) << 4;
+  if (addr < kEmuSmemWindowBase || addr + 2 > kEmuSmemWindowBase + emu::kDynamicSmemBytes)
+    emu::fail("wgmma B operand outside the dynamic shared memory");
+  return emu::dynamic_smem + (addr - kEmuSmemWindowBase);
+}
+// Retires the warpgroup's oldest groups until at most N are pending: one
+// thread computes every thread's accumulators (A in the m16n8k16 layout per
+// warp; D: d[4i + e] at row 16 warp + lane / 4 + 8 (e / 2), column
+// 8i + 2 (lane % 4) + e % 2).
+template <int N>
+inline void wgmma_wait() {
+  const int t = emu::tid(), g0 = t - t % 128;
+  emu::warpgroup_sync();
+  if (t == g0) {
+    auto& lead = emu::fibers[static_cast<size_t>(g0)].wgmma_groups;
+    while (static_cast<int>(lead.size()) > N) {
+      const size_t ops = lead.front().size();
+      for (int u = g0; u < g0 + 128; ++u) {
+        const auto& q = emu::fibers[static_cast<size_t>(u)].wgmma_groups;
+        if (q.size() != lead.size() || q.front().size() != ops) emu::fail("wgmma groups differ between the threads of a warpgroup");
+      }
+      for (size_t op = 0; op < ops; ++op) {
+        const emu::Wgmma& w0 = lead.front()[op];
+        auto A = [&](int row, int k) {
+          const int warp = row / 16, r = row % 16;
+          const int lane = (r % 8) * 4 + (k % 8) / 2, reg = (r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+          const uint32_t word = emu::fibers[static_cast<size_t>(g0 + warp * 32 + lane)].wgmma_groups.front()[op].a[reg];
+          return w0.bf16 ? emu_half<true>(word, k % 2) : emu_half<false>(word, k % 2);
+        };
+        auto B = [&](int k, int n) {
+          uint16_t h;
+          std::memcpy(&h, emu_sw128_element(w0.desc, k, n), 2);
+          return w0.bf16 ? gptqkit::bf16_to_float(h) : gptqkit::fp16_to_float(h);
+        };
+        std::vector<float> out(static_cast<size_t>(64 * w0.bn));
+        for (int row = 0; row < 64; ++row)
+          for (int n = 0; n < w0.bn; ++n) {
+            const int warp = row / 16, r = row % 16;
+            const int lane = (r % 8) * 4 + (n % 8) / 2, e = (r >= 8 ? 2 : 0) + n % 2;
+            const emu::Wgmma& mine = emu::fibers[static_cast<size_t>(g0 + warp * 32 + lane)].wgmma_groups.front()[op];
+            if (mine.desc != w0.desc || mine.bn != w0.bn) emu::fail("wgmma operands differ between the threads of a warpgroup");
+            float acc = mine.d[4 * (n / 8) + e];
+            for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, n);
+            out[static_cast<size_t>(row * w0.bn + n)] = acc;
+          }
+        for (int row = 0; row < 64; ++row)
+          for (int n = 0; n < w0.bn; ++n) {
+            const int warp = row / 16, r = row % 16;
+            const int lane = (r % 8) * 4 + (n % 8) / 2, e = (r >= 8 ? 2 : 0) + n % 2;
+            emu::fibers[static_cast<size_t>(g0 + warp * 32 + lane)].wgmma_groups.front()[op].d[4 * (n / 8) + e] =
+                out[static_cast<size_t>(row * w0.bn + n)];
+          }
+      }
+      for (int u = g0; u < g0 + 128; ++u) emu::fibers[static_cast<size_t>(u)].wgmma_groups.pop_front();
+    }
+  }
+  emu::warpgroup_sync();
 }
 template <bool BF16> inline uint32_t hadd2_raw(uint32_t a, uint32_t b) { return emu_half2_op<BF16>(a, b, 0); }
 template <bool BF16> inline uint32_t hsub2_raw(uint32_t a, uint32_t b) { return emu_half2_op<BF16>(a, b, 1); }

@@ -19,5 +19,10 @@ size_t live_buffers() { return emu::device_buffers.size(); }
 void fail_allocation_after(int skip) { emu::fail_after = skip; }
 int warp_size() { return kWarpSize; }
 bool tensor_cores() { return EMU_TC != 0; }
+int64_t launches(const char* prefix) {
+  int64_t count = 0;
+  for (const std::string& name : emu::launched) count += name.rfind(prefix, 0) == 0 ? 1 : 0;
+  return count;
+}
 
 }  // namespace emu_device

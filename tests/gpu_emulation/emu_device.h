@@ -18,5 +18,8 @@ size_t live_buffers();
 void fail_allocation_after(int skip);
 int warp_size();
 bool tensor_cores();
+// Launches so far of kernels whose name (as written at the launch, e.g.
+// "wgmma_kernel<BF16, BT>") starts with `prefix`.
+int64_t launches(const char* prefix);
 
 }  // namespace emu_device

@@ -25,7 +25,13 @@ constexpr gpuError_t gpuSuccess = 0;
 constexpr gpuError_t gpuErrorMemoryAllocation = 2;
 constexpr gpuError_t gpuErrorInvalidValue = 1;
 enum gpuMemcpyKind { gpuMemcpyHostToDevice, gpuMemcpyDeviceToHost, gpuMemcpyDeviceToDevice };
-enum gpuDeviceAttr { gpuDevAttrMultiProcessorCount, gpuDevAttrWarpSize, gpuDevAttrMaxSharedMemoryPerBlockOptin };
+enum gpuDeviceAttr {
+  gpuDevAttrMultiProcessorCount,
+  gpuDevAttrWarpSize,
+  gpuDevAttrMaxSharedMemoryPerBlockOptin,
+  gpuDevAttrComputeCapabilityMajor,
+  gpuDevAttrComputeCapabilityMinor
+};
 struct gpuFuncAttributes {
   int binaryVersion;
 };
@@ -86,6 +92,9 @@ inline gpuError_t gpuDeviceGetAttribute(int* value, gpuDeviceAttr attr, int /*de
     case gpuDevAttrMultiProcessorCount: *value = 4; break;
     case gpuDevAttrWarpSize: *value = kWarpSize; break;
     case gpuDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(emu::kDynamicSmemBytes); break;
+    // The tensor-core target is an H100 (9.0: the wgmma kernel runs), the other a T4-class GPU.
+    case gpuDevAttrComputeCapabilityMajor: *value = EMU_TC ? 9 : 7; break;
+    case gpuDevAttrComputeCapabilityMinor: *value = EMU_TC ? 0 : 5; break;
   }
   return gpuSuccess;
 }

@@ -156,6 +156,19 @@ def test_native_prepare_validates_outputs(gptqkit):
         _C.gpu_gemm_shape(torch.full((64,), 5, dtype=torch.int32), 24, 2, 4)
 
 
+def test_wgmma_min_rows_is_checked(gptqkit, monkeypatch):
+    from gptqkit import ops
+
+    monkeypatch.delenv("GPTQKIT_GPU_WGMMA_MIN_ROWS", raising=False)
+    assert ops.wgmma_min_rows() == 128
+    monkeypatch.setenv("GPTQKIT_GPU_WGMMA_MIN_ROWS", "0")
+    assert ops.wgmma_min_rows() == 0
+    for bad in ("-1", "lots", "1.5"):
+        monkeypatch.setenv("GPTQKIT_GPU_WGMMA_MIN_ROWS", bad)
+        with pytest.raises(ValueError, match="expected an integer >= 0"):
+            ops.wgmma_min_rows()
+
+
 def test_build_without_gpu_says_how_to_rebuild(gptqkit):
     from gptqkit import ops
     from gptqkit._native import _C
@@ -244,6 +257,70 @@ def test_gpu_mma_split_k_on_a_real_shape(gptqkit, monkeypatch, dtype, act_order,
     for name, y in (("workspace", y_split), ("no workspace", y_plain)):
         err = (y.cpu().double() - ref).abs()
         assert (err <= bound).all(), f"{name}: max error {err.max():.3g}, worst ratio {(err / bound).max():.3g}"
+
+
+def _wgmma_expected():
+    """Whether this GPU runs the wgmma kernel: Hopper (compute capability 9.0) with the default build (sm_90a)."""
+    from gptqkit import ops
+
+    return ops.gpu_backend() == "cuda" and torch.cuda.get_device_capability() == (9, 0)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("act_order", [False, True], ids=["direct", "act_order"])
+@pytest.mark.parametrize("m", [9, 64, 65, 128, 255, 1024])
+def test_gpu_wgmma_on_a_real_shape(gptqkit, monkeypatch, dtype, act_order, m):
+    """The Hopper wgmma kernel (token tiles of 64 and 128, partial tiles, split K, act-order x gathered) at a 7B
+    layer's width, forced on from 9 rows: within the oracle's bound, deterministic, and on an H100 really the
+    kernel that ran. Elsewhere the same calls take the mma.sync or tiled kernel."""
+    from gptqkit import ops
+
+    monkeypatch.setenv("GPTQKIT_GPU_DENSE_MIN_ROWS", "1000000000")
+    monkeypatch.setenv("GPTQKIT_GPU_WGMMA_MIN_ROWS", "9")
+    n, k = 4000, 4096  # N not a multiple of the 128-column tile
+    packed = random_packed_layer(gptqkit, n, k, 4, 128, act_order=act_order, seed=m + 7)
+    lay = _layout(gptqkit, packed, dtype=dtype, device="cuda")
+    w = _oracle(packed).double()
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ref = x.double() @ w.T + bias.double()
+    xc = x.cuda()
+    kernel = ops.matmul_kernel(xc, lay)
+    if _wgmma_expected():
+        assert kernel == "wgmma", (f"an H100/H200 should run the wgmma kernel at M = {m}, got {kernel!r}: was gptqkit "
+                                   "built without sm_90a code (CMAKE_CUDA_ARCHITECTURES must name 90a, not 90)?")
+    y = _call(lay, xc, bias.cuda())
+    assert torch.equal(_call(lay, xc, bias.cuda()), y), "repeated calls must give identical bits"
+    err = (y.cpu().double() - ref).abs()
+    bound = _bound(x, w, ref, dtype)
+    assert (err <= bound).all(), f"{kernel}: max error {err.max():.3g}, worst ratio {(err / bound).max():.3g}"
+
+
+@gpu
+def test_gpu_kernel_routing(gptqkit, monkeypatch):
+    """matmul_kernel names the kernel each M takes, and the row thresholds move it."""
+    from gptqkit import ops
+
+    monkeypatch.delenv("GPTQKIT_GPU_WGMMA_MIN_ROWS", raising=False)
+    monkeypatch.delenv("GPTQKIT_GPU_DENSE_MIN_ROWS", raising=False)
+    packed = random_packed_layer(gptqkit, 512, 1024, 4, 128)
+    lay = _layout(gptqkit, packed, device="cuda")
+
+    def kernel(m):
+        return ops.matmul_kernel(torch.randn(m, 1024, device="cuda").half(), lay)
+
+    tensor_cores = ops.gpu_backend() == "cuda" and torch.cuda.get_device_capability()[0] >= 8
+    assert kernel(1) == kernel(8) == "gemv"
+    assert kernel(16) == ("mma" if tensor_cores else "tiled")
+    assert kernel(127) == ("mma" if tensor_cores else "tiled")
+    assert kernel(128) == ("wgmma" if _wgmma_expected() else "mma" if tensor_cores else "tiled")
+    assert kernel(1024) == "dense"
+    monkeypatch.setenv("GPTQKIT_GPU_WGMMA_MIN_ROWS", "0")
+    assert kernel(512) == ("mma" if tensor_cores else "tiled")
+    monkeypatch.setenv("GPTQKIT_GPU_WGMMA_MIN_ROWS", "many")
+    with pytest.raises(ValueError, match="GPTQKIT_GPU_WGMMA_MIN_ROWS"):
+        _call(lay, torch.randn(16, 1024, device="cuda").half())
 
 
 @gpu

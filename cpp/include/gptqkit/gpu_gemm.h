@@ -98,9 +98,10 @@ Status prepare_gpu_weight(const TensorView& qweight, const TensorView& qzeros, c
 // on w's device; y must not overlap x or bias. Accumulation is in float32.
 // Kernel choice: M <= 8 a bandwidth-bound GEMV kernel (the weight streamed
 // once, up to 8 rows of x at a time); larger M, 4-bit, sm_80+ NVIDIA: a
-// tensor-core kernel that splits K across blocks when the output alone has
-// too few tiles to fill the GPU; otherwise a tiled kernel (tensor cores on
-// sm_80+, a SIMT path on other GPUs and ROCm).
+// tensor-core kernel (mma.sync; from 128 rows on Hopper, wgmma) that splits
+// K across blocks when the output alone has too few tiles to fill the GPU;
+// otherwise a tiled kernel (tensor cores on sm_80+, a SIMT path on other
+// GPUs and ROCm). gpu_matmul_kernel tells which.
 // `workspace` (may be nullptr): device scratch of at least
 // gpu_matmul_workspace_bytes(x, w) bytes (any dtype, C-contiguous, 16-byte
 // aligned, on w's device, overlapping nothing else), for the split-K
@@ -118,6 +119,13 @@ Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const
 // without the tensor-core kernel). Depends on x's rows and alignment, the
 // layer and the device's SM count.
 Status gpu_matmul_workspace_bytes(const TensorView& x, const GpuPreparedView& w, size_t* bytes);
+
+// Which kernel gpu_quantized_matmul runs for this x (validated like the
+// matmul's), given a workspace of gpu_matmul_workspace_bytes or none:
+// "gemv" (M <= 8), "wgmma" (4-bit, Hopper with sm_90a code, from
+// GPTQKIT_GPU_WGMMA_MIN_ROWS rows, default 128; 0 turns it off), "mma"
+// (4-bit, sm_80+ NVIDIA) or "tiled". For benchmarks, tests and diagnostics.
+Status gpu_matmul_kernel(const TensorView& x, const GpuPreparedView& w, bool with_workspace, const char** kernel);
 
 // weight[N, K] = dequant(W) in the dtype of w.sz, in the original column
 // order (act-order undone), enqueued on `stream`: the first half of the
