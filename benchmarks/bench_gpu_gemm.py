@@ -10,6 +10,12 @@ For each weight shape K x N (issue 6) and each batch M it times, per call:
   type it takes), weight from ``torch.ops.aten._convert_weight_to_int4pack``
   (uint8 ``[N, K/2]``, innerKTiles 8) and bf16 ``scales_and_zeros [G, N, 2]``.
 
+The ``kernel`` column names what the op ran (``gemv``, ``mma``, ``wgmma``,
+``tiled`` or ``dense`` = dequantize + cuBLAS); from ``--paths-from`` rows the
+native kernel and dequantize + cuBLAS are timed apart, and on Hopper also the
+mma.sync kernel where wgmma runs (``GPTQKIT_GPU_WGMMA_MIN_ROWS=0``): where the
+two routing thresholds should be.
+
 Method: every contender runs inside a CUDA graph that makes ``--calls`` calls
 in a row; each call uses the next of several copies of the weight, enough
 copies that together they exceed twice the L2 cache, so every call streams
@@ -94,21 +100,24 @@ def time_graph(fn_list, x, calls, reps):
     return best
 
 
-class dense_min_rows:
-    """Sets GPTQKIT_GPU_DENSE_MIN_ROWS (read by the op at each call, so also while a graph is captured)."""
+class env_vars:
+    """Sets environment variables for a block (the op and the native library read the routing thresholds
+    GPTQKIT_GPU_DENSE_MIN_ROWS / GPTQKIT_GPU_WGMMA_MIN_ROWS at each call, so also while a graph is captured)."""
 
-    def __init__(self, value):
-        self.value, self.saved = str(value), None
+    def __init__(self, **values):
+        self.values, self.saved = {k: str(v) for k, v in values.items()}, {}
 
     def __enter__(self):
-        self.saved = os.environ.get("GPTQKIT_GPU_DENSE_MIN_ROWS")
-        os.environ["GPTQKIT_GPU_DENSE_MIN_ROWS"] = self.value
+        for name, value in self.values.items():
+            self.saved[name] = os.environ.get(name)
+            os.environ[name] = value
 
     def __exit__(self, *exc):
-        if self.saved is None:
-            os.environ.pop("GPTQKIT_GPU_DENSE_MIN_ROWS", None)
-        else:
-            os.environ["GPTQKIT_GPU_DENSE_MIN_ROWS"] = self.saved
+        for name, value in self.saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def bench_shape(k, n, ms, args, gen, l2):
@@ -147,8 +156,9 @@ def bench_shape(k, n, ms, args, gen, l2):
                 t_tiny = time_graph(tfn, xb, args.calls, args.reps)
             except Exception as exc:  # pragma: no cover
                 tiny_err = f"{type(exc).__name__}: {exc}"
-        row = {"K": k, "N": n, "M": m, "gptqkit_us": t_ours, "fp16_us": t_fp16, "tinygemm_us": t_tiny,
-               "speedup_vs_fp16": t_fp16 / t_ours, "speedup_vs_tinygemm": (t_tiny / t_ours) if t_tiny else None}
+        row = {"K": k, "N": n, "M": m, "kernel": matmul_kernel(x, lay0), "gptqkit_us": t_ours, "fp16_us": t_fp16,
+               "tinygemm_us": t_tiny, "speedup_vs_fp16": t_fp16 / t_ours,
+               "speedup_vs_tinygemm": (t_tiny / t_ours) if t_tiny else None}
         if m > 8:
             # The same kernels without the op's workspace: no split-K (and the
             # tiled kernel for act-order layers, whose x gather needs scratch),
@@ -158,24 +168,34 @@ def bench_shape(k, n, ms, args, gen, l2):
         if m >= args.paths_from:
             # Both large-M paths, whatever the default crossover picks: where
             # GPTQKIT_GPU_DENSE_MIN_ROWS should be.
-            with dense_min_rows(1 << 30):
+            with env_vars(GPTQKIT_GPU_DENSE_MIN_ROWS=1 << 30):
                 row["kernel_us"] = time_graph(ours, x, args.calls, args.reps)
-            with dense_min_rows(1):
+                if matmul_kernel(x, lay0) == "wgmma":  # and the mma.sync kernel it replaces on Hopper
+                    with env_vars(GPTQKIT_GPU_WGMMA_MIN_ROWS=0):
+                        row["mma_us"] = time_graph(ours, x, args.calls, args.reps)
+            with env_vars(GPTQKIT_GPU_DENSE_MIN_ROWS=1):
                 row["dense_us"] = time_graph(ours, x, args.calls, args.reps)
         if m == 1:
             act = 2 * (k + n)
             row["gptqkit_GBps"] = (q_bytes + act) / t_ours / 1e3
             row["fp16_GBps"] = (w16_bytes + act) / t_fp16 / 1e3
         rows.append(row)
-        print(f"K={k:6d} N={n:6d} M={m:5d}  gptqkit {t_ours:9.2f} us  fp16 {t_fp16:9.2f} us  "
+        print(f"K={k:6d} N={n:6d} M={m:5d}  gptqkit ({row['kernel']}) {t_ours:9.2f} us  fp16 {t_fp16:9.2f} us  "
               f"tinygemm {t_tiny if t_tiny else float('nan'):9.2f} us  x{row['speedup_vs_fp16']:.2f} vs fp16"
               + (f"  {row['gptqkit_GBps']:.0f} GB/s" if m == 1 else "")
               + (f"  [no workspace {row['unsplit_us']:.2f} us]" if "unsplit_us" in row else "")
               + (f"  [native kernel {row['kernel_us']:.2f} us, dequantize + cuBLAS {row['dense_us']:.2f} us]"
-                 if "kernel_us" in row else ""), flush=True)
+                 if "kernel_us" in row else "")
+              + (f"  [mma.sync instead of wgmma {row['mma_us']:.2f} us]" if "mma_us" in row else ""), flush=True)
     del lays, w16, tiny
     torch.cuda.empty_cache()
     return rows, tiny_err
+
+
+def matmul_kernel(x, lay):
+    from gptqkit import ops
+
+    return ops.matmul_kernel(x, lay)
 
 
 def unsplit_call(x, lay, k, n):
@@ -193,13 +213,17 @@ def check_correctness(gen):
     dev = torch.device("cuda")
     lay = make_layout(1024, 768, True, dev, gen)
     w = torch.ops.gptqkit.dequantize_layout(lay.qweight, lay.sz, lay.chunk_group, lay.perm, 4, 1024, 768).double()
-    for m in (1, 7, 16, 40, 200):
+    for m in (1, 7, 16, 40, 200, 300):
         x = torch.randn(m, 1024, device=dev, dtype=torch.float16, generator=gen)
-        y = torch.ops.gptqkit.quantized_matmul(x, lay.qweight, lay.sz, lay.chunk_group, lay.perm, None, 4, 1024, 768)
-        ref = x.double() @ w.T
-        err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
-        if err > 1e-2:
-            raise SystemExit(f"correctness check failed at M={m}: relative error {err:.3g}")
+        for wgmma_rows in (128, 0):  # the default routing, and mma.sync where wgmma would run
+            with env_vars(GPTQKIT_GPU_WGMMA_MIN_ROWS=wgmma_rows):
+                kernel = matmul_kernel(x, lay)
+                y = torch.ops.gptqkit.quantized_matmul(x, lay.qweight, lay.sz, lay.chunk_group, lay.perm, None, 4,
+                                                       1024, 768)
+            ref = x.double() @ w.T
+            err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+            if err > 1e-2:
+                raise SystemExit(f"correctness check failed at M={m} ({kernel}): relative error {err:.3g}")
 
 
 def write_table(rows, path, meta):
@@ -207,16 +231,18 @@ def write_table(rows, path, meta):
     lines = [f"GPU: {meta['gpu']}; torch {meta['torch']}; CUDA graphs, best of {meta['reps']} replays of "
              f"{meta['calls']} calls; weights rotated over > 2x L2 ({meta['l2_mib']:.0f} MiB); int4 g128"
              f"{' act-order' if meta['act_order'] else ''}; fp16 activations (tinygemm: bf16).", ""]
-    lines.append("| K x N | M | fp16 (us) | tinygemm (us) | gptqkit (us) | vs fp16 | vs tinygemm | M=1 GB/s "
-                 "| no workspace (us) | native kernel (us) | dequantize + cuBLAS (us) |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("| K x N | M | kernel | fp16 (us) | tinygemm (us) | gptqkit (us) | vs fp16 | vs tinygemm | M=1 GB/s "
+                 "| no workspace (us) | native kernel (us) | mma.sync (us) | dequantize + cuBLAS (us) |")
+    lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         tiny = f"{r['tinygemm_us']:.1f}" if r["tinygemm_us"] else "n/a"
         vt = f"{r['speedup_vs_tinygemm']:.2f}x" if r["speedup_vs_tinygemm"] else "n/a"
         bw = f"{r['gptqkit_GBps']:.0f}" if "gptqkit_GBps" in r else ""
         unsplit = f"{r['unsplit_us']:.1f}" if "unsplit_us" in r else ""
-        paths = (f"{r['kernel_us']:.1f} | {r['dense_us']:.1f}" if "kernel_us" in r else " | ")
-        lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['fp16_us']:.1f} | {tiny} | {r['gptqkit_us']:.1f} | "
+        mma = f"{r['mma_us']:.1f}" if "mma_us" in r else ""
+        paths = (f"{r['kernel_us']:.1f} | {mma} | {r['dense_us']:.1f}" if "kernel_us" in r else " | | ")
+        lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['kernel']} | {r['fp16_us']:.1f} | {tiny} | "
+                     f"{r['gptqkit_us']:.1f} | "
                      f"{r['speedup_vs_fp16']:.2f}x | {vt} | {bw} | {unsplit} | {paths} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
