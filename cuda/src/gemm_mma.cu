@@ -185,9 +185,12 @@ MmaPlan plan_mma(const GemmArgs& a, size_t workspace_bytes) {
   const int64_t blocks = (a.np / kMmaBN) * ceil_div(a.m, bm);
   const int64_t stages = ceil_div(a.chunks, kMmaStageChunks);
   // A wgmma block (two warpgroups, ~85 KB of shared memory, ~165 registers
-  // per thread) has an SM to itself.
-  const int64_t per_sm = plan.wgmma ? 1 : kBlocksPerSm;
-  const int64_t want = ceil_div(per_sm * multiprocessor_count(a.device), blocks);
+  // per thread) has an SM to itself, and its splits are compute-bound: as
+  // many as fit in one wave (64 tiles on 132 SMs: 2 splits, 128 blocks; 3
+  // would make a second, mostly idle wave). mma.sync blocks are bound by
+  // the weight stream: about kBlocksPerSm per SM.
+  const int64_t sms = multiprocessor_count(a.device);
+  const int64_t want = plan.wgmma ? std::max<int64_t>(1, sms / blocks) : ceil_div(kBlocksPerSm * sms, blocks);
   const int64_t most = std::max<int64_t>(1, std::min<int64_t>(kMaxSplits, stages / kMinStagesPerSplit));
   int64_t splits = std::clamp<int64_t>(want, 1, most);
   // Whole stages per split, then as few splits as that spacing needs.
