@@ -2,7 +2,8 @@
 # Compile check of the GPU backend (no GPU needed): every source in cuda/src
 # must compile with warnings as errors
 #   1. as CUDA with nvcc for sm_75, sm_80, sm_90a and compute_90 PTX (the
-#      default targets; the library target, linked);
+#      default targets; the library target, linked), and the tensor-core
+#      conformance probe (tests/gpu_probe) for sm_80 + sm_90a;
 #   2. as HIP with clang for gfx90a (the library target, linked) and gfx1100
 #      (device code to ISA assembly, see below).
 # Build trees: build/gpu-check-cuda, build/gpu-check-hip. Fails on any error.
@@ -45,6 +46,11 @@ check_cuda() {
     -DGPTQKIT_WITH_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc_bin" -DCMAKE_CUDA_ARCHITECTURES="75-real;80-real;90a-real;90-virtual" \
     -DGPTQKIT_GPU_WERROR=ON -DGPTQKIT_BUILD_TESTS=OFF >/dev/null
   "${nice_cmd[@]}" cmake --build build/gpu-check-cuda --target gptqkit -j "$jobs"
+  echo "== CUDA: the tensor-core conformance probe (tests/gpu_probe), sm_80 + sm_90a"
+  "${nice_cmd[@]}" "$nvcc_bin" -std=c++17 --expt-relaxed-constexpr -Werror=all-warnings -Xcompiler=-Wall \
+    -DGPTQKIT_CUDA_HAS_SM90A=1 -Icuda/src -Icpp/src -Icpp/include -gencode=arch=compute_80,code=sm_80 \
+    -gencode=arch=compute_90a,code=sm_90a -c tests/gpu_probe/tensor_core_probe.cu \
+    -o build/gpu-check-cuda/tensor_core_probe.o
   echo "== CUDA: ok ($((SECONDS - t0)) s)"
 }
 

@@ -19,7 +19,8 @@
 #   build           install .whl/*, build + install gptqkit for this GPU's
 #                   architecture (GPTQKIT_CUDA_ARCH, default: asked from torch),
 #                   skipped when the installed build matches the sources
-#   test            GPU tests of the solver and the GEMM (fails if they skip)
+#   test            the tensor-core conformance probe (tests/gpu_probe), then the
+#                   GPU tests of the solver and the GEMM (fails if they skip)
 #   sanitize        compute-sanitizer memcheck + racecheck (docs/gpu.md, docs/gpu_gemm.md)
 #   bench-solver    benchmarks/bench_gpu_solver.py (issue 5's shapes)
 #   solver-7b       bench_gpu_solver.py --model llama-7b (the solver over a 7B-shape model's layers)
@@ -106,8 +107,27 @@ gpu_pytest() {  # pytest that fails when any GPU test was skipped
   return "$rc"
 }
 
+tensor_core_probe() {  # tests/gpu_probe, built with nvcc for this GPU (sm_90a on Hopper) and run
+  local nvcc_bin cc flags=()
+  nvcc_bin="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)"
+  cc="$("$py" -c 'import torch; a, b = torch.cuda.get_device_capability(); print(f"{a}{b}")')" || return 1
+  if [ "$cc" = 90 ]; then
+    flags=(-gencode=arch=compute_90a,code=sm_90a -DGPTQKIT_CUDA_HAS_SM90A=1)
+  else
+    flags=("-gencode=arch=compute_$cc,code=sm_$cc")
+  fi
+  mkdir -p build
+  "$nvcc_bin" -std=c++17 --expt-relaxed-constexpr -Icuda/src -Icpp/src -Icpp/include "${flags[@]}" \
+    tests/gpu_probe/tensor_core_probe.cu -o build/tensor_core_probe || return 1
+  build/tensor_core_probe
+}
+
 stage_test() {
-  gpu_pytest tests/python/test_gpu_solver.py tests/python/test_gpu_gemm.py --junitxml="$out/gpu-tests.xml"
+  local rc=0
+  echo "-- tensor-core conformance probe: do ldmatrix / mma / wgmma match the layouts the kernels assume?"
+  tensor_core_probe || rc=1
+  gpu_pytest tests/python/test_gpu_solver.py tests/python/test_gpu_gemm.py --junitxml="$out/gpu-tests.xml" || rc=1
+  return $rc
 }
 
 stage_sanitize() {

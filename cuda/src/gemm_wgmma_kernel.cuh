@@ -56,6 +56,10 @@ struct WgmmaSmem {
   static_assert(BT % 8 == 0 && kStage % kWgmmaSwizzleAtom == 0, "every stage's x tile starts on a swizzle atom");
 };
 
+// Byte offset of 16-byte piece `piece` (0..7) of row `row` in a K-major tile
+// of 128-byte rows in the 128-byte swizzle layout (the tile 1024-aligned).
+__host__ __device__ __forceinline__ int sw128_offset(int row, int piece) { return row * 128 + ((piece ^ (row % 8)) * 16); }
+
 // wgmma shared-memory matrix descriptor of a K-major operand in the 128-byte
 // swizzle layout: start address / 16 (bits 0-13), leading-dimension offset
 // (unused by this layout; 1), stride between 8-row atoms / 16 (bits 32-45),
@@ -111,7 +115,8 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
         // Token rows past M read row M - 1: their products land in
         // accumulator columns that are never stored.
         const int src_row = min(m0 + row, m_dim - 1);
-        cp_async16(x_tile(buf) + row * (kPiecesPerRow * 16) + ((seg ^ (row % 8)) * 16),
+        static_assert(kPiecesPerRow * 16 == 128, "one 128-byte swizzle row per token and stage");
+        cp_async16(x_tile(buf) + sw128_offset(row, seg),
                    x + static_cast<int64_t>(src_row) * x_stride + static_cast<int64_t>(c) * kChunk + (seg % 4) * 8);
       }
     }
