@@ -315,6 +315,9 @@ Status prepare_gpu_weight(const TensorView& qweight, const TensorView& qzeros, c
                                      dev, stream);
     if (err.empty() && s.reordered)
       err = gpu::copy_to_device_sync(out.perm.data, perm.data(), perm.size() * sizeof(int32_t), dev, stream);
+    // Load time is where per-device kernel setup belongs, not a first call
+    // that may be inside a CUDA-graph capture.
+    if (err.empty()) err = gpu::prepare_gemm_kernels(dev);
     if (!err.empty()) return Status::Internal("prepare_gpu_weight: " + err);
     return Status::Ok();
 #else

@@ -104,20 +104,19 @@ std::string launch_tile(const GemmArgs& a, const MmaPlan& plan, const uint16_t* 
   return launch_error("mma_kernel");
 }
 
+// Raises the wgmma kernel's dynamic shared-memory limit (more than the
+// 48 KB a block gets by default) on the current device.
+template <bool BF16, int BT>
+bool raise_wgmma_smem_limit() {
+  const auto kernel = wgmma_kernel<BF16, BT>;  // (a template-id would split the macro's arguments)
+  return gpuFuncSetAttribute(kernel, gpuFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(WgmmaSmem<BT>::kTotal)) == gpuSuccess;
+}
+
 template <bool BF16, int BT>
 std::string launch_wgmma_tile(const GemmArgs& a, const MmaPlan& plan, const uint16_t* x, int x_stride,
                               float* partial) {
   using Smem = WgmmaSmem<BT>;
-  // More than the 48 KB a block gets by default: raised once per device.
-  static std::atomic<bool> raised[64];
-  const bool cached = a.device >= 0 && a.device < 64;
-  if (!cached || !raised[a.device].load(std::memory_order_relaxed)) {
-    const auto kernel = wgmma_kernel<BF16, BT>;  // (a template-id would split the macro's arguments)
-    if (gpuFuncSetAttribute(kernel, gpuFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Smem::kTotal)) !=
-        gpuSuccess)
-      return launch_error("wgmma_kernel (shared memory limit)");
-    if (cached) raised[a.device].store(true, std::memory_order_relaxed);
-  }
   const dim3 grid(static_cast<unsigned>(a.np / kWgmmaBN), static_cast<unsigned>(ceil_div(a.m, BT)),
                   static_cast<unsigned>(plan.splits));
   GPTQKIT_LAUNCH(grid, kWgmmaThreads, Smem::kTotal, static_cast<gpuStream_t>(a.stream), wgmma_kernel<BF16, BT>)(
@@ -209,11 +208,28 @@ MmaPlan plan_mma(const GemmArgs& a, size_t workspace_bytes) {
   return plan;
 }
 
+std::string prepare_gemm_kernels(int device) {
+  if (!wgmma_runs_on(device)) return std::string();
+  static std::atomic<bool> done[64];
+  const bool cached = device >= 0 && device < 64;
+  if (cached && done[device].load(std::memory_order_relaxed)) return std::string();
+  DeviceGuard guard(device);
+  if (!raise_wgmma_smem_limit<false, 64>() || !raise_wgmma_smem_limit<false, 128>() ||
+      !raise_wgmma_smem_limit<true, 64>() || !raise_wgmma_smem_limit<true, 128>())
+    return launch_error("wgmma_kernel (raising its shared-memory limit)");
+  if (cached) done[device].store(true, std::memory_order_relaxed);
+  return std::string();
+}
+
 std::string launch_mma(const GemmArgs& a, const MmaPlan& plan, void* workspace) {
   if (!plan.usable) return "launch_mma: the plan says the mma kernel cannot take this call";
   if (plan.workspace_bytes() > 0 && workspace == nullptr) return "launch_mma: the plan needs a workspace";
   if (a.m > 65535 * static_cast<int64_t>(plan.rows_per_tile))
     return "launch_mma: M = " + std::to_string(a.m) + " exceeds the grid limit";
+  if (plan.wgmma) {
+    const std::string err = prepare_gemm_kernels(a.device);
+    if (!err.empty()) return err;
+  }
   DeviceGuard guard(a.device);
   return a.act == Act::kBFloat16 ? launch_act<true>(a, plan, workspace) : launch_act<false>(a, plan, workspace);
 }

@@ -53,6 +53,11 @@ struct MmaPlan {
 // (SIZE_MAX: what it would like); splits fall back to 1 when the scratch is
 // too small for the partial sums.
 MmaPlan plan_mma(const GemmArgs& a, size_t workspace_bytes);
+// One-time per-device setup of the GEMM kernels (the wgmma kernel's
+// shared-memory limit, above the 48 KB default); idempotent and cheap after
+// the first call. prepare_gpu_weight calls it at load time; launch_mma does
+// too, in case a call comes first.
+std::string prepare_gemm_kernels(int device);
 // Runs a usable plan; `workspace` (16-byte aligned) holds plan.workspace_bytes().
 std::string launch_mma(const GemmArgs& a, const MmaPlan& plan, void* workspace);
 // weight[N, K] (Act) from the layout; a.x, a.bias, a.y unused, `out` instead.
