@@ -1,0 +1,192 @@
+"""gptqkit checkpoints in the third-party loader, and the other way round.
+
+transformers loads GPTQ checkpoints through optimum and GPTQModel; that
+stack runs in its own environment (``.venv-interop``, made by
+scripts/setup.sh from requirements-interop.txt) through
+``third_party_reader.py``, so none of it is imported here.
+
+* gptqkit -> transformers/GPTQModel: tiny models quantized and saved by
+  gptqkit in every format option (bits 2/3/4/8, groups, sym/asym, act-order,
+  static groups, v1/v2, GPT-2's Conv1D, biases) are loaded by
+  ``AutoModelForCausalLM.from_pretrained``; every quantized layer's output
+  for a fixed input must equal ``x @ W`` in float64 with the weight gptqkit
+  dequantizes from the same files, rounded to fp16 (GPTQModel dequantizes in
+  fp16, gptqkit in fp32, both from the same fp16 scales): a layout that
+  differed in any code, zero or g_idx would be off by O(1), not 1e-6.
+* GPTQModel -> gptqkit: a checkpoint GPTQModel quantizes and saves is read by
+  ``from_quantized`` and checked the same way against GPTQModel's own layers.
+
+Without ``.venv-interop`` the tests skip; CI sets GPTQKIT_REQUIRE_INTEROP=1
+so that they fail instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from tiny_models import make_tiny_model, make_tiny_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+READER = Path(__file__).with_name("third_party_reader.py")
+TOKENS = torch.randint(4, 128, (2, 24), generator=torch.Generator().manual_seed(7))
+
+# name -> (architecture, QuantizeConfig arguments)
+GPTQKIT_CHECKPOINTS = {
+    "llama-4bit-g32-act-order": ("llama", dict(bits=4, group_size=32, desc_act=True)),
+    "llama-4bit-g32-asym-v2": ("llama", dict(bits=4, group_size=32, sym=False, checkpoint_format="gptq_v2")),
+    "llama-3bit-g32-asym-static-groups": ("llama", dict(bits=3, group_size=32, sym=False, desc_act=True,
+                                                         static_groups=True)),
+    "llama-8bit-per-row": ("llama", dict(bits=8, group_size=-1)),
+    "llama-2bit-g16-asym": ("llama", dict(bits=2, group_size=16, sym=False)),
+    "qwen2-4bit-g32-act-order-bias": ("qwen2", dict(bits=4, group_size=32, desc_act=True, sym=False)),
+    "gpt2-conv1d-4bit-g32": ("gpt2", dict(bits=4, group_size=32)),
+}
+# transformers 5.23 cannot load any GPT-2 GPTQ checkpoint, GPTQModel's own included: GPT-2's
+# _init_weights touches c_proj.weight, which GPTQModel's quantized layer has not. GPTQModel.load
+# reads them, so GPT-2 (Conv1D) checkpoints are checked through it.
+LOADER = {"gpt2": "gptqmodel"}
+GPTQMODEL_CHECKPOINT = dict(bits=4, group_size=32, sym=False, desc_act=True)
+
+
+def _reader_python() -> str | None:
+    explicit = os.environ.get("GPTQKIT_INTEROP_PYTHON")
+    if explicit:
+        return explicit
+    default = ROOT / ".venv-interop" / "bin" / "python"
+    return str(default) if default.exists() else None
+
+
+@pytest.fixture(scope="module")
+def reader_python():
+    python = _reader_python()
+    if python is None:
+        message = ("no third-party reader environment: run scripts/setup.sh (it makes .venv-interop) "
+                   "or point GPTQKIT_INTEROP_PYTHON at a Python with transformers, optimum and gptqmodel")
+        if os.environ.get("GPTQKIT_REQUIRE_INTEROP") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
+
+
+def _calibration(n=8, seqlen=64, seed=0):
+    return torch.randint(4, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def exchange(gptqkit, reader_python, tmp_path_factory):
+    """Quantizes and saves the gptqkit checkpoints, runs the reader once over all of them (and
+    has GPTQModel quantize one of its own); returns (folder, report)."""
+    from safetensors.torch import save_file
+
+    from gptqkit import GPTQForCausalLM, QuantizeConfig
+
+    root = tmp_path_factory.mktemp("interop")
+    reads = []
+    for name, (arch, cfg) in GPTQKIT_CHECKPOINTS.items():
+        q = GPTQForCausalLM(make_tiny_model(arch), QuantizeConfig(**cfg))
+        q.quantize(_calibration(), batch_size=4, progress=False)
+        q.save_quantized(root / name)
+        reads.append({"name": name, "path": str(root / name), "loader": LOADER.get(arch, "transformers")})
+
+    fp_folder = root / "tiny-llama-fp32"
+    make_tiny_model("llama").save_pretrained(fp_folder)
+    make_tiny_tokenizer().save_pretrained(fp_folder)
+    save_file({"input_ids": _calibration(seed=1).contiguous()}, str(root / "calibration.safetensors"))
+    reads.append({"name": "gptqmodel", "path": str(root / "gptqmodel")})
+
+    widths = {64, 128, 192, 256}  # every in_features of the tiny models (GPT-2's MLP: 4 x 64)
+    g = torch.Generator().manual_seed(3)
+    # fp16-representable, so that a reader computing in fp16 sees the same input
+    save_file({**{f"x_{k}": torch.randn(5, k, generator=g).half().float() for k in widths}, "tokens": TOKENS.contiguous()},
+              str(root / "inputs.safetensors"))
+    job = {"inputs": str(root / "inputs.safetensors"), "out": str(root / "out"), "read": reads,
+           "quantize": [dict(GPTQMODEL_CHECKPOINT, src=str(fp_folder), dst=str(root / "gptqmodel"),
+                             calibration=str(root / "calibration.safetensors"))]}
+    (root / "job.json").write_text(json.dumps(job))
+    # cwd: GPTQModel writes a logs/ folder into the working directory while it quantizes
+    run = subprocess.run([reader_python, str(READER), str(root / "job.json")], capture_output=True, text=True,
+                         timeout=900, cwd=root)
+    assert run.returncode == 0, f"third-party reader failed:\n{run.stdout[-4000:]}\n{run.stderr[-8000:]}"
+    return root, json.loads((root / "out" / "report.json").read_text())
+
+
+# Worst |error| of a layer output, in units of sum_k |x_k w_k| (the size of the dot product's
+# terms), allowed per compute precision: an fp32 reader's error is fp32 accumulation; an fp16
+# reader rounds its output (and its products) to fp16, 2^-11 each. A layout error (a wrong code,
+# zero point, scale or g_idx entry) is of the order of a whole term, far above either.
+ALLOWED = {"float32": 1e-5, "float16": 2.0 ** -9}
+
+
+def _compare_layers(gptqkit_model, reader_outputs, inputs):
+    """Worst error of the reader's layer outputs against x @ fp16(W_gptqkit) in float64."""
+    from gptqkit.nn import QuantLinear
+
+    ours = {n: m for n, m in gptqkit_model.named_modules() if isinstance(m, QuantLinear)}
+    theirs = {k[len("layer:"):] for k in reader_outputs if k.startswith("layer:")}
+    assert theirs == set(ours), f"layers differ: only gptqkit {set(ours) - theirs}, only reader {theirs - set(ours)}"
+    worst = 0.0
+    for name, layer in ours.items():
+        x = inputs[f"x_{layer.in_features}"].double()
+        w = layer.dequantize_weight().half().double()
+        ref = x @ w.T
+        if layer.bias is not None:
+            ref += layer.bias.double()
+        magnitude = x.abs() @ w.abs().T
+        got = reader_outputs[f"layer:{name}"].double()
+        worst = max(worst, ((got - ref).abs() / magnitude).max().item())
+    return worst
+
+
+def _load_outputs(root, name):
+    from safetensors.torch import load_file
+
+    return load_file(str(root / "out" / f"{name}.safetensors")), load_file(str(root / "inputs.safetensors"))
+
+
+def _assert_same_logits(theirs, ours):
+    # gptqkit runs the model in fp32; the reader's weights are rounded to fp16 (2^-11 each) and a
+    # GPTQModel.load model runs in fp16 throughout: measured 2e-4 and 4e-4 of the logits' range.
+    scale = ours.abs().max().item()
+    assert (theirs - ours).abs().max().item() <= 2e-3 * scale
+    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(GPTQKIT_CHECKPOINTS))
+def test_third_party_reads_gptqkit_checkpoints(gptqkit, exchange, name):
+    from gptqkit import GPTQForCausalLM
+
+    root, report = exchange
+    read = report["read"][name]
+    assert "error" not in read, f"{read['error']}\n{read['traceback']}"
+    outputs, inputs = _load_outputs(root, name)
+    q = GPTQForCausalLM.from_quantized(root / name, device="cpu", dtype=torch.float32)
+    assert _compare_layers(q.model, outputs, inputs) < ALLOWED[read["dtype"]], read
+    with torch.no_grad():
+        _assert_same_logits(outputs["logits"], q.model(TOKENS).logits)
+
+
+@pytest.mark.slow
+def test_gptqkit_reads_gptqmodel_checkpoints(gptqkit, exchange):
+    from gptqkit import GPTQForCausalLM
+
+    root, report = exchange
+    read = report["read"]["gptqmodel"]
+    assert "error" not in read, f"{read['error']}\n{read['traceback']}"
+    cfg = json.loads((root / "gptqmodel" / "quantize_config.json").read_text())
+    assert "gptqmodel" in str(cfg["meta"]["quantizer"]) and cfg["desc_act"] is True and cfg["sym"] is False
+    outputs, inputs = _load_outputs(root, "gptqmodel")
+    q = GPTQForCausalLM.from_quantized(root / "gptqmodel", device="cpu", dtype=torch.float32)
+    g_idx = q.model.model.layers[0].mlp.down_proj.g_idx
+    assert not torch.equal(g_idx, torch.arange(g_idx.numel(), dtype=g_idx.dtype) // 32)  # really act-order
+    assert _compare_layers(q.model, outputs, inputs) < ALLOWED[read["dtype"]], read
+    with torch.no_grad():
+        _assert_same_logits(outputs["logits"], q.model(TOKENS).logits)
