@@ -24,7 +24,15 @@ Usage (after ``scripts/fetch_smollm2.py``)::
 
 Configuration names: ``rtn``, ``gptq`` (plain GPTQ: min-max grid, natural
 order), ``gptq-act`` (act-order), ``gptq-clip`` (clipping search),
-``gptq-act-clip`` (both: gptqkit's recommended setting).
+``gptq-act-clip`` (both: gptqkit's recommended setting), and the peer tool
+``gptqmodel`` / ``gptqmodel-act``: GPTQModel (the quantizer behind
+transformers' GPTQ support) on the same calibration windows, bits, group size,
+symmetric grid and damping, otherwise with its own defaults (its
+activation-group-aware ordering on where act-order is off), in float32 on the
+CPU. It runs in the reader environment scripts/setup.sh makes
+(``--interop-python``, default ``.venv-interop/bin/python``); its checkpoint
+is scored through gptqkit's loader, which reads GPTQModel's layers exactly
+(tests/python/test_interop.py).
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ CONFIGS = {
     "gptq-clip": dict(desc_act=False, clip_steps=16),
     "gptq-act-clip": dict(desc_act=True, clip_steps=16),
 }
+PEER_CONFIGS = {"gptqmodel": dict(desc_act=False), "gptqmodel-act": dict(desc_act=True)}
+DEFAULT_INTEROP_PYTHON = os.path.join(REPO, ".venv-interop", "bin", "python")
 
 
 def rtn_quantize_(model, bits: int, group_size: int) -> None:
@@ -74,9 +84,44 @@ def rtn_quantize_(model, bits: int, group_size: int) -> None:
             set_weight(layer, out.to(layer.weight.dtype))
 
 
+def worker_gptqmodel(args) -> dict:
+    """The peer: GPTQModel quantizes the same windows and saves its checkpoint."""
+    import gptqmodel
+    import torch
+    from transformers import AutoTokenizer
+
+    from gptqkit.calibration import prepare_calibration
+
+    torch.set_num_threads(args.threads)
+    # GPTQModel 7.7 sizes its CPU pool at (cores + 1) // 2 but asks 2 workers of it for loading.
+    gptqmodel._default_cpu_workers = lambda: max(2, args.threads)
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    windows = prepare_calibration(os.path.join(args.data, "wiki.valid.tokens"), tok, nsamples=args.nsamples,
+                                  seqlen=args.seqlen, seed=0, batch_size=1)
+    cfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=True, damp_percent=args.damp,
+                         desc_act=PEER_CONFIGS[args.config]["desc_act"])
+    row = {"config": args.config, "bits": args.bits, "group_size": args.group_size, "extra_cache": 0.0,
+           "ppl_in_memory": None, "peer": f"gptqmodel {gptqmodel.__version__}"}
+    t0 = time.perf_counter()
+    model = GPTQModel.load(args.model, cfg, device="cpu", dtype=torch.float32)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.quantize(windows, batch_size=1)
+    row["seconds"] = time.perf_counter() - t0
+    row["load_seconds"] = load_s
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    model.save(args.out)
+    return row
+
+
 def worker(args) -> dict:
     """One configuration: quantize, measure, score in memory, save."""
     import torch
+
+    if args.config in PEER_CONFIGS:
+        return worker_gptqmodel(args)
 
     torch.set_num_threads(args.threads)
     from gptqkit import GPTQForCausalLM, QuantizeConfig
@@ -131,7 +176,10 @@ def evaluate(rows, args) -> None:
             q = GPTQForCausalLM.from_quantized(row["path"]).model
         k = kl_divergence(ref, q, tok, test_text, seqlen=512, windows=40, progress=False)
         row.update(kl=k.kl, ppl=k.ppl_q, ppl_fp32=k.ppl_ref)
-        row["save_load_identical"] = abs(k.ppl_q - row["ppl_in_memory"]) <= 1e-4 * row["ppl_in_memory"]
+        if row["ppl_in_memory"] is None:  # the peer's in-memory model is not scored
+            row["save_load_identical"] = None
+        else:
+            row["save_load_identical"] = abs(k.ppl_q - row["ppl_in_memory"]) <= 1e-4 * row["ppl_in_memory"]
         del q
 
 
@@ -152,6 +200,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="FILE", help="write the result rows as JSON")
     p.add_argument("--keep", metavar="DIR", help="keep the checkpoints in DIR (default: a temporary folder)")
     p.add_argument("--progress", action="store_true", help="show quantization progress bars")
+    p.add_argument("--interop-python", default=DEFAULT_INTEROP_PYTHON,
+                   help="Python with GPTQModel for the gptqmodel configurations (default: .venv-interop)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -167,23 +217,28 @@ def main(argv=None) -> int:
             print(f"bench_smollm2: {what} not found at {path}", file=sys.stderr)
             return 2
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in names if c != "rtn" and c not in CONFIGS]
+    unknown = [c for c in names if c != "rtn" and c not in CONFIGS and c not in PEER_CONFIGS]
     if unknown:
-        p.error(f"unknown configurations {unknown}; choose from rtn, {', '.join(CONFIGS)}")
+        p.error(f"unknown configurations {unknown}; choose from rtn, {', '.join([*CONFIGS, *PEER_CONFIGS])}")
+    if any(c in PEER_CONFIGS for c in names) and not os.path.exists(args.interop_python):
+        p.error(f"the gptqmodel configurations need GPTQModel's environment at {args.interop_python} "
+                f"(scripts/setup.sh makes it); or pass --interop-python")
 
     root = args.keep or tempfile.mkdtemp(prefix="bench_smollm2_")
     env = dict(os.environ, GPTQKIT_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     rows = []
     for name in names:
         out = os.path.join(root, f"{name}-{args.bits}bit-g{args.group_size}")
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--config", name, "--out", out,
+        python = args.interop_python if name in PEER_CONFIGS else sys.executable
+        cmd = [python, os.path.abspath(__file__), "--worker", "--config", name, "--out", out,
                "--model", args.model, "--data", args.data, "--bits", str(args.bits),
                "--group-size", str(args.group_size), "--damp", str(args.damp), "--nsamples", str(args.nsamples),
                "--seqlen", str(args.seqlen), "--threads", str(args.threads),
                "--extra-cache", str(args.extra_cache)] + (["--progress"] if args.progress else [])
         print(f"== {name}: quantizing ({args.bits}-bit, g{args.group_size}, {args.nsamples}x{args.seqlen})",
               flush=True)
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+        # cwd: GPTQModel writes a logs/ folder into the working directory
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=root)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             print(proc.stdout[-3000:], file=sys.stderr)
@@ -192,8 +247,8 @@ def main(argv=None) -> int:
         row = json.loads(lines[-1][len("RESULT "):])
         row["path"] = out
         rows.append(row)
-        print(f"   {row['seconds']:.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB, "
-              f"in-memory PPL {row['ppl_in_memory']:.3f}", flush=True)
+        in_memory = "" if row["ppl_in_memory"] is None else f", in-memory PPL {row['ppl_in_memory']:.3f}"
+        print(f"   {row['seconds']:.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB{in_memory}", flush=True)
     print("== scoring the saved checkpoints against fp32 (KL, perplexity)", flush=True)
     evaluate(rows, args)
 
@@ -205,14 +260,22 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['bits']} | {r['group_size']} | {r['ppl']:.2f} | {r['kl']:.4f} | "
-              f"{r['seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB | {'yes' if r['save_load_identical'] else 'NO'} |")
+              f"{r['seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB | "
+              f"{ {True: 'yes', False: 'NO', None: 'n/a'}[r['save_load_identical']]} |")
+    peers = [r for r in rows if r["config"] in PEER_CONFIGS]
+    ours = [r for r in rows if r["config"] in CONFIGS]
+    for peer in peers:
+        for r in ours:
+            print(f"{r['config']} vs {peer['config']} ({peer['peer']}): {peer['seconds'] / r['seconds']:.2f}x faster, "
+                  f"{peer['peak_rss_mb'] / r['peak_rss_mb']:.2f}x less peak RSS, "
+                  f"KL {r['kl']:.4f} vs {peer['kl']:.4f}, perplexity {r['ppl']:.2f} vs {peer['ppl']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     if not args.keep:
         import shutil
         shutil.rmtree(root, ignore_errors=True)
-    return 0 if all(r["save_load_identical"] for r in rows) else 1
+    return 0 if all(r["save_load_identical"] is not False for r in rows) else 1
 
 
 if __name__ == "__main__":
