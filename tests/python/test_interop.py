@@ -105,8 +105,8 @@ def exchange(gptqkit, reader_python, tmp_path_factory):
     widths = {64, 128, 192, 256}  # every in_features of the tiny models (GPT-2's MLP: 4 x 64)
     g = torch.Generator().manual_seed(3)
     # fp16-representable, so that a reader computing in fp16 sees the same input
-    save_file({**{f"x_{k}": torch.randn(5, k, generator=g).half().float() for k in widths}, "tokens": TOKENS.contiguous()},
-              str(root / "inputs.safetensors"))
+    inputs = {f"x_{k}": torch.randn(5, k, generator=g).half().float() for k in widths}
+    save_file({**inputs, "tokens": TOKENS.contiguous()}, str(root / "inputs.safetensors"))
     job = {"inputs": str(root / "inputs.safetensors"), "out": str(root / "out"), "read": reads,
            "quantize": [dict(GPTQMODEL_CHECKPOINT, src=str(fp_folder), dst=str(root / "gptqmodel"),
                              calibration=str(root / "calibration.safetensors"))]}

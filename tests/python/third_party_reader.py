@@ -35,20 +35,26 @@ import traceback
 from pathlib import Path
 
 
-def _quantize_with_gptqmodel(job: dict) -> None:
+def _gptqmodel():
+    """The gptqmodel module, made usable on a 2-core machine."""
     import gptqmodel
-    import torch
-    from safetensors.torch import load_file
 
     # GPTQModel 7.7 sizes its CPU worker pool at (cores + 1) // 2 but asks a
     # model-loader pool of 2 from it, which fails on a 2-core machine (as CI's).
     gptqmodel._default_cpu_workers = lambda: 2
-    from gptqmodel import GPTQModel, QuantizeConfig
+    return gptqmodel
 
+
+def _quantize_with_gptqmodel(job: dict) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    gptqmodel = _gptqmodel()
     ids = load_file(job["calibration"])["input_ids"]
     calibration = [{"input_ids": row[None], "attention_mask": torch.ones_like(row[None])} for row in ids]
-    cfg = QuantizeConfig(bits=job["bits"], group_size=job["group_size"], sym=job["sym"], desc_act=job["desc_act"])
-    model = GPTQModel.load(job["src"], cfg, device="cpu")
+    cfg = gptqmodel.QuantizeConfig(bits=job["bits"], group_size=job["group_size"], sym=job["sym"],
+                                   desc_act=job["desc_act"])
+    model = gptqmodel.GPTQModel.load(job["src"], cfg, device="cpu")
     model.quantize(calibration, batch_size=1)
     model.save(job["dst"])
 
@@ -60,9 +66,7 @@ def _load(path: str, loader: str):
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu")
-    import gptqmodel
-
-    gptqmodel._default_cpu_workers = lambda: 2  # see _quantize_with_gptqmodel
+    gptqmodel = _gptqmodel()
     # GPTQModel.load runs its layers in fp16 or bf16 only; its plain torch kernel dequantizes
     # in fp16 and multiplies in fp16, the most exact of its CPU kernels.
     return gptqmodel.GPTQModel.load(path, device="cpu", dtype=torch.float16, backend=gptqmodel.BACKEND.TORCH).model
