@@ -23,8 +23,10 @@ Usage (after ``scripts/fetch_smollm2.py``)::
     python benchmarks/bench_smollm2.py --json results.json   # also write the rows
 
 Configuration names: ``rtn``, ``gptq`` (plain GPTQ: min-max grid, natural
-order), ``gptq-act`` (act-order), ``gptq-clip`` (clipping search),
-``gptq-act-clip`` (both: gptqkit's recommended setting), and the peer tool
+order), ``gptq-act`` (act-order), ``gptq-gar`` (group-aware act-order, which
+keeps ``desc_act=False`` checkpoints), ``gptq-clip`` (clipping search),
+``gptq-gar-clip`` and ``gptq-act-clip`` (an order plus the search;
+``gptq-act-clip`` is gptqkit's recommended setting), and the peer tool
 ``gptqmodel`` / ``gptqmodel-act``: GPTQModel (the quantizer behind
 transformers' GPTQ support) on the same calibration windows, bits, group size,
 symmetric grid and damping, otherwise with its own defaults (its
@@ -54,7 +56,9 @@ DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext-2")
 CONFIGS = {
     "gptq": dict(desc_act=False, clip_steps=0),
     "gptq-act": dict(desc_act=True, clip_steps=0),
+    "gptq-gar": dict(desc_act=False, act_group_aware=True, clip_steps=0),
     "gptq-clip": dict(desc_act=False, clip_steps=16),
+    "gptq-gar-clip": dict(desc_act=False, act_group_aware=True, clip_steps=16),
     "gptq-act-clip": dict(desc_act=True, clip_steps=16),
 }
 PEER_CONFIGS = {"gptqmodel": dict(desc_act=False), "gptqmodel-act": dict(desc_act=True)}
@@ -144,7 +148,8 @@ def worker(args) -> dict:
         return row
     opts = CONFIGS[args.config]
     cfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=True, damp_percent=args.damp,
-                         desc_act=opts["desc_act"], clip_steps=opts["clip_steps"])
+                         desc_act=opts["desc_act"], act_group_aware=opts.get("act_group_aware", False),
+                         clip_steps=opts["clip_steps"])
     model = GPTQForCausalLM.from_pretrained(args.model, cfg, dtype=torch.float32)
     t0 = time.perf_counter()
     report = model.quantize(os.path.join(args.data, "wiki.valid.tokens"), nsamples=args.nsamples,

@@ -108,7 +108,7 @@ PYBIND11_MODULE(_C, m) {
          const py::handle& zeros, const py::handle& g_idx, const py::handle& perm, int bits, int64_t group_size,
          bool sym, bool desc_act, bool static_groups, double damp_percent, int64_t block_size,
          int max_damp_retries, int clip_steps, double clip_min_ratio, double clip_norm, bool clip_hessian_weighted,
-         bool fp16_scales, int min_zero_point, uintptr_t stream) {
+         bool fp16_scales, int min_zero_point, bool act_group_aware, uintptr_t stream) {
         gptqkit::QuantizeOptions o;
         o.bits = bits;
         o.group_size = group_size;
@@ -124,6 +124,7 @@ PYBIND11_MODULE(_C, m) {
         o.clip_hessian_weighted = clip_hessian_weighted;
         o.fp16_scales = fp16_scales;
         o.min_zero_point = min_zero_point;
+        o.act_group_aware = act_group_aware;
         throw_if_error(gptqkit::validate_options(o));
         auto bw = borrow(weight, "weight", false);
         auto bh = borrow(hessian, "hessian", false);
@@ -144,7 +145,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("desc_act"), py::arg("static_groups"), py::arg("damp_percent"), py::arg("block_size"),
       py::arg("max_damp_retries"), py::arg("clip_steps") = 0, py::arg("clip_min_ratio") = 0.75,
       py::arg("clip_norm") = 2.0, py::arg("clip_hessian_weighted") = true, py::arg("fp16_scales") = false, py::arg("min_zero_point") = 0,
-      py::arg("stream") = 0);
+      py::arg("act_group_aware") = false, py::arg("stream") = 0);
 
   m.def(
       "inverse_hessian_upper_factor",

@@ -11,6 +11,7 @@
 #include "blas.h"
 #include "checks.h"
 #include "cholesky.h"
+#include "column_order.h"
 #if defined(GPTQKIT_HAS_GPU)
 #include "../../cuda/src/gpu_solver_api.h"
 #endif
@@ -56,6 +57,11 @@ Status validate_options(const QuantizeOptions& o) {
     return Status::InvalidArgument("clip_norm: expected a value in (0, 8], got " + std::to_string(o.clip_norm));
   if (o.min_zero_point < 0 || o.min_zero_point > 1)
     return Status::InvalidArgument("min_zero_point: expected 0 or 1, got " + std::to_string(o.min_zero_point));
+  if (o.act_group_aware && o.desc_act)
+    return Status::InvalidArgument("act_group_aware: cannot be combined with desc_act (both set the column order)");
+  if (o.act_group_aware && o.group_size < 0)
+    return Status::InvalidArgument("act_group_aware: needs group_size > 0, got " + std::to_string(o.group_size) +
+                                   " (with one group per row, desc_act keeps g_idx trivial as well)");
   if (o.max_damp_retries < 0 || o.max_damp_retries > 64)
     return Status::InvalidArgument("max_damp_retries: expected a value in [0, 64], got " +
                                    std::to_string(o.max_damp_retries));
@@ -226,7 +232,7 @@ class ColumnSweep {
     if (o_.group_size > 0 && !o_.static_groups && i1 % o_.group_size != 0) {
       // A group that began in an earlier block continues here: its grid was
       // stored when the group started.
-      const int64_t g = i1 / o_.group_size;
+      const int64_t g = detail::group_at_position(o_, perm_.data(), i1 - i1 % o_.group_size);
       grid = Grid{scales[g * n_ + r], zeros[g * n_ + r]};
     }
     for (int64_t i = 0; i < width; ++i) {
@@ -240,7 +246,7 @@ class ColumnSweep {
           const int64_t end = std::min(col + o_.group_size, k_);
           grid = search_grid(wrow + col, col_weight_.empty() ? nullptr : col_weight_.data() + col, end - col, maxq_,
                              o_.sym, search_);
-          const int64_t g = col / o_.group_size;
+          const int64_t g = detail::group_at_position(o_, perm_.data(), col);
           scales[g * n_ + r] = grid.scale;
           zeros[g * n_ + r] = grid.zero;
         }
@@ -308,10 +314,7 @@ Status quantize_impl(const TensorView& weight, const TensorView& hessian, const 
       for (int64_t i = 0; i < k; ++i)
         if (dead[i]) w[static_cast<size_t>(r * k + i)] = 0.0f;
 
-  std::vector<int64_t> perm(static_cast<size_t>(k));
-  std::iota(perm.begin(), perm.end(), 0);
-  if (o.desc_act)
-    std::stable_sort(perm.begin(), perm.end(), [&](int64_t a, int64_t b) { return diag[a] > diag[b]; });
+  const std::vector<int64_t> perm = detail::processing_order(diag, o);
   std::copy(perm.begin(), perm.end(), static_cast<int64_t*>(out.perm.data));
 
   int32_t* g_idx = static_cast<int32_t*>(out.g_idx.data);
@@ -370,7 +373,7 @@ Status quantize_impl(const TensorView& weight, const TensorView& hessian, const 
     });
   }
 
-  if (o.desc_act) {
+  if (o.desc_act || o.act_group_aware) {
     std::vector<float> row(static_cast<size_t>(k));
     for (int64_t r = 0; r < n; ++r) {
       float* wr = w.data() + r * k;

@@ -76,22 +76,51 @@ __global__ __launch_bounds__(kThreads) void diag_kernel(const HT* __restrict__ h
   }
 }
 
-// Processing order: identity, or act-order (descending diag, ties by index:
-// the stable sort of the CPU path) as a rank count, O(K^2) comparisons.
-__global__ void perm_kernel(const double* __restrict__ diag, int64_t k, bool desc_act, int64_t* __restrict__ perm) {
+// Processing order, the CPU's detail::processing_order as rank counts
+// (O(K^2) comparisons for desc_act, O(K * (group_size + K / group_size)) for
+// act_group_aware): identity; act-order (descending diag, ties by index: a
+// stable sort); or group-aware act-order (columns by descending diag within
+// their group, full groups by descending group_max, a partial group last).
+enum class ColumnOrder : int { kNatural, kDescAct, kGroupAware };
+
+__global__ void group_max_kernel(const double* __restrict__ diag, int64_t group_size, int64_t full_groups,
+                                 double* __restrict__ group_max) {
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (g >= full_groups) return;
+  const double* d = diag + g * group_size;
+  double m = d[0];
+  for (int64_t j = 1; j < group_size; ++j) m = fmax(m, d[j]);
+  group_max[g] = m;
+}
+
+__global__ void perm_kernel(const double* __restrict__ diag, int64_t k, ColumnOrder order, int64_t group_size,
+                            const double* __restrict__ group_max, int64_t* __restrict__ perm) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= k) return;
-  if (!desc_act) {
-    perm[i] = i;
-    return;
-  }
   const double di = diag[i];
-  int64_t rank = 0;
-  for (int64_t j = 0; j < k; ++j) {
-    const double dj = diag[j];
-    rank += (dj > di || (dj == di && j < i)) ? 1 : 0;
+  auto before = [di, i](double dj, int64_t j) { return dj > di || (dj == di && j < i); };
+  if (order == ColumnOrder::kNatural) {
+    perm[i] = i;
+  } else if (order == ColumnOrder::kDescAct) {
+    int64_t rank = 0;
+    for (int64_t j = 0; j < k; ++j) rank += before(diag[j], j) ? 1 : 0;
+    perm[rank] = i;
+  } else {
+    const int64_t g = i / group_size, c0 = g * group_size, c1 = min(k, c0 + group_size);
+    const int64_t full = k / group_size;
+    int64_t local = 0;
+    for (int64_t j = c0; j < c1; ++j) local += before(diag[j], j) ? 1 : 0;
+    int64_t group_rank = g;  // the partial group (g == full) keeps the last place
+    if (g < full) {
+      const double key = group_max[g];
+      group_rank = 0;
+      for (int64_t h = 0; h < full; ++h) {
+        const double kh = group_max[h];
+        group_rank += (kh > key || (kh == key && h < g)) ? 1 : 0;
+      }
+    }
+    perm[group_rank * group_size + local] = i;
   }
-  perm[rank] = i;
 }
 
 __global__ void g_idx_kernel(const int64_t* __restrict__ perm, int64_t k, int64_t group_size, bool by_position,
@@ -164,8 +193,15 @@ struct SweepArgs {
   int64_t n, k, ld_err, group_size;
   int maxq;
   bool sym, static_groups;
+  bool group_by_position;  // desc_act: a group is a run of positions; else perm[pos] / group_size
   GpuGridSearch search;
 };
+
+// The group whose grid starts at position `pos` (a multiple of group_size),
+// as the CPU's detail::group_at_position.
+__device__ __forceinline__ int64_t group_at_position(const SweepArgs& p, int64_t pos) {
+  return (p.group_by_position ? pos : p.perm[pos]) / p.group_size;
+}
 
 // The in-block column loop of one lazy block [i1, i1 + width): one warp per
 // row. Lane l owns columns l, l + W, l + 2W, ... of the block (W the warp
@@ -194,7 +230,7 @@ __global__ __launch_bounds__(kThreads) void sweep_block_kernel(SweepArgs p, int6
     grid = GpuGrid{p.scales[r], p.zeros[r]};
   } else if (!p.static_groups && i1 % p.group_size != 0) {
     // A group that began in an earlier block: its grid was stored then.
-    const int64_t g = i1 / p.group_size;
+    const int64_t g = group_at_position(p, i1 - i1 % p.group_size);
     grid = GpuGrid{p.scales[g * n + r], p.zeros[g * n + r]};
   }
   double loss = 0.0;
@@ -211,7 +247,7 @@ __global__ __launch_bounds__(kThreads) void sweep_block_kernel(SweepArgs p, int6
         grid = gpu_warp_search_grid(load, p.col_weight ? p.col_weight + col : nullptr, count, p.maxq, p.sym,
                                     p.search);
         if (lane == 0) {
-          const int64_t g = col / p.group_size;
+          const int64_t g = group_at_position(p, col);
           p.scales[g * n + r] = grid.scale;
           p.zeros[g * n + r] = grid.zero;
         }
@@ -412,7 +448,17 @@ Status quantize_weight(const TensorView& weight, const TensorView& hessian, cons
   // ---- processing order and g_idx ----
   int64_t* perm = static_cast<int64_t*>(out.perm.data);
   const unsigned kb = static_cast<unsigned>(ceil_div(k, kThreads));
-  GPTQKIT_LAUNCH(kb, kThreads, 0, stream, perm_kernel)(diag, k, o.desc_act, perm);
+  const ColumnOrder order = o.desc_act ? ColumnOrder::kDescAct
+                            : o.act_group_aware ? ColumnOrder::kGroupAware : ColumnOrder::kNatural;
+  double* group_max = nullptr;
+  if (order == ColumnOrder::kGroupAware && k / o.group_size > 0) {
+    const int64_t full = k / o.group_size;
+    GPTQKIT_RETURN_IF_ERROR(scratch.alloc(&group_max, full, "group maxima of diag(H)"));
+    GPTQKIT_LAUNCH(static_cast<unsigned>(ceil_div(full, kThreads)), kThreads, 0, stream, group_max_kernel)(
+        diag, o.group_size, full, group_max);
+    GPTQKIT_GPU_LAUNCHED("group_max_kernel");
+  }
+  GPTQKIT_LAUNCH(kb, kThreads, 0, stream, perm_kernel)(diag, k, order, o.group_size, group_max, perm);
   GPTQKIT_GPU_LAUNCHED("perm_kernel");
   GPTQKIT_LAUNCH(kb, kThreads, 0, stream, g_idx_kernel)(perm, k, o.group_size, o.static_groups || !o.desc_act,
                                             static_cast<int32_t*>(out.g_idx.data));
@@ -490,6 +536,7 @@ Status quantize_weight(const TensorView& weight, const TensorView& hessian, cons
   args.maxq = maxq;
   args.sym = o.sym;
   args.static_groups = o.static_groups;
+  args.group_by_position = o.desc_act;
   args.search = search;
   const unsigned sweep_blocks = static_cast<unsigned>(ceil_div(n, rows_per_block));
   const unsigned row_tiles = static_cast<unsigned>(ceil_div(n, kGemmTile));

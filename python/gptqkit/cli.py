@@ -387,6 +387,12 @@ what the GPTQ options do:
                     Hessian diagonal (most important inputs first), so that
                     later columns absorb their error. Usually better accuracy;
                     the checkpoint stores a non-trivial g_idx.
+  --act-group-aware group-aware act-order: the same idea inside each group
+                    (columns by decreasing Hessian diagonal), and whole groups
+                    ordered by their largest diagonal entry. Groups stay whole,
+                    so g_idx stays sequential (an ordinary desc_act=False
+                    checkpoint) with much of act-order's gain. Excludes
+                    --desc-act; needs --group-size > 0.
   --static-groups   compute every group's scale/zero from the unquantized
                     weights before the sweep; with --desc-act it keeps the
                     groups contiguous (g_idx sequential), which loaders handle
@@ -495,6 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {d.group_size})")
     g.add_argument("--desc-act", action="store_true", default=d.desc_act,
                    help="act-order: quantize columns by decreasing Hessian diagonal (usually more accurate)")
+    g.add_argument("--act-group-aware", action="store_true", default=d.act_group_aware,
+                   help="group-aware act-order: columns by decreasing Hessian diagonal within each group, groups "
+                        "by their largest; the checkpoint stays desc_act=False (needs --group-size > 0, "
+                        "excludes --desc-act)")
     g.add_argument("--static-groups", action="store_true", default=d.static_groups,
                    help="fix every group's grid before the sweep (contiguous groups with --desc-act)")
     g.add_argument("--asym", action="store_true", default=not d.sym,
@@ -638,7 +648,7 @@ def cmd_quantize(args) -> int:
     try:
         qcfg = QuantizeConfig(
             bits=args.bits, group_size=args.group_size, damp_percent=args.damp, desc_act=args.desc_act,
-            static_groups=args.static_groups, sym=not args.asym, true_sequential=args.true_sequential,
+            static_groups=args.static_groups, act_group_aware=args.act_group_aware, sym=not args.asym, true_sequential=args.true_sequential,
             block_size=args.block_size, checkpoint_format=args.checkpoint_format, clip_steps=args.clip_steps,
             clip_min_ratio=args.clip_min_ratio,
         )
@@ -706,7 +716,8 @@ def cmd_quantize(args) -> int:
 
     size, nfiles = _folder_size(saved)
     settings = (f"{qcfg.bits}-bit, group size {qcfg.group_size}, {'sym' if qcfg.sym else 'asym'}"
-                f"{', act-order' if qcfg.desc_act else ''}{', static groups' if qcfg.static_groups else ''}"
+                f"{', act-order' if qcfg.desc_act else ''}{', group-aware order' if qcfg.act_group_aware else ''}"
+                f"{', static groups' if qcfg.static_groups else ''}"
                 f", format {qcfg.checkpoint_format}")
     print(f"saved GPTQ checkpoint to {saved} ({settings})")
     original = _weights_size(model_path) if os.path.isdir(model_path) else None
@@ -874,7 +885,8 @@ def _info_text(info: Dict[str, Any], disk: tuple) -> str:
     onoff = lambda v: "on" if v else "off"  # noqa: E731
     settings = [f"bits {info['bits']}", f"group size {info['group_size']}",
                 "sym" if info.get("sym") else "asym", f"act-order (desc_act) {onoff(info.get('desc_act'))}"]
-    for key, label in (("static_groups", "static groups"), ("true_sequential", "true-sequential")):
+    for key, label in (("act_group_aware", "group-aware order"), ("static_groups", "static groups"),
+                       ("true_sequential", "true-sequential")):
         v = qc.get(key, meta.get(key))
         if v is not None:
             settings.append(f"{label} {onoff(v)}")

@@ -131,9 +131,10 @@ class LayerSettings:
     static_groups: bool
     damp_percent: float
     block_size: int
+    act_group_aware: bool = False
 
     def as_kwargs(self) -> Dict[str, Any]:
-        """``{bits, group_size, sym, desc_act, static_groups, damp_percent, block_size}``."""
+        """``{bits, group_size, sym, desc_act, static_groups, damp_percent, block_size, act_group_aware}``."""
         return asdict(self)
 
 
@@ -159,6 +160,14 @@ class QuantizeConfig:
             (better accuracy; the checkpoint then carries a non-trivial ``g_idx``).
         static_groups: fix every group's grid from the unquantized weights
             before the sweep (keeps ``g_idx`` sequential with ``desc_act``).
+        act_group_aware: group-aware act-order (GPTQModel's default, Gafni et
+            al. 2025): quantize each group's columns by decreasing Hessian
+            diagonal and whole groups by their largest one. Groups stay
+            whole, so the checkpoint is an ordinary ``desc_act=False`` one
+            (sequential ``g_idx``, every kernel's fast path) with most of
+            act-order's accuracy. Needs ``group_size > 0``; excludes
+            ``desc_act`` (a layer whose ``dynamic`` override turns on
+            ``desc_act`` or sets ``group_size`` -1 quantizes without it).
         sym: symmetric grid (zero point in the middle) instead of asymmetric min-max.
         true_sequential: quantize a block's layers group by group (q/k/v, then
             o, then gate/up, then down), recomputing each group's inputs from
@@ -193,6 +202,7 @@ class QuantizeConfig:
     damp_percent: float = 0.01
     desc_act: bool = False
     static_groups: bool = False
+    act_group_aware: bool = False
     sym: bool = True
     true_sequential: bool = True
     block_size: int = 128
@@ -218,8 +228,15 @@ class QuantizeConfig:
         _check_group_size(self.group_size)
         _check_damp(self.damp_percent)
         self.damp_percent = float(self.damp_percent)
-        for name in ("desc_act", "static_groups", "sym", "true_sequential", "lm_head", "cache_block_outputs"):
+        for name in ("desc_act", "static_groups", "act_group_aware", "sym", "true_sequential", "lm_head",
+                     "cache_block_outputs"):
             _check_bool(getattr(self, name), name)
+        if self.act_group_aware and self.desc_act:
+            raise ValueError("act_group_aware: cannot be combined with desc_act (both set the column order); "
+                             "choose one")
+        if self.act_group_aware and self.group_size == -1:
+            raise ValueError("act_group_aware: needs group_size > 0 (with one group per output channel, "
+                             "desc_act keeps g_idx sequential as well)")
         _check_positive_int(self.block_size, "block_size")
         _check_positive_int(self.model_seqlen, "model_seqlen", allow_none=True)
         if isinstance(self.clip_steps, bool) or not isinstance(self.clip_steps, int) or not 0 <= self.clip_steps <= 1000:
@@ -333,7 +350,8 @@ class QuantizeConfig:
             if not skip and rx.match(module_name):
                 values.update(overrides)
                 break
-        return LayerSettings(block_size=self.block_size, **values)
+        group_aware = self.act_group_aware and not values["desc_act"] and values["group_size"] > 0
+        return LayerSettings(block_size=self.block_size, act_group_aware=group_aware, **values)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> Dict[str, Any]:
@@ -365,7 +383,9 @@ class QuantizeConfig:
         Keys: ``quant_method: "gptq"``, ``bits``, ``group_size``, ``desc_act``,
         ``sym``, ``static_groups``, ``true_sequential``, ``damp_percent``,
         ``lm_head``, ``checkpoint_format``, ``meta: {quantizer:
-        "gptqkit:VERSION", block_size, cache_block_outputs}``, plus ``dynamic``,
+        "gptqkit:VERSION", block_size, cache_block_outputs, clip_steps,
+        clip_min_ratio, act_group_aware}`` (GPTQModel keeps its
+        ``act_group_aware`` in ``meta`` too), plus ``dynamic``,
         ``modules_in_block_to_quantize`` and ``model_seqlen`` when set. This is
         what transformers, AutoGPTQ and GPTQModel read; loading it back with
         :meth:`from_quantization_config` restores this config exactly.
@@ -394,6 +414,7 @@ class QuantizeConfig:
             "cache_block_outputs": self.cache_block_outputs,
             "clip_steps": self.clip_steps,
             "clip_min_ratio": self.clip_min_ratio,
+            "act_group_aware": self.act_group_aware,
         }
         return d
 
@@ -447,11 +468,15 @@ class QuantizeConfig:
         kwargs: Dict[str, Any] = {"checkpoint_format": fmt}
         for key in ("bits", "group_size", "damp_percent", "desc_act", "static_groups", "sym",
                     "true_sequential", "lm_head", "model_seqlen", "block_size", "cache_block_outputs",
-                    "clip_steps", "clip_min_ratio",
+                    "clip_steps", "clip_min_ratio", "act_group_aware",
                     "modules_in_block_to_quantize"):
             v = pick(key)
             if v is not None:
                 kwargs[key] = v
+        if kwargs.get("desc_act") or kwargs.get("group_size") == -1:
+            # A setting of the quantization run, not of the tensors' layout: a
+            # writer that records it beside desc_act / per-channel grids loads.
+            kwargs.pop("act_group_aware", None)
         dyn = d.get("dynamic")
         if isinstance(dyn, Mapping) and dyn:
             # keep what decides the tensors' layout; drop other tools' extras (mse, adapters, ...)

@@ -22,7 +22,7 @@ class QuantizeResult:
             store ``zero - 1``; :func:`gptqkit.pack` handles that).
         g_idx: int32 ``[K]`` group of every input column.
         perm: int64 ``[K]`` order in which columns were quantized (identity
-            unless ``desc_act``).
+            unless ``desc_act`` or ``act_group_aware``).
         loss: ``sum((w - q)^2 / d^2) / 2`` over all entries, the figure the
             reference GPTQ prints per layer.
         damp_used: damping actually applied, as a fraction of ``mean(diag H)``
@@ -48,6 +48,7 @@ class QuantizeResult:
     sym: bool
     desc_act: bool
     static_groups: bool
+    act_group_aware: bool = False
 
     def dequantize(self):
         """Dense float32 ``[N, K]``: ``scales[g_idx[k], n] * (codes[n, k] - zeros[g_idx[k], n])``."""
@@ -75,6 +76,7 @@ def quantize_weight(
     clip_hessian_weighted: bool = True,
     fp16_scales: bool = False,
     min_zero_point: int = 0,
+    act_group_aware: bool = False,
 ) -> QuantizeResult:
     """Quantizes ``W [N, K]`` with GPTQ given the Hessian ``H [K, K]`` of its inputs.
 
@@ -97,6 +99,12 @@ def quantize_weight(
             ``g_idx`` then maps columns to groups.
         static_groups: take every group's grid from the unquantized weight
             before the sweep (keeps ``g_idx`` sequential with ``desc_act``).
+        act_group_aware: group-aware act-order (GPTQModel's default): each
+            group's columns by descending ``diag(H)``, groups by their largest
+            ``diag(H)``, a last partial group last. Groups stay whole, so
+            ``g_idx`` stays ``k // group_size`` (a ``desc_act=False``
+            checkpoint) while the most sensitive inputs go first. Needs
+            ``group_size > 0``; excludes ``desc_act``.
         damp_percent: damping ``lambda = damp_percent * mean(diag H)``; grows
             3x per retry (up to ``max_damp_retries`` times, at most 100 %)
             when ``H + lambda I`` is not positive definite.
@@ -143,12 +151,12 @@ def quantize_weight(
         static_groups=bool(static_groups), damp_percent=float(damp_percent), block_size=int(block_size),
         max_damp_retries=int(max_damp_retries), clip_steps=int(clip_steps), clip_min_ratio=float(clip_min_ratio),
         clip_norm=float(clip_norm), clip_hessian_weighted=bool(clip_hessian_weighted), fp16_scales=bool(fp16_scales),
-        min_zero_point=int(min_zero_point), stream=_gpu.stream_of(W),
+        min_zero_point=int(min_zero_point), act_group_aware=bool(act_group_aware), stream=_gpu.stream_of(W),
     )
     return QuantizeResult(
         codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, perm=perm,
         loss=stats["loss"], damp_used=stats["damp_percent_used"], damp_lambda=stats["damp_lambda"],
         damp_attempts=stats["damp_attempts"], dead_columns=stats["dead_columns"],
         bits=int(bits), group_size=int(group_size), sym=bool(sym), desc_act=bool(desc_act),
-        static_groups=bool(static_groups),
+        static_groups=bool(static_groups), act_group_aware=bool(act_group_aware),
     )

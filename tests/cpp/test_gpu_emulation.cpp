@@ -236,6 +236,7 @@ struct SolverCase {
   DType weight_dtype = DType::kFloat32;
   bool hessian_fp64 = false;
   bool dead_inputs = false;
+  bool act_group_aware = false;
 };
 
 using SolverRun = gptqkit_test::Quantized;
@@ -247,6 +248,7 @@ QuantizeOptions options_of(const SolverCase& c) {
   o.sym = c.sym;
   o.desc_act = c.desc_act;
   o.static_groups = c.static_groups;
+  o.act_group_aware = c.act_group_aware;
   o.clip_steps = c.clip_steps;
   o.clip_hessian_weighted = c.clip_weighted;
   o.block_size = c.block_size;
@@ -398,6 +400,14 @@ const SolverCase kSolverCases[] = {
     {"4bit_bf16_weight_act", 4, 128, false, true, false, 0, true, 128, DType::kBFloat16},
     {"4bit_fp64_weight_and_hessian", 4, 128, true, false, false, 0, true, 128, DType::kFloat64, true},
     {"4bit_dead_inputs_act", 4, 32, false, true, false, 0, true, 128, DType::kFloat32, false, true},
+    // Group-aware order: groups stay whole but run out of order (K = 200,
+    // so a partial group of 8 or 40 goes last); with lazy blocks of 48 a
+    // group starts inside one block and continues in the next.
+    {"4bit_g32_asym_group_aware", 4, 32, false, false, false, 0, true, 128, DType::kFloat32, false, false, true},
+    {"3bit_g64_block48_group_aware_dead", 3, 64, true, false, false, 0, true, 48, DType::kFloat32, false, true,
+     true},
+    {"4bit_g32_group_aware_static_clip", 4, 32, false, false, true, 8, true, 128, DType::kFloat32, false, false,
+     true},
 };
 
 INSTANTIATE_TEST_SUITE_P(Emulated, EmuSolver, ::testing::ValuesIn(kSolverCases),

@@ -165,6 +165,43 @@ TEST(Solver, ActOrderPermutationAndGroupIndex) {
   for (int64_t c = 0; c < k; ++c) EXPECT_EQ(s.g_idx[c], c / gs);
 }
 
+TEST(Solver, GroupAwareOrderKeepsGroupsWholeAndGIdxTrivial) {
+  const int64_t n = 8, k = 100, gs = 32;  // three full groups and a partial one of 4
+  auto h = hessian_from(correlated_activations(400, k, 9), 400, k);
+  auto w = random_normal(n * k, 10);
+  QuantizeOptions o;
+  o.group_size = gs;
+  o.act_group_aware = true;
+  auto q = run(w, h, n, k, o);
+  ASSERT_TRUE(q.status.ok()) << q.status.message();
+  auto diag = [&](int64_t c) { return h[c * k + c]; };
+  double previous_max = INFINITY;
+  for (int64_t start = 0; start < k; start += gs) {
+    const int64_t group = q.perm[start] / gs, end = std::min(k, start + gs);
+    double group_max = 0.0;
+    for (int64_t j = start; j < end; ++j) {
+      EXPECT_EQ(q.perm[j] / gs, group) << "position " << j << " left its group";
+      if (j > start) EXPECT_GE(diag(q.perm[j - 1]), diag(q.perm[j]));
+      group_max = std::max<double>(group_max, diag(q.perm[j]));
+    }
+    if (end - start == gs) {
+      EXPECT_LE(group_max, previous_max) << "full groups by descending max diag(H)";
+      previous_max = group_max;
+    } else {
+      EXPECT_EQ(group, k / gs) << "the partial group goes last";
+    }
+  }
+  for (int64_t c = 0; c < k; ++c) EXPECT_EQ(q.g_idx[c], c / gs);
+
+  o.desc_act = true;  // both set the order: refused, naming the option
+  const Status both = validate_options(o);
+  EXPECT_EQ(both.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(both.message().find("act_group_aware"), std::string::npos) << both.message();
+  o.desc_act = false;
+  o.group_size = -1;
+  EXPECT_EQ(run(w, h, n, k, o).status.code(), StatusCode::kInvalidArgument);
+}
+
 TEST(Solver, LazyBlockSizeDoesNotChangePerChannelResult) {
   // Lazy batching reorders exact arithmetic only; with per-channel grids the
   // codes agree up to float rounding.

@@ -9,6 +9,10 @@ GPTQ ``fasterquant`` routine, which gptqkit reproduces:
 * static groups take their grids from the unpermuted weight before the sweep;
 * act-order (``desc_act``) processes columns by descending ``diag(H)``
   (stable sort, so ties keep their original order);
+* group-aware act-order (``act_group_aware``) keeps every group of
+  ``group_size`` columns whole: columns by descending ``diag(H)`` within the
+  group, full groups by their largest ``diag(H)`` (descending, stable), a
+  partial last group last; a group's grid then belongs to its original group;
 * ``damp_percent * mean(diag H)`` is added to the diagonal, retried with 3x
   the damping (capped at 100 %) while the Cholesky factorization fails;
 * the sweep uses U, the upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``);
@@ -104,9 +108,23 @@ def damped_upper_factor(h: np.ndarray, damp_percent: float, max_retries: int = 8
     raise ReferenceNotPositiveDefinite("hessian is not positive definite even with damping")
 
 
+def group_aware_order(diag: np.ndarray, group_size: int) -> np.ndarray:
+    """The column order of ``act_group_aware`` (see the module docstring)."""
+    k = diag.shape[0]
+    starts = list(range(0, k, group_size))
+    full = [s for s in starts if s + group_size <= k]
+    tail = [s for s in starts if s + group_size > k]
+    full.sort(key=lambda s: -diag[s:s + group_size].max())    # Python's sort is stable
+    pieces = []
+    for s in full + tail:
+        cols = np.arange(s, min(k, s + group_size))
+        pieces.append(cols[np.argsort(-diag[cols], kind="stable")])
+    return np.concatenate(pieces)
+
+
 def gptq_reference(weight, hessian, bits=4, group_size=128, sym=True, desc_act=False,
                    static_groups=False, damp_percent=0.01, block_size=128,
-                   max_damp_retries=8, follow=None) -> ReferenceResult:
+                   max_damp_retries=8, follow=None, act_group_aware=False) -> ReferenceResult:
     """GPTQ of ``weight`` [N, K] given ``hessian`` [K, K].
 
     ``follow`` (optional uint8 [N, K] codes from another implementation, in
@@ -138,6 +156,8 @@ def gptq_reference(weight, hessian, bits=4, group_size=128, sym=True, desc_act=F
 
     if desc_act:
         perm = np.argsort(-np.diag(H), kind="stable")
+    elif act_group_aware:
+        perm = group_aware_order(np.diag(H), group_size)
     else:
         perm = np.arange(k)
     W = W[:, perm]
@@ -173,7 +193,8 @@ def gptq_reference(weight, hessian, bits=4, group_size=128, sym=True, desc_act=F
                 scale, zero = static[perm[i] // group_size]
             elif i % group_size == 0:
                 scale, zero = find_params(snapshot[i:i + group_size].T, bits, sym)
-                scales[i // group_size], zeros[i // group_size] = scale, zero
+                g = i // group_size if desc_act else perm[i] // group_size
+                scales[g], zeros[g] = scale, zero
         w = Wt[i]
         c = quantize_codes(w, scale, zero, bits)
         if follow_perm is not None:

@@ -83,7 +83,8 @@ def assert_one_line_error(err: str, *needles: str):
 
 @pytest.mark.parametrize("command, needles", [
     ([], ["quantize", "eval-ppl", "info", "--verbose", "Exit status"]),
-    (["quantize"], ["--bits", "--group-size", "--desc-act", "--static-groups", "--asym", "--calibration",
+    (["quantize"], ["--bits", "--group-size", "--desc-act", "--act-group-aware", "--static-groups", "--asym",
+                    "--calibration",
                     "--nsamples", "--seqlen", "--seed", "--damp", "--block-size", "--no-true-sequential",
                     "--clip-steps", "--clip-min-ratio", "--format", "--batch-size", "--device",
                     "--max-shard-size", "--dtype", "--eval", "--extra-cache", "act-order", "examples:",
@@ -213,6 +214,26 @@ def test_bad_extra_cache(cli, files, capsys, value):
 def test_bad_bits(cli, files, capsys):
     assert cli.main(["quantize", files["model"], str(files["root"] / "o2"), "--bits", "5"]) == 2
     assert_one_line_error(capsys.readouterr().err, "--bits", "2, 3, 4 or 8")
+
+
+def test_act_group_aware_conflicts_with_desc_act(cli, files, capsys):
+    out = str(files["root"] / "o4")
+    assert cli.main(["quantize", files["model"], out, "--act-group-aware", "--desc-act",
+                     "--calibration", files["npy"]]) == 2
+    assert_one_line_error(capsys.readouterr().err, "act_group_aware", "desc_act")
+    assert not os.path.exists(out)
+
+
+def test_act_group_aware_quantize_and_info(cli, files, capsys):
+    out_dir = files["root"] / "tiny-gptq-gar"
+    status, out, err = run(cli, ["quantize", files["model"], out_dir, "--group-size", "32", "--act-group-aware",
+                                 "--calibration", files["npy"], "-q"])
+    assert status == 0, err
+    assert "group-aware order" in out
+    qc = json.loads((out_dir / "quantize_config.json").read_text())
+    assert qc["desc_act"] is False and qc["meta"]["act_group_aware"] is True
+    assert cli.main(["info", str(out_dir)]) == 0
+    assert "group-aware order on" in capsys.readouterr().out
 
 
 def test_missing_calibration_file(cli, files, capsys):

@@ -31,6 +31,9 @@ def test_defaults():
     (dict(desc_act=1), "desc_act"),
     (dict(sym="yes"), "sym"),
     (dict(static_groups=None), "static_groups"),
+    (dict(act_group_aware=1), "act_group_aware"),
+    (dict(act_group_aware=True, desc_act=True), "act_group_aware"),
+    (dict(act_group_aware=True, group_size=-1), "act_group_aware"),
     (dict(true_sequential=0), "true_sequential"),
     (dict(lm_head="false"), "lm_head"),
     (dict(cache_block_outputs=None), "cache_block_outputs"),
@@ -165,6 +168,20 @@ def test_reads_gptqmodel_config():
         QuantizeConfig.from_quantization_config({**d, "pack_dtype": "int8"})
 
 
+def test_act_group_aware_round_trip_and_gptqmodel_meta():
+    c = QuantizeConfig(act_group_aware=True)
+    d = c.to_quantization_config()
+    assert d["desc_act"] is False and d["meta"]["act_group_aware"] is True
+    assert QuantizeConfig.from_quantization_config(d).act_group_aware
+    # GPTQModel 7 writes it in meta; a desc_act or per-channel checkpoint that
+    # also records it still loads (the order is a quantization-time setting).
+    gm = {"bits": 4, "group_size": 128, "desc_act": False, "meta": {"act_group_aware": True}}
+    assert QuantizeConfig.from_quantization_config(gm).act_group_aware
+    for clash in ({"desc_act": True}, {"group_size": -1}):
+        c2 = QuantizeConfig.from_quantization_config({**gm, **clash})
+        assert not c2.act_group_aware
+
+
 def test_reads_transformers_gptqconfig():
     transformers = pytest.importorskip("transformers")
     d = transformers.GPTQConfig(bits=3, group_size=64, desc_act=True).to_dict()
@@ -188,7 +205,7 @@ def test_resolve_without_dynamic():
     assert s == LayerSettings(bits=3, group_size=64, sym=True, desc_act=True, static_groups=False,
                               damp_percent=0.02, block_size=32)
     assert s.as_kwargs() == dict(bits=3, group_size=64, sym=True, desc_act=True, static_groups=False,
-                                 damp_percent=0.02, block_size=32)
+                                 damp_percent=0.02, block_size=32, act_group_aware=False)
 
 
 def test_resolve_dynamic_rules():

@@ -73,6 +73,14 @@ def test_bits(gptqkit, wh, bits):
         gptqkit.quantize_weight(W, H, bits=bits)
 
 
+@pytest.mark.parametrize("kw,match", [(dict(act_group_aware=True, desc_act=True), "act_group_aware.*desc_act"),
+                                      (dict(act_group_aware=True, group_size=-1), "act_group_aware.*group_size > 0")])
+def test_act_group_aware_conflicts(gptqkit, wh, kw, match):
+    W, H = wh
+    with pytest.raises(ValueError, match=match):
+        gptqkit.quantize_weight(W, H, **kw)
+
+
 @pytest.mark.parametrize("group_size", [0, -2, -128])
 def test_group_size(gptqkit, wh, group_size):
     W, H = wh

@@ -78,6 +78,18 @@ def test_gpu_matches_cpu(bits, group_size, sym, desc_act, static_groups, clip_st
 
 
 @needs_gpu
+@pytest.mark.parametrize("bits,group_size,sym,static_groups,clip_steps,block_size",
+                         [(4, 32, True, False, 0, 128), (3, 128, False, False, 8, 128), (2, 64, False, True, 0, 128),
+                          (8, 50, True, False, 0, 48), (4, 100, False, False, 4, 256)])
+def test_gpu_act_group_aware_matches_cpu(bits, group_size, sym, static_groups, clip_steps, block_size):
+    """Group-aware order (groups out of order, partial group last, groups across lazy blocks)."""
+    W, H = make_problem(seed=11, dead=(5,))
+    cpu, gpu = compare(W, H, bits=bits, group_size=group_size, sym=sym, static_groups=static_groups,
+                       clip_steps=clip_steps, block_size=block_size, act_group_aware=True)
+    assert torch.equal(gpu.g_idx.cpu(), torch.arange(W.shape[1], dtype=torch.int32) // group_size)
+
+
+@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_weight_dtypes_fp16_scales_v1_zeros(dtype):
     W, H = make_problem(seed=5)

@@ -400,6 +400,26 @@ def test_desc_act(gptqkit, static_groups, tmp_path):
     assert qconfig["desc_act"] is True and qconfig["static_groups"] is static_groups
 
 
+def test_act_group_aware(gptqkit, llama_default, tmp_path):
+    """Group-aware order: every layer keeps a sequential g_idx (a plain desc_act=False checkpoint),
+    the codes differ from natural order, a dynamic desc_act override still gets act-order, and the
+    setting survives save -> load (in meta, as GPTQModel keeps it)."""
+    q = _quantize(act_group_aware=True, dynamic={r"+:.*\.up_proj": {"desc_act": True}})
+    layers = _quant_layers(q.model)
+    changed = 0
+    for name, layer in layers.items():
+        trivial = torch.arange(layer.in_features, dtype=torch.int32) // GROUP
+        assert torch.equal(layer.g_idx, trivial) != name.endswith("up_proj"), name
+        changed += not torch.equal(layer.qweight, llama_default[name][0])
+    assert changed == len(layers)
+    assert q.quantize_config.resolve("model.layers.0.mlp.up_proj").act_group_aware is False
+    assert q.quantize_config.resolve("model.layers.0.mlp.down_proj").act_group_aware is True
+    q2 = _round_trip(q, tmp_path / "ckpt")
+    assert q2.quantize_config.act_group_aware and not q2.quantize_config.desc_act
+    _, qconfig = _saved_json(tmp_path / "ckpt")
+    assert qconfig["desc_act"] is False and qconfig["meta"]["act_group_aware"] is True
+
+
 @pytest.mark.parametrize("checkpoint_format,layer_format", [("gptq", "v1"), ("gptq_v2", "v2")])
 def test_asymmetric(gptqkit, checkpoint_format, layer_format, tmp_path):
     from gptqkit import unpack

@@ -215,6 +215,69 @@ def test_desc_act_perm_is_stable_argsort(gptqkit):
     check_against_reference(res, W, H, bits=4, group_size=32, desc_act=True)
 
 
+@pytest.mark.parametrize("kw", [dict(bits=4, group_size=32), dict(bits=3, group_size=128, sym=False),
+                                dict(bits=2, group_size=64), dict(bits=8, group_size=32, sym=False),
+                                dict(bits=4, group_size=64, block_size=32),
+                                dict(bits=4, group_size=32, static_groups=True)],
+                         ids=["4b-g32", "3b-g128-asym", "2b-g64", "8b-g32-asym", "g64-in-blocks-of-32", "static"])
+def test_act_group_aware_matches_reference(gptqkit, kw):
+    """Group-aware act-order: same codes, grids and loss as the float64
+    reference that permutes W and H explicitly (reference_gptq.group_aware_order)."""
+    W, H = problem()
+    kw = dict(kw, act_group_aware=True)
+    res = gptqkit.quantize_weight(W, H, **kw)
+    assert res.act_group_aware
+    np.testing.assert_array_equal(res.g_idx, np.arange(K) // kw["group_size"])
+    plain = gptq_reference(W, H.astype(np.float64), **kw)
+    check_against_reference(res, W, H, plain=plain, **kw)
+
+
+@pytest.mark.parametrize("k,group_size", [(512, 100), (500, 128), (96, 128)])
+def test_act_group_aware_order(gptqkit, k, group_size):
+    """The order itself, checked by its defining properties: every run of
+    group_size positions is one whole group (a partial group last), columns
+    by descending diag(H) inside it, full groups by descending max diag(H),
+    ties (here: repeated diagonal values) in index order; g_idx stays
+    k // group_size, so the checkpoint is an ordinary desc_act=False one."""
+    rng = np.random.default_rng(21)
+    H = spd_hessian(rng, k)
+    diag = np.ceil(np.diag(H) * 10) / 10           # ties within and across groups; raising the
+    np.fill_diagonal(H, diag)                      # diagonal keeps H positive definite
+    W = random_weight(rng, 48, k)
+    res = gptqkit.quantize_weight(W, H, bits=4, group_size=group_size, act_group_aware=True)
+    perm = res.perm
+    assert sorted(perm.tolist()) == list(range(k))
+    full = k // group_size
+    runs = [perm[i:i + group_size] for i in range(0, k, group_size)]
+    groups = [int(run[0]) // group_size for run in runs]
+    for run, g in zip(runs, groups):
+        np.testing.assert_array_equal(np.sort(run), np.arange(g * group_size, min(k, (g + 1) * group_size)))
+        d = diag[run]
+        assert np.all((d[:-1] > d[1:]) | ((d[:-1] == d[1:]) & (run[:-1] < run[1:])))
+    if k % group_size:
+        assert groups[-1] == full
+    maxima = [diag[g * group_size:(g + 1) * group_size].max() for g in groups[:full]]
+    assert all(a > b or (a == b and ga < gb)
+               for a, b, ga, gb in zip(maxima, maxima[1:], groups, groups[1:]))
+    np.testing.assert_array_equal(res.g_idx, np.arange(k) // group_size)
+    check_against_reference(res, W, H, bits=4, group_size=group_size, act_group_aware=True)
+
+
+def test_act_group_aware_dead_columns(gptqkit):
+    rng = np.random.default_rng(8)
+    k = 256
+    x = correlated_activations(rng, 1024, k, dtype=np.float64)
+    dead = np.array([3, 64, 65, 190])
+    x[:, dead] = 0.0
+    H = (2.0 / x.shape[0] * x.T @ x).astype(np.float32)
+    W = random_weight(rng, 80, k)
+    kw = dict(bits=4, group_size=64, sym=False, act_group_aware=True)
+    res = gptqkit.quantize_weight(W, H, **kw)
+    assert res.dead_columns == len(dead)
+    assert np.all(res.dequantize()[:, dead] == 0)
+    check_against_reference(res, W, H, **kw)
+
+
 def test_identity_without_desc_act(gptqkit):
     W, H = problem()
     res = gptqkit.quantize_weight(W, H, bits=4, group_size=128)

@@ -14,6 +14,14 @@ struct QuantizeOptions {
   int64_t group_size = 128;  // -1: one group per output channel; else > 0 (last group may be partial)
   bool sym = true;           // symmetric grid, zero point (maxq + 1) / 2
   bool desc_act = false;     // act-order: quantize columns by descending diag(H)
+  // Group-aware act-order (Gafni et al., 2025; GPTQModel's act_group_aware):
+  // each group's columns by descending diag(H), whole groups by descending
+  // max diag(H) within the group, a last partial group last. Every group is
+  // still quantized as one contiguous run, so g_idx stays k / group_size and
+  // the checkpoint is a plain desc_act = false one that every kernel runs
+  // without a gather, while the most sensitive inputs are quantized first.
+  // Needs group_size > 0 and desc_act off.
+  bool act_group_aware = false;
   bool static_groups = false;// group grids from the unpermuted weight, fixed before the sweep
   double damp_percent = 0.01;// lambda = damp_percent * mean(diag H)
   int64_t block_size = 128;  // lazy-batch width
@@ -45,7 +53,7 @@ struct QuantizeOptions {
 //   scales float32 [G, N]   G = 1 if group_size == -1 else ceil(K / group_size)
 //   zeros  int32 [G, N]     true zero points (not the v1 "zero - 1")
 //   g_idx  int32 [K]        group of every original input column
-//   perm   int64 [K]        processing order (identity without desc_act)
+//   perm   int64 [K]        processing order (identity without desc_act / act_group_aware)
 struct QuantizeOutputs {
   TensorView codes, scales, zeros, g_idx, perm;
 };
