@@ -45,7 +45,7 @@ GPTQKIT_CHECKPOINTS = {
     "llama-3bit-g32-asym-static-groups": ("llama", dict(bits=3, group_size=32, sym=False, desc_act=True,
                                                          static_groups=True)),
     "llama-8bit-per-row": ("llama", dict(bits=8, group_size=-1)),
-    "llama-2bit-g16-asym": ("llama", dict(bits=2, group_size=16, sym=False)),
+    "llama-2bit-g16-asym-group-aware": ("llama", dict(bits=2, group_size=16, sym=False, act_group_aware=True)),
     "qwen2-4bit-g32-act-order-bias": ("qwen2", dict(bits=4, group_size=32, desc_act=True, sym=False)),
     "gpt2-conv1d-4bit-g32": ("gpt2", dict(bits=4, group_size=32)),
 }
