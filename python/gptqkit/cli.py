@@ -648,7 +648,8 @@ def cmd_quantize(args) -> int:
     try:
         qcfg = QuantizeConfig(
             bits=args.bits, group_size=args.group_size, damp_percent=args.damp, desc_act=args.desc_act,
-            static_groups=args.static_groups, act_group_aware=args.act_group_aware, sym=not args.asym, true_sequential=args.true_sequential,
+            static_groups=args.static_groups, act_group_aware=args.act_group_aware, sym=not args.asym,
+            true_sequential=args.true_sequential,
             block_size=args.block_size, checkpoint_format=args.checkpoint_format, clip_steps=args.clip_steps,
             clip_min_ratio=args.clip_min_ratio,
         )

@@ -148,10 +148,23 @@ TEST(Solver, BeatsRoundToNearestOnCorrelatedInputs) {
   }
 }
 
+namespace {
+
+// The column-order tests' problem: W [8, 100], H from correlated inputs,
+// groups of 32 (three full groups and a partial one of 4).
+struct OrderProblem {
+  static constexpr int64_t n = 8, k = 100, gs = 32;
+  std::vector<float> h = hessian_from(correlated_activations(400, k, 9), 400, k);
+  std::vector<float> w = random_normal(n * k, 10);
+};
+
+}  // namespace
+
 TEST(Solver, ActOrderPermutationAndGroupIndex) {
-  const int64_t n = 8, k = 100, gs = 32;
-  auto h = hessian_from(correlated_activations(400, k, 9), 400, k);
-  auto w = random_normal(n * k, 10);
+  const OrderProblem p;
+  const int64_t n = p.n, k = p.k, gs = p.gs;
+  const std::vector<float>& h = p.h;
+  const std::vector<float>& w = p.w;
   QuantizeOptions o;
   o.group_size = gs;
   o.desc_act = true;
@@ -166,9 +179,10 @@ TEST(Solver, ActOrderPermutationAndGroupIndex) {
 }
 
 TEST(Solver, GroupAwareOrderKeepsGroupsWholeAndGIdxTrivial) {
-  const int64_t n = 8, k = 100, gs = 32;  // three full groups and a partial one of 4
-  auto h = hessian_from(correlated_activations(400, k, 9), 400, k);
-  auto w = random_normal(n * k, 10);
+  const OrderProblem p;
+  const int64_t n = p.n, k = p.k, gs = p.gs;
+  const std::vector<float>& h = p.h;
+  const std::vector<float>& w = p.w;
   QuantizeOptions o;
   o.group_size = gs;
   o.act_group_aware = true;
