@@ -391,8 +391,10 @@ what the GPTQ options do:
                     (columns by decreasing Hessian diagonal), and whole groups
                     ordered by their largest diagonal entry. Groups stay whole,
                     so g_idx stays sequential (an ordinary desc_act=False
-                    checkpoint) with much of act-order's gain. Excludes
-                    --desc-act; needs --group-size > 0.
+                    checkpoint) with much of act-order's gain. On by default
+                    wherever it applies (without --desc-act, with
+                    --group-size > 0); --no-act-group-aware quantizes columns
+                    in their natural order (the GPTQ paper's algorithm).
   --static-groups   compute every group's scale/zero from the unquantized
                     weights before the sweep; with --desc-act it keeps the
                     groups contiguous (g_idx sequential), which loaders handle
@@ -501,10 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {d.group_size})")
     g.add_argument("--desc-act", action="store_true", default=d.desc_act,
                    help="act-order: quantize columns by decreasing Hessian diagonal (usually more accurate)")
-    g.add_argument("--act-group-aware", action="store_true", default=d.act_group_aware,
+    g.add_argument("--act-group-aware", action=argparse.BooleanOptionalAction, default=d.act_group_aware,
                    help="group-aware act-order: columns by decreasing Hessian diagonal within each group, groups "
-                        "by their largest; the checkpoint stays desc_act=False (needs --group-size > 0, "
-                        "excludes --desc-act)")
+                        "by their largest; the checkpoint stays desc_act=False (default: on wherever it "
+                        "applies, i.e. without --desc-act and with --group-size > 0; --no-act-group-aware "
+                        "keeps the paper's natural order)")
     g.add_argument("--static-groups", action="store_true", default=d.static_groups,
                    help="fix every group's grid before the sweep (contiguous groups with --desc-act)")
     g.add_argument("--asym", action="store_true", default=not d.sym,
@@ -717,7 +720,7 @@ def cmd_quantize(args) -> int:
 
     size, nfiles = _folder_size(saved)
     settings = (f"{qcfg.bits}-bit, group size {qcfg.group_size}, {'sym' if qcfg.sym else 'asym'}"
-                f"{', act-order' if qcfg.desc_act else ''}{', group-aware order' if qcfg.act_group_aware else ''}"
+                f"{', act-order' if qcfg.desc_act else ''}{', group-aware order' if qcfg.group_aware_order else ''}"
                 f"{', static groups' if qcfg.static_groups else ''}"
                 f", format {qcfg.checkpoint_format}")
     print(f"saved GPTQ checkpoint to {saved} ({settings})")

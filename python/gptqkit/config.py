@@ -160,14 +160,17 @@ class QuantizeConfig:
             (better accuracy; the checkpoint then carries a non-trivial ``g_idx``).
         static_groups: fix every group's grid from the unquantized weights
             before the sweep (keeps ``g_idx`` sequential with ``desc_act``).
-        act_group_aware: group-aware act-order (GPTQModel's default, Gafni et
-            al. 2025): quantize each group's columns by decreasing Hessian
-            diagonal and whole groups by their largest one. Groups stay
-            whole, so the checkpoint is an ordinary ``desc_act=False`` one
-            (sequential ``g_idx``, every kernel's fast path) with most of
-            act-order's accuracy. Needs ``group_size > 0``; excludes
-            ``desc_act`` (a layer whose ``dynamic`` override turns on
-            ``desc_act`` or sets ``group_size`` -1 quantizes without it).
+        act_group_aware: group-aware act-order (Gafni et al. 2025; GPTQModel
+            uses it by default too): quantize each group's columns by
+            decreasing Hessian diagonal and whole groups by their largest
+            one. Groups stay whole, so the checkpoint is an ordinary
+            ``desc_act=False`` one (sequential ``g_idx``, every kernel's fast
+            path) with much of act-order's accuracy. ``None`` (default): on
+            for every layer where it applies, i.e. without ``desc_act`` and
+            with ``group_size > 0`` (a ``dynamic`` override can change both
+            per layer); ``False``: the paper's natural column order; ``True``:
+            on, and an error if combined with ``desc_act`` or ``group_size``
+            -1. See :attr:`group_aware_order` for the resolved value.
         sym: symmetric grid (zero point in the middle) instead of asymmetric min-max.
         true_sequential: quantize a block's layers group by group (q/k/v, then
             o, then gate/up, then down), recomputing each group's inputs from
@@ -202,7 +205,7 @@ class QuantizeConfig:
     damp_percent: float = 0.01
     desc_act: bool = False
     static_groups: bool = False
-    act_group_aware: bool = False
+    act_group_aware: Optional[bool] = None
     sym: bool = True
     true_sequential: bool = True
     block_size: int = 128
@@ -228,9 +231,10 @@ class QuantizeConfig:
         _check_group_size(self.group_size)
         _check_damp(self.damp_percent)
         self.damp_percent = float(self.damp_percent)
-        for name in ("desc_act", "static_groups", "act_group_aware", "sym", "true_sequential", "lm_head",
-                     "cache_block_outputs"):
+        for name in ("desc_act", "static_groups", "sym", "true_sequential", "lm_head", "cache_block_outputs"):
             _check_bool(getattr(self, name), name)
+        if self.act_group_aware is not None:
+            _check_bool(self.act_group_aware, "act_group_aware")
         if self.act_group_aware and self.desc_act:
             raise ValueError("act_group_aware: cannot be combined with desc_act (both set the column order); "
                              "choose one")
@@ -350,8 +354,15 @@ class QuantizeConfig:
             if not skip and rx.match(module_name):
                 values.update(overrides)
                 break
-        group_aware = self.act_group_aware and not values["desc_act"] and values["group_size"] > 0
+        group_aware = self.act_group_aware is not False and not values["desc_act"] and values["group_size"] > 0
         return LayerSettings(block_size=self.block_size, act_group_aware=group_aware, **values)
+
+    @property
+    def group_aware_order(self) -> bool:
+        """Whether layers without a ``dynamic`` override use the group-aware
+        column order: ``act_group_aware`` resolved against ``desc_act`` and
+        ``group_size``."""
+        return self.act_group_aware is not False and not self.desc_act and self.group_size > 0
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> Dict[str, Any]:
@@ -388,7 +399,9 @@ class QuantizeConfig:
         ``act_group_aware`` in ``meta`` too), plus ``dynamic``,
         ``modules_in_block_to_quantize`` and ``model_seqlen`` when set. This is
         what transformers, AutoGPTQ and GPTQModel read; loading it back with
-        :meth:`from_quantization_config` restores this config exactly.
+        :meth:`from_quantization_config` restores this config exactly, except
+        that an automatic ``act_group_aware`` (``None``) comes back as the
+        value it resolved to.
         """
         d: Dict[str, Any] = {
             "quant_method": "gptq",
@@ -414,7 +427,7 @@ class QuantizeConfig:
             "cache_block_outputs": self.cache_block_outputs,
             "clip_steps": self.clip_steps,
             "clip_min_ratio": self.clip_min_ratio,
-            "act_group_aware": self.act_group_aware,
+            "act_group_aware": self.group_aware_order,
         }
         return d
 
@@ -476,7 +489,10 @@ class QuantizeConfig:
         if kwargs.get("desc_act") or kwargs.get("group_size") == -1:
             # A setting of the quantization run, not of the tensors' layout: a
             # writer that records it beside desc_act / per-channel grids loads.
-            kwargs.pop("act_group_aware", None)
+            kwargs.pop("act_group_aware", None)  # the default (None) resolves to off here
+        else:
+            # Not recorded (AutoGPTQ, transformers, older writers): those tools had only the natural order.
+            kwargs.setdefault("act_group_aware", False)
         dyn = d.get("dynamic")
         if isinstance(dyn, Mapping) and dyn:
             # keep what decides the tensors' layout; drop other tools' extras (mse, adapters, ...)

@@ -224,16 +224,17 @@ def test_act_group_aware_conflicts_with_desc_act(cli, files, capsys):
     assert not os.path.exists(out)
 
 
-def test_act_group_aware_quantize_and_info(cli, files, capsys):
-    out_dir = files["root"] / "tiny-gptq-gar"
-    status, out, err = run(cli, ["quantize", files["model"], out_dir, "--group-size", "32", "--act-group-aware",
+@pytest.mark.parametrize("flags,on", [([], True), (["--act-group-aware"], True), (["--no-act-group-aware"], False)])
+def test_act_group_aware_quantize_and_info(cli, files, capsys, flags, on):
+    out_dir = files["root"] / f"tiny-gptq-gar-{len(flags)}-{on}"
+    status, out, err = run(cli, ["quantize", files["model"], out_dir, "--group-size", "32", *flags,
                                  "--calibration", files["npy"], "-q"])
     assert status == 0, err
-    assert "group-aware order" in out
+    assert ("group-aware order" in out) is on
     qc = json.loads((out_dir / "quantize_config.json").read_text())
-    assert qc["desc_act"] is False and qc["meta"]["act_group_aware"] is True
+    assert qc["desc_act"] is False and qc["meta"]["act_group_aware"] is on
     assert cli.main(["info", str(out_dir)]) == 0
-    assert "group-aware order on" in capsys.readouterr().out
+    assert f"group-aware order {'on' if on else 'off'}" in capsys.readouterr().out
 
 
 def test_missing_calibration_file(cli, files, capsys):

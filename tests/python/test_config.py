@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -116,7 +117,7 @@ def test_save_load(tmp_path):
 
 
 def test_load_from_config_json(tmp_path):
-    c = QuantizeConfig(bits=8, group_size=32)
+    c = QuantizeConfig(bits=8, group_size=32, act_group_aware=True)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama",
                                                       "quantization_config": c.to_quantization_config()}))
     assert QuantizeConfig.load(tmp_path) == c
@@ -182,6 +183,23 @@ def test_act_group_aware_round_trip_and_gptqmodel_meta():
         assert not c2.act_group_aware
 
 
+def test_act_group_aware_default_is_on_where_it_applies():
+    assert QuantizeConfig().act_group_aware is None and QuantizeConfig().group_aware_order
+    assert not QuantizeConfig(desc_act=True).group_aware_order          # no conflict: resolves off
+    assert not QuantizeConfig(group_size=-1).group_aware_order
+    assert not QuantizeConfig(act_group_aware=False).group_aware_order   # the paper's natural order
+    c = QuantizeConfig(dynamic={r".*\.down_proj": {"group_size": -1}, r".*\.o_proj": {"desc_act": True}})
+    assert c.resolve("model.layers.0.mlp.up_proj").act_group_aware is True
+    assert c.resolve("model.layers.0.mlp.down_proj").act_group_aware is False
+    assert c.resolve("model.layers.0.self_attn.o_proj").act_group_aware is False
+    assert QuantizeConfig(act_group_aware=False).resolve("x").act_group_aware is False
+    # Written resolved (what GPTQModel reads); a config from a tool without the setting is natural order.
+    assert QuantizeConfig().to_quantization_config()["meta"]["act_group_aware"] is True
+    assert QuantizeConfig(desc_act=True).to_quantization_config()["meta"]["act_group_aware"] is False
+    assert QuantizeConfig.from_quantization_config({"bits": 4, "group_size": 128}).act_group_aware is False
+    assert not QuantizeConfig.from_quantization_config({"bits": 4, "desc_act": True}).group_aware_order
+
+
 def test_reads_transformers_gptqconfig():
     transformers = pytest.importorskip("transformers")
     d = transformers.GPTQConfig(bits=3, group_size=64, desc_act=True).to_dict()
@@ -239,6 +257,6 @@ def test_dynamic_survives_json(tmp_path):
     c = QuantizeConfig(dynamic={r".*\.gate_proj": False, r"-:lm_head": {}, r".*": {"damp_percent": 0.1}})
     c.save(tmp_path)
     c2 = QuantizeConfig.load(tmp_path)
-    assert c2 == c
+    assert c2 == dataclasses.replace(c, act_group_aware=True)  # the automatic default, as resolved
     assert c2.resolve("x.gate_proj") is None and c2.resolve("lm_head") is None
     assert c2.resolve("x.up_proj").damp_percent == 0.1

@@ -402,16 +402,24 @@ def test_desc_act(gptqkit, static_groups, tmp_path):
 
 def test_act_group_aware(gptqkit, llama_default, tmp_path):
     """Group-aware order: every layer keeps a sequential g_idx (a plain desc_act=False checkpoint),
-    the codes differ from natural order, a dynamic desc_act override still gets act-order, and the
-    setting survives save -> load (in meta, as GPTQModel keeps it)."""
+    the codes differ from natural order, it is what the default config does, a dynamic desc_act
+    override still gets act-order, and the setting survives save -> load (in meta, as GPTQModel
+    keeps it)."""
+    natural = _packed(_quantize(act_group_aware=False))
     q = _quantize(act_group_aware=True, dynamic={r"+:.*\.up_proj": {"desc_act": True}})
     layers = _quant_layers(q.model)
     changed = 0
     for name, layer in layers.items():
         trivial = torch.arange(layer.in_features, dtype=torch.int32) // GROUP
         assert torch.equal(layer.g_idx, trivial) != name.endswith("up_proj"), name
-        changed += not torch.equal(layer.qweight, llama_default[name][0])
+        changed += not torch.equal(layer.qweight, natural[name][0])
     assert changed == len(layers)
+    # The default (act_group_aware=None) is the group-aware order wherever it applies. The first
+    # up_proj differs from the default run (act-order there); layers after it see other inputs.
+    first_block = [n for n in layers if ".layers.0." in n and not n.endswith(("up_proj", "down_proj"))]
+    assert first_block
+    for name in first_block:
+        assert torch.equal(layers[name].qweight, llama_default[name][0]), name
     assert q.quantize_config.resolve("model.layers.0.mlp.up_proj").act_group_aware is False
     assert q.quantize_config.resolve("model.layers.0.mlp.down_proj").act_group_aware is True
     q2 = _round_trip(q, tmp_path / "ckpt")
