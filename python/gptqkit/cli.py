@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import textwrap
 import time
@@ -352,7 +353,14 @@ peak memory), where the checkpoint went and its size on disk.
 OUT gets safetensors weights (sharded above --max-shard-size),
 quantize_config.json, config.json with its quantization_config, and the
 tokenizer. Saving is atomic: a previous GPTQ checkpoint at OUT is replaced
-only once the new one is complete; any other non-empty folder is refused."""
+only once the new one is complete; any other non-empty folder is refused.
+
+Interrupted runs resume: every finished block is kept in OUT.partial (next
+to OUT; --resume-dir moves it) as the run goes. Run the same command again
+and those blocks are restored instead of quantized, with the same result as
+an uninterrupted run; a folder left by a run with other settings,
+calibration data or model is refused (--no-resume deletes it and starts
+over). It is removed once the checkpoint is saved."""
 
 QUANTIZE_EPILOG = f"""\
 examples:
@@ -557,6 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "no measurable wall-time gain) (default: 0)")
     r.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer folder or hub id, when MODEL has none (default: MODEL's)")
+    r.add_argument("--resume-dir", metavar="DIR",
+                   help="where finished blocks are kept while the run goes, so that an interrupted run resumes "
+                        "(default: OUT.partial, next to OUT; deleted once the checkpoint is saved)")
+    r.add_argument("--no-resume", action="store_true",
+                   help="delete the blocks an interrupted run left in the resume folder and start over")
     r.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
                    help="split the safetensors weights into shards of at most SIZE, e.g. 500MB, 2GB, 1GiB "
                         "(default: 2GB)")
@@ -643,6 +656,25 @@ def _check_out_folder(out: str, model: str) -> str:
     return "new"
 
 
+def _check_resume_dir(resume_dir: Optional[str], out: str) -> str:
+    """The resume folder (default ``OUT.partial``): not inside OUT (saving replaces OUT
+    whole), and either absent, empty or a gptqkit resume store (never someone's folder)."""
+    from gptqkit.resume import MANIFEST_FILE
+
+    out_path = os.path.realpath(os.path.expanduser(out))
+    path = os.path.realpath(os.path.expanduser(resume_dir)) if resume_dir else out_path.rstrip(os.sep) + ".partial"
+    what = "--resume-dir" if resume_dir else f"the resume folder {path}"
+    if os.path.commonpath([path, out_path]) == out_path:
+        raise UsageError(f"{what}: must not be OUT or inside it (saving replaces OUT as a whole)")
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise UsageError(f"{what}: exists and is not a folder")
+        if os.listdir(path) and not os.path.exists(os.path.join(path, MANIFEST_FILE)):
+            raise UsageError(f"{what}: is a non-empty folder that gptqkit did not write; choose another "
+                             f"with --resume-dir")
+    return path
+
+
 def cmd_quantize(args) -> int:
     from gptqkit.checkpoint import parse_size
     from gptqkit.config import QuantizeConfig
@@ -669,6 +701,7 @@ def cmd_quantize(args) -> int:
             raise UsageError(f"MODEL {args.model!r} is already quantized ({method}); quantize needs the "
                              f"full-precision model")
     out_state = _check_out_folder(args.out, model_path)
+    resume_dir = _check_resume_dir(args.resume_dir, args.out)
     calibration, calib_desc = _resolve_calibration(args.calibration)
     tokenizer_path = None
     if args.tokenizer is not None:
@@ -704,10 +737,16 @@ def cmd_quantize(args) -> int:
                        f"--tokenizer PATH, or token ids as --calibration FILE.npy|.pt|.safetensors")
 
     _log(args, f"calibration: {calib_desc}")
+    if args.no_resume and os.path.isdir(resume_dir):
+        _log(args, f"--no-resume: deleting the blocks of an interrupted run in {resume_dir}")
+        shutil.rmtree(resume_dir)
+    elif os.path.isdir(resume_dir):
+        _log(args, f"found the blocks of an interrupted run in {resume_dir}: resuming (--no-resume starts over)")
     progress = not args.quiet
     t1 = time.perf_counter()
     report = model.quantize(calibration, batch_size=args.batch_size, nsamples=args.nsamples, seqlen=args.seqlen,
-                            seed=args.seed, device=device, progress=progress, extra_cache=args.extra_cache)
+                            seed=args.seed, device=device, progress=progress, extra_cache=args.extra_cache,
+                            resume_dir=resume_dir)
     t_quant = time.perf_counter() - t1
     if not progress:  # with progress on, quantize() prints the summary itself
         print(report.summary())
@@ -717,6 +756,7 @@ def cmd_quantize(args) -> int:
     t2 = time.perf_counter()
     saved = model.save_quantized(os.path.expanduser(args.out), max_shard_size=args.max_shard_size)
     t_save = time.perf_counter() - t2
+    shutil.rmtree(resume_dir, ignore_errors=True)  # the checkpoint is complete: the blocks are not needed
 
     size, nfiles = _folder_size(saved)
     settings = (f"{qcfg.bits}-bit, group size {qcfg.group_size}, {'sym' if qcfg.sym else 'asym'}"

@@ -45,7 +45,7 @@ import gc
 import os
 import resource
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -60,6 +60,8 @@ from gptqkit._memory import exclusive_file_ranges, page_out, release_file_pages,
 from gptqkit.hessian import HessianAccumulator
 from gptqkit._gpu import gpu_backend
 from gptqkit.nn import QuantLinear
+from gptqkit.packing import PackedLayer
+from gptqkit.resume import ResumeStore, calibration_fingerprint, model_fingerprint
 from gptqkit.solver import quantize_weight
 
 __all__ = ["GPTQForCausalLM", "LayerReport", "QuantizeReport"]
@@ -521,7 +523,8 @@ class GPTQForCausalLM:
     # ------------------------------------------------------------------ quantization
     def quantize(self, examples: Any, batch_size: int = 1, *, nsamples: Optional[int] = None,
                  seqlen: Optional[int] = None, seed: int = 0, device: Union[str, torch.device, None] = None,
-                 progress: bool = True, extra_cache: float = 0.0) -> QuantizeReport:
+                 progress: bool = True, extra_cache: float = 0.0,
+                 resume_dir: Union[str, os.PathLike, None] = None) -> QuantizeReport:
         """Quantizes the model with GPTQ, block by block, on calibration ``examples``.
 
         Args:
@@ -544,6 +547,14 @@ class GPTQForCausalLM:
                 CPU (SmolLM2-135M) 1.5 raised peak RSS by ~300 MB and gave
                 no wall-time gain beyond run-to-run noise; it may pay where
                 compute, not memory traffic, bounds the run.
+            resume_dir: a folder where every finished block is stored as the
+                run goes (see :mod:`gptqkit.resume`). Running the same
+                quantization again with the same folder restores the stored
+                blocks instead of quantizing them, and gives the same
+                result as an uninterrupted run. A folder written by a run
+                with other settings, calibration data or model raises
+                ``ValueError``. The folder is left in place at the end
+                (the CLI deletes its own once the checkpoint is saved).
 
         Returns:
             A :class:`QuantizeReport` (also kept as ``self.report``); its
@@ -569,6 +580,12 @@ class GPTQForCausalLM:
         layout = self.layout
         blocks = layout.blocks(model)
         report = QuantizeReport(tokens=int(sum(int(b["attention_mask"].sum()) for b in batches)))
+        store = None
+        if resume_dir is not None:
+            store = ResumeStore(resume_dir, {
+                "quantize_config": cfg.to_dict(), "checkpoint_format": self._format(),
+                "calibration": calibration_fingerprint(batches), "model": model_fingerprint(model, blocks),
+            })
 
         use_cache = getattr(config, "use_cache", None)
         if config is not None:
@@ -581,7 +598,7 @@ class GPTQForCausalLM:
                 page_out([t for mod in before_blocks for t in (*mod.parameters(), *mod.buffers())])
                 trim_heap()
                 hidden = self._quantize_blocks(blocks, hidden, inputs, dev, cache_dev, report, progress,
-                                               extra_cache=float(extra_cache))
+                                               extra_cache=float(extra_cache), store=store)
                 if cfg.lm_head:
                     self._quantize_lm_head(hidden, [b["attention_mask"] for b in batches], dev, report, progress)
         finally:
@@ -697,13 +714,22 @@ class GPTQForCausalLM:
 
     def _quantize_blocks(self, blocks: nn.ModuleList, hidden: List[torch.Tensor], inputs: List[List[_BlockInputs]],
                          dev, cache_dev, report: QuantizeReport, progress: bool,
-                         extra_cache: float = 0.0) -> List[torch.Tensor]:
+                         extra_cache: float = 0.0, store: Optional[ResumeStore] = None) -> List[torch.Tensor]:
         from tqdm.auto import tqdm
 
         cfg = self.quantize_config
         prefix = self.layout.blocks_path
+        restored = min(store.finished_blocks(), len(blocks)) if store is not None else 0
+        if restored and progress:
+            print(f"resuming: restoring {restored} of {len(blocks)} finished blocks from {store.path}")
         bar = tqdm(total=len(blocks), desc="quantizing blocks", unit="block", disable=not progress)
         for bi, block in enumerate(blocks):
+            if bi < restored:
+                self._restore_block(block, bi, store, hidden, inputs[bi], dev, cache_dev, report)
+                inputs[bi] = []
+                bar.update(1)
+                continue
+            layers_before, skipped_before = len(report.layers), len(report.skipped)
             block.to(dev)
             batch_inputs = inputs[bi]
             groups = self._groups_for(block, batch_inputs[0], hidden[0], dev)
@@ -760,6 +786,9 @@ class GPTQForCausalLM:
             for name, result in finished:
                 self._to_quant_linear(block, name, result, dev)
             block.to("cpu")
+            if store is not None:
+                store.save_block(bi, {name: block.get_submodule(name) for name, _ in finished},
+                                 [asdict(r) for r in report.layers[layers_before:]], report.skipped[skipped_before:])
             del finished
             release_file_pages(noted)
             trim_heap()
@@ -767,6 +796,40 @@ class GPTQForCausalLM:
             bar.update(1)
         bar.close()
         return hidden
+
+    def _restore_block(self, block: nn.Module, bi: int, store: ResumeStore, hidden: List[torch.Tensor],
+                       batch_inputs: List[_BlockInputs], dev, cache_dev, report: QuantizeReport) -> None:
+        """Puts a stored block back (see :mod:`gptqkit.resume`) and computes the next block's inputs.
+
+        The block runs with the stored codes dequantized into its plain layers,
+        exactly the weights the original run computed these outputs with.
+        """
+        packed, reports, skipped = store.load_block(bi)
+        linears = find_linear_layers(block)
+        unknown = sorted(set(packed) - set(linears))
+        if unknown:
+            raise ValueError(f"resume_dir: {store.block_path(bi)} holds layers {unknown} that block {bi} does not have")
+        block.to(dev)
+        for name, (layer_packed, _) in packed.items():
+            layer = block.get_submodule(name)
+            set_weight(layer, torch.as_tensor(layer_packed.dequantize()).to(_weight_param(layer).dtype))
+        for b, entry in enumerate(batch_inputs):
+            out = _hidden_of(entry.call(block, hidden[b], dev))
+            if out.shape == hidden[b].shape and out.dtype == hidden[b].dtype:
+                hidden[b].copy_(out)
+            else:
+                hidden[b] = out.to(cache_dev)
+            del out
+        old_weights = [_weight_param(block.get_submodule(name)) for name in packed]
+        noted = exclusive_file_ranges(old_weights)
+        del old_weights
+        for name, (layer_packed, group_size) in packed.items():
+            self._install_quant_linear(block, name, layer_packed, group_size, dev)
+        block.to("cpu")
+        release_file_pages(noted)
+        trim_heap()
+        report.layers.extend(LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in reports)
+        report.skipped.extend(skipped)
 
     @staticmethod
     def _seed_from_tail(frozen: _FrozenOutputs, child: str, layer: nn.Module, inputs_of_tail: List[torch.Tensor],
@@ -820,8 +883,17 @@ class GPTQForCausalLM:
         """Replaces a quantized layer by a :class:`QuantLinear` holding its packed weights."""
         layer = parent.get_submodule(name)
         result = _result_on_cpu(result)  # packed on the CPU; the layer then moves to `dev`
-        qlayer = QuantLinear.from_linear(layer, result, format=self._format())
-        dtype = layer.weight.dtype
+        self._install(parent, name, QuantLinear.from_linear(layer, result, format=self._format()), dev)
+
+    def _install_quant_linear(self, parent: nn.Module, name: str, packed: PackedLayer, group_size: int, dev) -> None:
+        """Replaces a layer by a :class:`QuantLinear` holding stored packed tensors (and the layer's bias)."""
+        bias = getattr(parent.get_submodule(name), "bias", None)
+        bias = None if bias is None else bias.detach().to("cpu")
+        self._install(parent, name, QuantLinear.from_packed(packed, bias=bias, group_size=group_size), dev)
+
+    @staticmethod
+    def _install(parent: nn.Module, name: str, qlayer: QuantLinear, dev) -> None:
+        dtype = _weight_param(parent.get_submodule(name)).dtype
         if dtype in (torch.float16, torch.bfloat16, torch.float32):
             qlayer = qlayer.to(dtype)
         _set_module(parent, name, qlayer.to(dev))
