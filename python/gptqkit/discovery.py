@@ -175,6 +175,17 @@ def find_linear_layers(module: nn.Module) -> Dict[str, nn.Module]:
     return {name: m for name, m in module.named_modules() if name and is_linear_like(m)}
 
 
+def weights_outside_linear_layers(module: nn.Module) -> List[Tuple[str, Tuple[int, ...], int]]:
+    """Matrix-shaped parameters (2-D or more) of ``module`` that no Linear-like layer
+    owns, as ``(dotted name, shape, numel)``: what GPTQ cannot quantize here, e.g.
+    the expert weights transformers 5 fuses into 3-D tensors in MoE blocks
+    (``mlp.experts.gate_up_proj`` ``[experts, 2 * ffn, hidden]``), or an MoE
+    router's ``[experts, hidden]`` matrix."""
+    owned = {id(p) for layer in find_linear_layers(module).values() for p in layer.parameters()}
+    return [(name, tuple(p.shape), p.numel()) for name, p in module.named_parameters()
+            if p.dim() >= 2 and id(p) not in owned]
+
+
 # --------------------------------------------------------------------------- blocks
 
 def _is_block_list(ml: nn.Module) -> bool:

@@ -45,6 +45,7 @@ import gc
 import os
 import resource
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -55,7 +56,7 @@ from gptqkit.calibration import model_max_length, prepare_calibration
 from gptqkit.checkpoint import checkpoint_info, load_checkpoint, save_checkpoint
 from gptqkit.config import QuantizeConfig
 from gptqkit.discovery import (LayerTracer, ModelLayout, _tensor_key, find_layout, find_linear_layers, get_weight,
-                               is_conv1d, set_weight, validate_groups)
+                               is_conv1d, set_weight, validate_groups, weights_outside_linear_layers)
 from gptqkit._memory import exclusive_file_ranges, page_out, release_file_pages, trim_heap
 from gptqkit.hessian import HessianAccumulator
 from gptqkit._gpu import gpu_backend
@@ -65,6 +66,10 @@ from gptqkit.resume import ResumeStore, calibration_fingerprint, model_fingerpri
 from gptqkit.solver import quantize_weight
 
 __all__ = ["GPTQForCausalLM", "LayerReport", "QuantizeReport"]
+
+
+#: share of a block's parameters outside Linear-like layers above which quantize() warns
+NOT_LINEAR_WARN_SHARE = 0.05
 
 
 class _Stop(Exception):
@@ -91,6 +96,10 @@ class QuantizeReport:
 
     layers: List[LayerReport] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)
+    #: matrix-shaped weights of the blocks that are not in Linear-like layers (so stay unquantized),
+    #: named as in one block, and their share of the blocks' parameters
+    not_linear: List[str] = field(default_factory=list)
+    not_linear_share: float = 0.0
     tokens: int = 0
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
@@ -106,6 +115,9 @@ class QuantizeReport:
             f"in {self.seconds:.1f} s; peak RSS {self.peak_rss_mb:.0f} MB",
             f"GPTQ loss: total {sum(r.loss for r in self.layers):.4g}, largest {worst.loss:.4g} ({worst.name})",
         ]
+        if self.not_linear_share >= NOT_LINEAR_WARN_SHARE:
+            lines.append(f"{self.not_linear_share:.0%} of the blocks' weights are not in Linear layers and stay "
+                         f"unquantized: {', '.join(self.not_linear[:4])}" + (" ..." if len(self.not_linear) > 4 else ""))
         if retried:
             lines.append(f"damping was raised for {len(retried)} layer(s): {', '.join(retried[:5])}"
                          + (" ..." if len(retried) > 5 else ""))
@@ -580,6 +592,7 @@ class GPTQForCausalLM:
         layout = self.layout
         blocks = layout.blocks(model)
         report = QuantizeReport(tokens=int(sum(int(b["attention_mask"].sum()) for b in batches)))
+        self._check_linear_coverage(blocks, report)
         store = None
         if resume_dir is not None:
             store = ResumeStore(resume_dir, {
@@ -614,6 +627,23 @@ class GPTQForCausalLM:
         if progress:
             print(report.summary())
         return report
+
+    @staticmethod
+    def _check_linear_coverage(blocks: nn.ModuleList, report: QuantizeReport) -> None:
+        """Warns, before any work, when much of the blocks' weight is outside Linear-like layers."""
+        outside = weights_outside_linear_layers(blocks[0])
+        total = sum(p.numel() for p in blocks[0].parameters())
+        if not outside or total == 0:
+            return
+        report.not_linear = [f"{name} {list(shape)}" for name, shape, _ in outside]
+        report.not_linear_share = sum(n for _, _, n in outside) / total
+        if report.not_linear_share >= NOT_LINEAR_WARN_SHARE:
+            warnings.warn(
+                f"{report.not_linear_share:.0%} of each decoder block's weights are not in Linear layers and will "
+                f"stay in full precision: {', '.join(report.not_linear[:4])}"
+                f"{' ...' if len(report.not_linear) > 4 else ''}. gptqkit quantizes nn.Linear and Conv1D layers; "
+                f"Mixture-of-Experts weights that transformers 5 fuses into 3-D tensors are not supported yet.",
+                UserWarning, stacklevel=3)
 
     def _capture_block_inputs(self, batches, blocks: nn.ModuleList, dev, cache_dev):
         """Runs the modules before the blocks and records every block's arguments.
