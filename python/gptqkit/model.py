@@ -60,6 +60,7 @@ from gptqkit.discovery import (LayerTracer, ModelLayout, _tensor_key, find_layou
 from gptqkit._memory import exclusive_file_ranges, page_out, release_file_pages, trim_heap
 from gptqkit.hessian import HessianAccumulator
 from gptqkit._gpu import gpu_backend
+from gptqkit._native import NotPositiveDefiniteError
 from gptqkit.nn import QuantLinear
 from gptqkit.packing import PackedLayer
 from gptqkit.resume import ResumeStore, calibration_fingerprint, model_fingerprint
@@ -407,6 +408,24 @@ def _tail_batches(width_ratio: float, hidden: List[torch.Tensor], budget: float)
     if width_ratio <= 1.0:
         return len(hidden)
     return min(len(hidden), int(budget * len(hidden) / width_ratio))
+
+
+def _layer_error_hint(exc: Exception, layer: nn.Module, inputs_name: str = "hessian") -> str:
+    """What usually causes a layer's quantization to fail, for the error message
+    (``inputs_name``: how the message calls what the calibration inputs made)."""
+    message = str(exc)
+    if message.startswith(inputs_name) and "NaN or Inf" in message:
+        w = _weight_param(layer)
+        low = w is not None and w.dtype in (torch.float16, torch.bfloat16)
+        return (". The layer's calibration inputs overflowed or hold NaN" +
+                (f" (the model runs in {w.dtype}: load it in float32, e.g. --dtype float32)" if low else
+                 " (check the earlier layers' outputs and the calibration data)"))
+    if message.startswith("weight") and "NaN or Inf" in message:
+        return ". The model's own weights hold NaN or Inf: the checkpoint is damaged"
+    if isinstance(exc, NotPositiveDefiniteError):
+        return (". Its calibration inputs are (nearly) rank-deficient: more or more varied calibration data "
+                "helps, or a larger damp_percent")
+    return ""
 
 
 def _weight_param(layer: nn.Module) -> Optional[torch.Tensor]:
@@ -789,7 +808,7 @@ class GPTQForCausalLM:
                           for tail, child in capture.items()}
                 with frozen.active(pending):
                     hessians, captured = self._collect_hessians(block, [n for n, _, _ in todo], batch_inputs, hidden,
-                                                                dev, frozen, capture=limits)
+                                                                dev, frozen, capture=limits, prefix=f"{prefix}.{bi}.")
                 trim_heap()
                 for name, full, settings in todo:
                     result = self._quantize_layer(block, name, full, hessians.pop(name), settings, dev, report, bar)
@@ -893,11 +912,14 @@ class GPTQForCausalLM:
         # The solver runs where the Hessian was accumulated (see _hessian_input).
         weight = get_weight(layer, torch.float32).detach().to(hessian.device).contiguous()
         fmt = self._format()
-        result = quantize_weight(
-            weight, hessian, **settings.as_kwargs(),
-            clip_steps=cfg.clip_steps, clip_min_ratio=cfg.clip_min_ratio,
-            fp16_scales=True, min_zero_point=1 if (fmt == "v1" and not settings.sym) else 0,
-        )
+        try:
+            result = quantize_weight(
+                weight, hessian, **settings.as_kwargs(),
+                clip_steps=cfg.clip_steps, clip_min_ratio=cfg.clip_min_ratio,
+                fp16_scales=True, min_zero_point=1 if (fmt == "v1" and not settings.sym) else 0,
+            )
+        except (ValueError, NotPositiveDefiniteError) as exc:
+            raise type(exc)(f"{full}: {exc}{_layer_error_hint(exc, layer)}") from exc
         set_weight(layer, result.dequantize().to(weight.dtype))
         seconds = time.perf_counter() - t0
         report.layers.append(LayerReport(
@@ -970,8 +992,11 @@ class GPTQForCausalLM:
 
     def _collect_hessians(self, block: nn.Module, names: List[str], batch_inputs: List[_BlockInputs],
                           hidden: List[torch.Tensor], dev, frozen: Optional[_FrozenOutputs] = None,
-                          capture: Optional[Dict[str, int]] = None) -> tuple:
+                          capture: Optional[Dict[str, int]] = None, prefix: str = "") -> tuple:
         """Accumulates the Hessian of each named layer over all batches.
+
+        ``prefix`` (the block's dotted path and a dot) makes error messages
+        name layers in full.
 
         Pre-hooks feed the layers' inputs (padded tokens dropped) to native
         accumulators; once every layer of the group has seen its input the
@@ -1019,7 +1044,12 @@ class GPTQForCausalLM:
                     x = _hessian_input(x)
                     if name not in accs:
                         accs[name] = HessianAccumulator(x.shape[-1])
-                    accs[name].add_batch(x)
+                    try:
+                        accs[name].add_batch(x)
+                    except ValueError as exc:
+                        layer = block.get_submodule(name)
+                        raise ValueError(f"{prefix}{name}: its input on calibration batch {state['batch']}: "
+                                         f"{exc}{_layer_error_hint(exc, layer, 'x')}") from exc
                 seen.add(name)
                 # After the first batch, the layers sharing an input are known: once every
                 # distinct input is in, stop before those layers even run (q/k, gate).

@@ -449,3 +449,37 @@ def test_not_a_checkpoint(gptqkit, tmp_path):
     make_tiny_model("llama").save_pretrained(tmp_path / "fp")
     with pytest.raises(CheckpointError, match="not a GPTQ checkpoint"):
         _load(tmp_path / "fp")
+
+
+@pytest.mark.parametrize("where,dtype,match", [
+    ("weight", torch.float32, r"model\.layers\.1\.mlp\.up_proj: weight: contains NaN or Inf.*checkpoint is damaged"),
+    ("embedding", torch.float32, r"model\.layers\.0\.self_attn\.q_proj: its input on calibration batch 0: "
+                                 r"x: contains NaN or Inf.*calibration inputs overflowed or hold NaN \(check the earlier"),
+    ("embedding", torch.bfloat16, r"model\.layers\.0\.self_attn\.q_proj: its input .*NaN.*load it in float32"),
+])
+def test_layer_errors_name_the_layer_and_the_likely_cause(gptqkit, where, dtype, match):
+    from gptqkit import GPTQForCausalLM, QuantizeConfig
+
+    model = make_tiny_model("llama", dtype=dtype)
+    tokens = torch.randint(4, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if where == "weight":
+            model.model.layers[1].mlp.up_proj.weight[3, 5] = float("inf")
+        else:
+            model.model.embed_tokens.weight[int(tokens[0, 3])] = float("nan")
+    q = GPTQForCausalLM(model, QuantizeConfig(group_size=32))
+    with pytest.raises(ValueError, match=match):
+        q.quantize(tokens, progress=False)
+
+
+def test_indefinite_hessian_error_names_the_layer(gptqkit, monkeypatch):
+    from gptqkit import GPTQForCausalLM, NotPositiveDefiniteError, QuantizeConfig
+    import gptqkit.model as model_module
+
+    def indefinite(W, H, **kwargs):
+        raise NotPositiveDefiniteError("hessian: not positive definite even with damping 100% of the mean diagonal")
+
+    monkeypatch.setattr(model_module, "quantize_weight", indefinite)
+    q = GPTQForCausalLM(make_tiny_model("llama"), QuantizeConfig(group_size=32))
+    with pytest.raises(NotPositiveDefiniteError, match=r"model\.layers\.0\.self_attn\.q_proj: hessian: .*rank-deficient"):
+        q.quantize(torch.randint(4, VOCAB, (2, 16)), progress=False)
