@@ -197,6 +197,13 @@ def test_act_group_aware_default_is_on_where_it_applies():
     assert QuantizeConfig().to_quantization_config()["meta"]["act_group_aware"] is True
     assert QuantizeConfig(desc_act=True).to_quantization_config()["meta"]["act_group_aware"] is False
     assert QuantizeConfig.from_quantization_config({"bits": 4, "group_size": 128}).act_group_aware is False
+
+
+def test_clipping_search_is_on_by_default_but_not_read_into_other_tools_configs():
+    assert QuantizeConfig().clip_steps == 16
+    assert QuantizeConfig().to_quantization_config()["meta"]["clip_steps"] == 16
+    assert QuantizeConfig.from_quantization_config(QuantizeConfig().to_quantization_config()).clip_steps == 16
+    assert QuantizeConfig.from_quantization_config({"bits": 4, "group_size": 128}).clip_steps == 0
     assert not QuantizeConfig.from_quantization_config({"bits": 4, "desc_act": True}).group_aware_order
 
 

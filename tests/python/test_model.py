@@ -526,7 +526,7 @@ def _reference_block(fp_model, arch, ids, batch_size, cfg, block_index):
     for name, layer in layers.items():
         settings = cfg.resolve(f"{path}.{block_index}.{name}")
         res = gptqkit.quantize_weight(get_weight(layer, torch.float32), accs[name].hessian(), **settings.as_kwargs(),
-                                      fp16_scales=True)
+                                      clip_steps=cfg.clip_steps, clip_min_ratio=cfg.clip_min_ratio, fp16_scales=True)
         out[name] = QuantLinear.from_linear(layer, res).qweight
     return out
 
