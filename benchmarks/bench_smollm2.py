@@ -203,6 +203,9 @@ def main(argv=None) -> int:
     p.add_argument("--extra-cache", type=float, default=0.0,
                    help="quantize(extra_cache=...): memory traded for less recomputation (default: 0)")
     p.add_argument("--json", metavar="FILE", help="write the result rows as JSON")
+    p.add_argument("--plot", metavar="PNG", help="also plot KL vs quantization time per configuration (matplotlib)")
+    p.add_argument("--from-json", metavar="FILE",
+                   help="quantize nothing: print the table (and --plot) of rows an earlier --json wrote")
     p.add_argument("--keep", metavar="DIR", help="keep the checkpoints in DIR (default: a temporary folder)")
     p.add_argument("--progress", action="store_true", help="show quantization progress bars")
     p.add_argument("--interop-python", default=DEFAULT_INTEROP_PYTHON,
@@ -214,6 +217,11 @@ def main(argv=None) -> int:
 
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+    if args.from_json:
+        with open(args.from_json) as f:
+            rows = json.load(f)
+        report(rows, args)
         return 0
 
     for path, what in ((args.model, "model folder (run scripts/fetch_smollm2.py)"),
@@ -256,7 +264,18 @@ def main(argv=None) -> int:
         print(f"   {row['seconds']:.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB{in_memory}", flush=True)
     print("== scoring the saved checkpoints against fp32 (KL, perplexity)", flush=True)
     evaluate(rows, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    report(rows, args)
+    if not args.keep:
+        import shutil
+        shutil.rmtree(root, ignore_errors=True)
+    return 0 if all(r["save_load_identical"] is not False for r in rows) else 1
 
+
+def report(rows, args) -> None:
+    """Prints the results table and the ratios against the peers; plots them with ``--plot``."""
     fp32 = rows[0]["ppl_fp32"]
     print(f"\nSmolLM2-135M, WikiText-2 test (40 x 512 tokens, no BOS); fp32 perplexity {fp32:.3f}")
     print(f"calibration {args.nsamples} x {args.seqlen} tokens of wiki.valid.tokens (seed 0), "
@@ -274,13 +293,58 @@ def main(argv=None) -> int:
             print(f"{r['config']} vs {peer['config']} ({peer['peer']}): {peer['seconds'] / r['seconds']:.2f}x faster, "
                   f"{peer['peak_rss_mb'] / r['peak_rss_mb']:.2f}x less peak RSS, "
                   f"KL {r['kl']:.4f} vs {peer['kl']:.4f}, perplexity {r['ppl']:.2f} vs {peer['ppl']:.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    if not args.keep:
-        import shutil
-        shutil.rmtree(root, ignore_errors=True)
-    return 0 if all(r["save_load_identical"] is not False for r in rows) else 1
+    if args.plot:
+        plot(rows, args.plot)
+
+
+#: legend text of each configuration in the plot
+LABELS = {
+    "rtn": "round-to-nearest",
+    "gptq": "gptqkit: plain GPTQ (natural order)",
+    "gptq-act": "gptqkit: act-order",
+    "gptq-gar": "gptqkit: group-aware order",
+    "gptq-clip": "gptqkit: clipping search",
+    "gptq-gar-clip": "gptqkit defaults: group-aware order + clipping",
+    "gptq-act-clip": "gptqkit: act-order + clipping (recommended)",
+    "gptqmodel": "GPTQModel defaults",
+    "gptqmodel-act": "GPTQModel with act-order",
+}
+
+
+def plot(rows, path: str) -> None:
+    """KL divergence from fp32 against quantization time, one point per configuration."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written to {path}")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    kl_span = max(r["kl"] for r in rows) - min(r["kl"] for r in rows) or 1.0
+    placed = []  # (seconds, kl) of labelled points: a label near one goes below its point instead
+    for r in sorted(rows, key=lambda r: r["kl"], reverse=True):
+        peer = r["config"] in PEER_CONFIGS
+        ax.scatter(r["seconds"], r["kl"], s=70, marker="s" if peer else "o",
+                   color="C1" if peer else ("C7" if r["config"] == "rtn" else "C0"), zorder=3)
+        crowded = any(abs(kl - r["kl"]) < 0.08 * kl_span for _, kl in placed)
+        ax.annotate(f"{LABELS.get(r['config'], r['config'])}\nppl {r['ppl']:.2f}, {r['peak_rss_mb']:.0f} MB",
+                    (r["seconds"], r["kl"]), textcoords="offset points", xytext=(8, -22 if crowded else 4),
+                    fontsize=7.5)
+        placed.append((r["seconds"], r["kl"]))
+    ax.set_xlabel("quantization time (s, 2-core CPU)")
+    ax.set_ylabel("KL divergence from fp32 (nats/token, lower is better)")
+    r0 = rows[0]
+    ax.set_title(f"SmolLM2-135M, {r0['bits']}-bit, group {r0['group_size']}: accuracy vs time "
+                 f"(fp32 perplexity {r0['ppl_fp32']:.2f})", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_xlim(0, max(r["seconds"] for r in rows) * 1.55)
+    lo, hi = min(r["kl"] for r in rows), max(r["kl"] for r in rows)
+    ax.set_ylim(lo - 0.15 * kl_span, hi + 0.12 * kl_span)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}")
 
 
 if __name__ == "__main__":
