@@ -322,7 +322,8 @@ def plot(rows, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    kl_span = max(r["kl"] for r in rows) - min(r["kl"] for r in rows) or 1.0
+    lo, hi = min(r["kl"] for r in rows), max(r["kl"] for r in rows)
+    kl_span = hi - lo or 1.0
     placed = []  # (seconds, kl) of labelled points: a label near one goes below its point instead
     for r in sorted(rows, key=lambda r: r["kl"], reverse=True):
         peer = r["config"] in PEER_CONFIGS
@@ -340,7 +341,6 @@ def plot(rows, path: str) -> None:
                  f"(fp32 perplexity {r0['ppl_fp32']:.2f})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.set_xlim(0, max(r["seconds"] for r in rows) * 1.55)
-    lo, hi = min(r["kl"] for r in rows), max(r["kl"] for r in rows)
     ax.set_ylim(lo - 0.15 * kl_span, hi + 0.12 * kl_span)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

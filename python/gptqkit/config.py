@@ -358,15 +358,19 @@ class QuantizeConfig:
             if not skip and rx.match(module_name):
                 values.update(overrides)
                 break
-        group_aware = self.act_group_aware is not False and not values["desc_act"] and values["group_size"] > 0
-        return LayerSettings(block_size=self.block_size, act_group_aware=group_aware, **values)
+        return LayerSettings(block_size=self.block_size,
+                             act_group_aware=self._group_aware(values["desc_act"], values["group_size"]), **values)
+
+    def _group_aware(self, desc_act: bool, group_size: int) -> bool:
+        # None (automatic) and True both mean "where it applies"; True's conflicts are refused in validate().
+        return self.act_group_aware is not False and not desc_act and group_size > 0
 
     @property
     def group_aware_order(self) -> bool:
         """Whether layers without a ``dynamic`` override use the group-aware
         column order: ``act_group_aware`` resolved against ``desc_act`` and
         ``group_size``."""
-        return self.act_group_aware is not False and not self.desc_act and self.group_size > 0
+        return self._group_aware(self.desc_act, self.group_size)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> Dict[str, Any]:

@@ -47,7 +47,7 @@ import resource
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -408,6 +408,23 @@ def _tail_batches(width_ratio: float, hidden: List[torch.Tensor], budget: float)
     if width_ratio <= 1.0:
         return len(hidden)
     return min(len(hidden), int(budget * len(hidden) / width_ratio))
+
+
+def _take_slot(hidden: List[torch.Tensor], b: int, out: torch.Tensor, cache_dev) -> None:
+    """Makes a block's output on batch ``b`` the next block's input: it is copied into the
+    input's cache slot when it fits (the input is no longer needed), so that two full
+    activation caches never coexist."""
+    if out.shape == hidden[b].shape and out.dtype == hidden[b].dtype:
+        hidden[b].copy_(out)
+    else:
+        hidden[b] = out.to(cache_dev)
+
+
+def _from_packed(layer: nn.Module, packed: PackedLayer, group_size: int) -> QuantLinear:
+    """A :class:`QuantLinear` holding stored packed tensors and ``layer``'s bias."""
+    bias = getattr(layer, "bias", None)
+    return QuantLinear.from_packed(packed, bias=None if bias is None else bias.detach().to("cpu"),
+                                   group_size=group_size)
 
 
 def _layer_error_hint(exc: Exception, layer: nn.Module, inputs_name: str = "hessian") -> str:
@@ -816,31 +833,20 @@ class GPTQForCausalLM:
                 for tail, child in capture.items():
                     self._seed_from_tail(frozen, child, block.get_submodule(tail), captured.pop(tail), dev)
             # The quantized block produces the next block's inputs.
-            # Each batch's output replaces its input at once: two full activation caches never coexist.
             with frozen.active(set(), record=False):
                 for b, entry in enumerate(batch_inputs):
                     frozen.start_batch(b)
-                    out = _hidden_of(entry.call(block, hidden[b], dev))
-                    if out.shape == hidden[b].shape and out.dtype == hidden[b].dtype:
-                        hidden[b].copy_(out)  # the input is no longer needed: its slot takes the output
-                    else:
-                        hidden[b] = out.to(cache_dev)
-                    del out
+                    _take_slot(hidden, b, _hidden_of(entry.call(block, hidden[b], dev)), cache_dev)
             del frozen
             # Calibration ran on the dequantized weights in plain layers (dense matmuls are
             # what a 512-token batch wants); only now do they become packed QuantLinear.
-            old_weights = [_weight_param(block.get_submodule(name)) for name, _ in finished]
-            noted = exclusive_file_ranges(old_weights)
-            del old_weights
-            for name, result in finished:
-                self._to_quant_linear(block, name, result, dev)
-            block.to("cpu")
-            if store is not None:
-                store.save_block(bi, {name: block.get_submodule(name) for name, _ in finished},
-                                 [asdict(r) for r in report.layers[layers_before:]], report.skipped[skipped_before:])
+            names, results = [name for name, _ in finished], dict(finished)
             del finished
-            release_file_pages(noted)
-            trim_heap()
+            self._swap_in_quant_layers(block, names, lambda name: self._from_result(
+                block.get_submodule(name), results.pop(name)), dev)
+            if store is not None:
+                store.save_block(bi, {name: block.get_submodule(name) for name in names},
+                                 [asdict(r) for r in report.layers[layers_before:]], report.skipped[skipped_before:])
             inputs[bi] = []
             bar.update(1)
         bar.close()
@@ -863,20 +869,9 @@ class GPTQForCausalLM:
             layer = block.get_submodule(name)
             set_weight(layer, torch.as_tensor(layer_packed.dequantize()).to(_weight_param(layer).dtype))
         for b, entry in enumerate(batch_inputs):
-            out = _hidden_of(entry.call(block, hidden[b], dev))
-            if out.shape == hidden[b].shape and out.dtype == hidden[b].dtype:
-                hidden[b].copy_(out)
-            else:
-                hidden[b] = out.to(cache_dev)
-            del out
-        old_weights = [_weight_param(block.get_submodule(name)) for name in packed]
-        noted = exclusive_file_ranges(old_weights)
-        del old_weights
-        for name, (layer_packed, group_size) in packed.items():
-            self._install_quant_linear(block, name, layer_packed, group_size, dev)
-        block.to("cpu")
-        release_file_pages(noted)
-        trim_heap()
+            _take_slot(hidden, b, _hidden_of(entry.call(block, hidden[b], dev)), cache_dev)
+        self._swap_in_quant_layers(block, list(packed), lambda name: _from_packed(
+            block.get_submodule(name), *packed[name]), dev)
         report.layers.extend(LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in reports)
         report.skipped.extend(skipped)
 
@@ -931,17 +926,26 @@ class GPTQForCausalLM:
     def _format(self) -> str:
         return "v2" if self.quantize_config.checkpoint_format == "gptq_v2" else "v1"
 
+    def _from_result(self, layer: nn.Module, result) -> QuantLinear:
+        """The :class:`QuantLinear` for a quantized layer (packed on the CPU; moved by :meth:`_install`)."""
+        return QuantLinear.from_linear(layer, _result_on_cpu(result), format=self._format())
+
     def _to_quant_linear(self, parent: nn.Module, name: str, result, dev) -> None:
         """Replaces a quantized layer by a :class:`QuantLinear` holding its packed weights."""
-        layer = parent.get_submodule(name)
-        result = _result_on_cpu(result)  # packed on the CPU; the layer then moves to `dev`
-        self._install(parent, name, QuantLinear.from_linear(layer, result, format=self._format()), dev)
+        self._install(parent, name, self._from_result(parent.get_submodule(name), result), dev)
 
-    def _install_quant_linear(self, parent: nn.Module, name: str, packed: PackedLayer, group_size: int, dev) -> None:
-        """Replaces a layer by a :class:`QuantLinear` holding stored packed tensors (and the layer's bias)."""
-        bias = getattr(parent.get_submodule(name), "bias", None)
-        bias = None if bias is None else bias.detach().to("cpu")
-        self._install(parent, name, QuantLinear.from_packed(packed, bias=bias, group_size=group_size), dev)
+    def _swap_in_quant_layers(self, block: nn.Module, names: List[str], make: Callable[[str], QuantLinear],
+                              dev) -> None:
+        """Replaces the block's named plain layers by ``make(name)``, one at a time, moves the
+        block back to the CPU and gives the replaced weights' file pages back to the OS."""
+        old_weights = [_weight_param(block.get_submodule(name)) for name in names]
+        noted = exclusive_file_ranges(old_weights)
+        del old_weights
+        for name in names:
+            self._install(block, name, make(name), dev)
+        block.to("cpu")
+        release_file_pages(noted)
+        trim_heap()
 
     @staticmethod
     def _install(parent: nn.Module, name: str, qlayer: QuantLinear, dev) -> None:
