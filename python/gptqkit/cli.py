@@ -420,7 +420,7 @@ what the GPTQ options do:
   --clip-steps N    search N shrunk clipping ranges for every group's grid
                     (down to --clip-min-ratio of min-max) and keep the one with
                     the least Hessian-weighted error; 0 = plain min-max.
-                    Default 16: about 11 % more time for a third less KL
+                    Default 16: 4-11 % more time (two runs) for a third less KL
                     divergence from the original model (SmolLM2-135M, 4-bit).
   --format          gptq: v1 zero points, what every GPTQ loader reads;
                     gptq_v2: true zero points (GPTQModel's v2).

@@ -196,7 +196,7 @@ class QuantizeConfig:
             Hessian-weighted error (see :func:`gptqkit.quantize_weight`).
             Default 16: on SmolLM2-135M (4-bit, g128) it cut the KL
             divergence from the fp32 model by a third (0.321 -> 0.211) for
-            about 11 % more quantization time; the checkpoint format is
+            4-11 % more quantization time (two runs); the checkpoint format is
             unchanged.
         clip_min_ratio: smallest range tried by the clipping search, in (0, 1].
         checkpoint_format: ``"gptq"`` (v1: stored zero points are
