@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from gptqkit.config import QuantizeConfig
+from gptqkit.moe import defuse_experts, fused_experts
 from gptqkit.nn.quant_linear import QuantLinear, _linear_features, _num_groups
 from gptqkit.packing import packed_words
 
@@ -719,6 +720,16 @@ def _resolve_dtype(dtype, config, store: _TensorStore, quantized_keys: set) -> t
     return torch.float16
 
 
+def _defuse_stored_experts(model: nn.Module, store: "_TensorStore") -> None:
+    """Splits the model's fused MoE experts into per-expert layers (:mod:`gptqkit.moe`) unless the
+    checkpoint stores them fused (``<experts>.gate_up_proj``)."""
+    fused = fused_experts(model)
+    if not fused:
+        return
+    key_of = _key_mapper(store.keys(), set(model.state_dict()), getattr(model, "base_model_prefix", ""))
+    defuse_experts(model, keep=lambda name: key_of(f"{name}.gate_up_proj") in store)
+
+
 def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
                     dtype: Optional[Union[torch.dtype, str]] = None) -> nn.Module:
     """Loads a GPTQ checkpoint folder as a transformers model with QuantLinear layers.
@@ -774,6 +785,7 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.config.quantization_config = quantization_config if quantization_config is not None else qdict
+        _defuse_stored_experts(model, store)
 
         module_names = {n for n, _ in model.named_modules()}
         expected_keys = set(model.state_dict().keys())

@@ -25,7 +25,9 @@ structure in any Hugging Face causal LM:
   Layers whose input is the very same tensor (same storage, shape, strides and
   version, e.g. q/k/v, gate/up, or Phi's parallel q/k/v/fc1) form one group;
   groups are ordered by the first execution of any member, members by
-  execution order.
+  execution order. MoE experts, once split into per-expert layers
+  (:mod:`gptqkit.moe`), form two groups: every expert's gate/up, then every
+  expert's down projection.
 
 Example::
 
@@ -70,6 +72,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 from torch import nn
+
+from gptqkit.moe import merge_expert_groups, routed_layers
 
 __all__ = [
     "LayerTracer",
@@ -586,8 +590,12 @@ def trace_groups(model: nn.Module, input_ids: torch.Tensor, layout: Optional[Mod
     """Runs ``model`` on ``input_ids`` up to the end of block ``block_index`` and returns its layer groups.
 
     The forward is stopped right after that block, so later blocks and the
-    output head do not run. Layers that did not run are appended as one last
-    group with a warning (they would get no calibration data).
+    output head do not run. The experts of a split MoE block
+    (:class:`gptqkit.moe.LinearExperts`) are grouped by stage, all their
+    gate/up layers then all their down layers
+    (:func:`gptqkit.moe.merge_expert_groups`), reached by the input or not.
+    Other layers that did not run are appended as one last group with a
+    warning (they would get no calibration data).
 
     Args:
         model: the causal LM.
@@ -622,8 +630,9 @@ def trace_groups(model: nn.Module, input_ids: torch.Tensor, layout: Optional[Mod
     if not groups:
         raise UnsupportedModelError(f"none of the Linear-like layers of block {block_index} "
                                     f"({layout.blocks_path}) ran during the forward. {_OVERRIDE_HINT}")
-    if missing:
-        warnings.warn(f"layers {missing} of {layout.block_class} did not run on the example input; "
+    routed = routed_layers(block)
+    unrouted = [n for n in missing if n not in routed]  # an expert the input was not routed to is normal
+    if unrouted:
+        warnings.warn(f"layers {unrouted} of {layout.block_class} did not run on the example input; "
                       f"they are put in a last group of their own", stacklevel=2)
-        groups.append(missing)
-    return groups
+    return merge_expert_groups(block, groups, missing)

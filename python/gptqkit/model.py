@@ -59,6 +59,7 @@ from gptqkit.discovery import (LayerTracer, ModelLayout, _tensor_key, find_layou
                                is_conv1d, set_weight, validate_groups, weights_outside_linear_layers)
 from gptqkit._memory import exclusive_file_ranges, page_out, release_file_pages, trim_heap
 from gptqkit.hessian import HessianAccumulator
+from gptqkit.moe import defuse_experts, merge_expert_groups, needs_rtn_fallback, only_real_tokens, routed_layers
 from gptqkit._gpu import gpu_backend
 from gptqkit._native import NotPositiveDefiniteError
 from gptqkit.nn import QuantLinear
@@ -71,6 +72,10 @@ __all__ = ["GPTQForCausalLM", "LayerReport", "QuantizeReport"]
 
 #: share of a block's parameters outside Linear-like layers above which quantize() warns
 NOT_LINEAR_WARN_SHARE = 0.05
+
+#: layers with fewer outputs stay in full precision: scalar gates (Qwen-MoE's shared_expert_gate,
+#: one output) save nothing quantized, and the GPTQ kernels of vLLM and others need whole packed words
+MIN_OUT_FEATURES = 32
 
 
 class _Stop(Exception):
@@ -89,6 +94,10 @@ class LayerReport:
     damp: float
     damp_attempts: int
     seconds: float
+    #: calibration tokens its Hessian was built from (an MoE expert sees only those routed to it)
+    tokens: Optional[int] = None
+    #: rounded to nearest: an expert that calibration routed too few tokens to (see gptqkit.moe)
+    rtn_fallback: bool = False
 
 
 @dataclass
@@ -119,6 +128,11 @@ class QuantizeReport:
         if self.not_linear_share >= NOT_LINEAR_WARN_SHARE:
             lines.append(f"{self.not_linear_share:.0%} of the blocks' weights are not in Linear layers and stay "
                          f"unquantized: {', '.join(self.not_linear[:4])}" + (" ..." if len(self.not_linear) > 4 else ""))
+        fallback = [r for r in self.layers if r.rtn_fallback]
+        if fallback:
+            lines.append(f"{len(fallback)} expert layer(s) got too few calibration tokens for GPTQ and were rounded "
+                         f"to nearest: " + ", ".join(f"{r.name} ({r.tokens} tokens)" for r in fallback[:4])
+                         + (" ..." if len(fallback) > 4 else ""))
         if retried:
             lines.append(f"damping was raised for {len(retried)} layer(s): {', '.join(retried[:5])}"
                          + (" ..." if len(retried) > 5 else ""))
@@ -189,7 +203,8 @@ class _BlockInputs:
         self.mask = mask  # [b, T] token mask of the batch (1 = real token)
 
     def call(self, block: nn.Module, hidden: torch.Tensor, dev) -> Any:
-        return block(hidden.to(dev), *_move(self.rest, dev), **_move(self.kwargs, dev))
+        with only_real_tokens(block, self.mask):  # padding reaches no MoE expert's Hessian
+            return block(hidden.to(dev), *_move(self.rest, dev), **_move(self.kwargs, dev))
 
 
 def _share_equal(obj: Any, prev: Any) -> Any:
@@ -624,6 +639,8 @@ class GPTQForCausalLM:
             batch_size=batch_size, max_seqlen=model_max_length(config) if config is not None else None,
             vocab_size=getattr(config, "vocab_size", None),
         )
+        # MoE experts fused into 3-D tensors become one Linear layer each (gptqkit.moe)
+        defuse_experts(model)
         self.layout = find_layout(model, self.layout)
         layout = self.layout
         blocks = layout.blocks(model)
@@ -677,8 +694,9 @@ class GPTQForCausalLM:
             warnings.warn(
                 f"{report.not_linear_share:.0%} of each decoder block's weights are not in Linear layers and will "
                 f"stay in full precision: {', '.join(report.not_linear[:4])}"
-                f"{' ...' if len(report.not_linear) > 4 else ''}. gptqkit quantizes nn.Linear and Conv1D layers; "
-                f"Mixture-of-Experts weights that transformers 5 fuses into 3-D tensors are not supported yet.",
+                f"{' ...' if len(report.not_linear) > 4 else ''}. gptqkit quantizes nn.Linear and Conv1D layers, and "
+                f"splits Mixture-of-Experts modules of the standard transformers layout into per-expert layers; "
+                f"these are of another layout (see gptqkit.moe).",
                 UserWarning, stacklevel=3)
 
     def _capture_block_inputs(self, batches, blocks: nn.ModuleList, dev, cache_dev):
@@ -771,10 +789,7 @@ class GPTQForCausalLM:
             return self.layout.groups
         with LayerTracer(block) as tracer:
             first.call(block, hidden, dev)
-        groups = tracer.groups()
-        missing = tracer.not_executed
-        if missing:
-            groups.append(missing)
+        groups = merge_expert_groups(block, tracer.groups(), tracer.not_executed)
         self.layout.groups = groups
         return groups
 
@@ -811,7 +826,7 @@ class GPTQForCausalLM:
                 for name in group:
                     full = f"{prefix}.{bi}.{name}"
                     settings = cfg.resolve(full)
-                    if settings is None:
+                    if settings is None or _in_out_features(block.get_submodule(name))[1] < MIN_OUT_FEATURES:
                         report.skipped.append(full)
                     else:
                         todo.append((name, full, settings))
@@ -824,11 +839,13 @@ class GPTQForCausalLM:
                 limits = {tail: _tail_batches(tails[child][2], hidden, budget=extra_cache)
                           for tail, child in capture.items()}
                 with frozen.active(pending):
-                    hessians, captured = self._collect_hessians(block, [n for n, _, _ in todo], batch_inputs, hidden,
-                                                                dev, frozen, capture=limits, prefix=f"{prefix}.{bi}.")
+                    hessians, captured, tokens = self._collect_hessians(
+                        block, [n for n, _, _ in todo], batch_inputs, hidden, dev, frozen, capture=limits,
+                        prefix=f"{prefix}.{bi}.")
                 trim_heap()
                 for name, full, settings in todo:
-                    result = self._quantize_layer(block, name, full, hessians.pop(name), settings, dev, report, bar)
+                    result = self._quantize_layer(block, name, full, hessians.pop(name), settings, dev, report, bar,
+                                                  tokens=tokens[name])
                     finished.append((name, result))
                 for tail, child in capture.items():
                     self._seed_from_tail(frozen, child, block.get_submodule(tail), captured.pop(tail), dev)
@@ -898,12 +915,21 @@ class GPTQForCausalLM:
         frozen.seed(child, outs, kept=in_place)
 
     def _quantize_layer(self, parent: nn.Module, name: str, full: str, hessian, settings, dev,
-                        report: QuantizeReport, bar):
+                        report: QuantizeReport, bar, tokens: Optional[int] = None):
         """GPTQ on one layer; its weight gets the quantized values (it stays a plain layer
-        until :meth:`_to_quant_linear`). Returns the :class:`QuantizeResult`."""
+        until :meth:`_to_quant_linear`). Returns the :class:`QuantizeResult`.
+
+        ``hessian`` ``None``: an MoE expert with too few calibration tokens
+        (:func:`gptqkit.moe.needs_rtn_fallback`); it is rounded to nearest,
+        i.e. GPTQ with an identity Hessian (the clipping search then weighs
+        every input column alike)."""
         cfg = self.quantize_config
         layer = parent.get_submodule(name)
         t0 = time.perf_counter()
+        fallback = hessian is None
+        if fallback:
+            hessian = torch.eye(_in_out_features(layer)[0], dtype=torch.float32,
+                                device=dev if dev.type != "cpu" and gpu_backend() is not None else "cpu")
         # The solver runs where the Hessian was accumulated (see _hessian_input).
         weight = get_weight(layer, torch.float32).detach().to(hessian.device).contiguous()
         fmt = self._format()
@@ -919,7 +945,8 @@ class GPTQForCausalLM:
         seconds = time.perf_counter() - t0
         report.layers.append(LayerReport(
             name=full, shape=tuple(weight.shape), bits=settings.bits, group_size=settings.group_size,
-            loss=result.loss, damp=result.damp_used, damp_attempts=result.damp_attempts, seconds=seconds))
+            loss=result.loss, damp=result.damp_used, damp_attempts=result.damp_attempts, seconds=seconds,
+            tokens=tokens, rtn_fallback=fallback))
         bar.set_postfix_str(f"{name}: loss {result.loss:.3g}, damp {result.damp_used:.3g}, {seconds * 1000:.0f} ms")
         return result
 
@@ -984,7 +1011,8 @@ class GPTQForCausalLM:
                 acc = acc or HessianAccumulator(x.shape[-1])
                 acc.add_batch(x)
             bar = tqdm(total=1, desc="quantizing lm_head", disable=not progress)
-            result = self._quantize_layer(model, name, name, acc.hessian(), settings, dev, report, bar)
+            result = self._quantize_layer(model, name, name, acc.hessian(), settings, dev, report, bar,
+                                          tokens=acc.n_samples)
             self._to_quant_linear(model, name, result, dev)
             bar.update(1)
             bar.close()
@@ -1010,10 +1038,18 @@ class GPTQForCausalLM:
         layers to a number of batches: the full inputs of those layers on
         the first that many batches are also kept.
 
-        Returns ``({name: hessian}, {captured name: [input per batch]})``.
+        MoE experts (:mod:`gptqkit.moe`) see only the tokens routed to them:
+        a layer's sharing is decided on the first batch that reaches it, and
+        an expert layer with too few tokens (or none) gets ``None`` for a
+        Hessian (rounded to nearest by :meth:`_quantize_layer`).
+
+        Returns ``({name: hessian or None}, {captured name: [input per batch]},
+        {name: tokens its Hessian saw})``.
         """
         accs: Dict[str, HessianAccumulator] = {}
-        owner_of: Dict[str, str] = {}  # layer -> layer whose accumulator it shares (first batch decides)
+        owner_of: Dict[str, str] = {}  # layer -> layer whose accumulator it shares (first batch reaching it decides)
+        decided: set = set()
+        routed = routed_layers(block)  # padding is kept from experts by their routing (only_real_tokens)
         seen: set = set()
         state: Dict[str, Any] = {"mask": None, "batch": 0, "inputs": {}, "keep": []}
         capture = capture or {}
@@ -1027,17 +1063,18 @@ class GPTQForCausalLM:
                     captured[name].append(capture_slabs[name].put(state["batch"], x))
                 key = _tensor_key(x)
                 owner = state["inputs"].get(key)
-                if state["batch"] == 0:
+                if name not in decided:
+                    decided.add(name)
                     if owner is not None:
                         owner_of[name] = owner
                 elif owner_of.get(name) != owner:
                     raise RuntimeError(f"layer {name} shared its input with {owner_of.get(name) or 'no layer'} "
-                                       f"on the first batch but with {owner or 'no layer'} on batch "
+                                       f"on an earlier batch but with {owner or 'no layer'} on batch "
                                        f"{state['batch']}; the block's structure changes between batches")
                 if owner is None:
                     state["inputs"][key] = name
                     state["keep"].append(x)  # held until the batch ends, so its memory is not reused
-                    mask = state["mask"]
+                    mask = None if name in routed else state["mask"]
                     if mask is not None and x.dim() >= 2 and tuple(x.shape[:-1]) == tuple(mask.shape):
                         x = x[mask.to(x.device).bool()]
                     elif mask is not None and x.dim() == 2 and x.shape[0] == mask.numel():
@@ -1082,11 +1119,16 @@ class GPTQForCausalLM:
             for h in handles:
                 h.remove()
             state["keep"] = []
-        missing = [n for n in names if n not in accs and n not in owner_of]
+        missing = [n for n in names if n not in accs and n not in owner_of and n not in routed]
         if missing:
             raise RuntimeError(f"layers {missing} received no input during the block's forward; "
                                f"fix the groups with modules_in_block_to_quantize or a ModelLayout")
-        hessians = {n: acc.hessian() for n, acc in accs.items()}
+        tokens = {n: acc.n_samples for n, acc in accs.items()}
+        hessians = {n: None if n in routed and needs_rtn_fallback(acc.n_samples, acc.in_features) else acc.hessian()
+                    for n, acc in accs.items()}
         for n, owner in owner_of.items():
-            hessians[n] = hessians[owner]
-        return hessians, captured
+            hessians[n], tokens[n] = hessians[owner], tokens[owner]
+        for n in names:
+            if n not in hessians:  # an expert no calibration token was routed to
+                hessians[n], tokens[n] = None, 0
+        return hessians, captured, tokens

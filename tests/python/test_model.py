@@ -701,6 +701,14 @@ class _CountingAccumulator:
     def hessian(self):
         return self._acc.hessian()
 
+    @property
+    def n_samples(self):
+        return self._acc.n_samples
+
+    @property
+    def in_features(self):
+        return self._acc.in_features
+
 
 @pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
 def test_hessians_count_only_real_tokens(gptqkit, arch, monkeypatch):
@@ -862,18 +870,14 @@ def test_block_caches_die_with_their_block(gptqkit, monkeypatch, extra_cache):
 
 
 def test_warns_about_weights_outside_linear_layers(gptqkit):
-    """transformers 5 fuses MoE experts into 3-D tensors: quantize() says up front that they stay
-    unquantized (and the summary repeats it); an ordinary model gets no such warning."""
+    """MoE experts of a layout gptqkit.moe does not split (GPT-OSS: interleaved, transposed, biased)
+    stay fused 3-D tensors: quantize() says up front that they stay unquantized (and the summary
+    repeats it); an ordinary model gets no such warning."""
     import warnings
 
-    import transformers as T
     from gptqkit import GPTQForCausalLM, QuantizeConfig
 
-    cfg = T.MixtralConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2,
-                          max_position_embeddings=256)
-    torch.manual_seed(0)
-    q = GPTQForCausalLM(T.AutoModelForCausalLM.from_config(cfg).eval(), QuantizeConfig(group_size=GROUP))
+    q = GPTQForCausalLM(make_tiny_model("gpt_oss"), QuantizeConfig(group_size=GROUP))
     with pytest.warns(UserWarning, match=r"of each decoder block's weights are not in Linear layers.*experts"):
         report = q.quantize(_tokens(2, 32), progress=False)
     assert report.not_linear_share > 0.5 and any("gate_up_proj" in n for n in report.not_linear)

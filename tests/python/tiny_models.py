@@ -12,7 +12,8 @@ Usage::
     model = make_tiny_model("gpt2", n_layer=3)       # config overrides
     tok = make_tiny_tokenizer()                      # character-level, ids < 128
 
-``ARCHITECTURES`` lists the supported names; ``EXPECTED`` holds, per
+``ARCHITECTURES`` lists the dense families (``MOE_ARCHITECTURES`` the
+Mixture-of-Experts ones, plus ``"gpt_oss"``, whose expert layout is not split); ``EXPECTED`` holds, per
 architecture, the decoder-block path, the Linear-like layers of one block and
 the true-sequential groups discovery is expected to find (written out by hand
 from the transformers modelling code).
@@ -30,6 +31,7 @@ LAYERS = 2
 HEADS = 4
 KV_HEADS = 2
 FFN = 128
+EXPERTS = 4
 MAX_POS = 256
 
 
@@ -60,8 +62,22 @@ def _configs():
                                             num_attention_heads=HEADS, intermediate_size=FFN,
                                             max_position_embeddings=MAX_POS, pad_token_id=1,
                                             bos_token_id=2, eos_token_id=3),
+        # Mixture-of-Experts: 4 experts, 2 per token; transformers 5 fuses each block's experts into 3-D tensors
+        "mixtral": lambda: T.MixtralConfig(**gqa, num_local_experts=EXPERTS, num_experts_per_tok=2),
+        "qwen2_moe": lambda: T.Qwen2MoeConfig(**gqa, moe_intermediate_size=FFN // 2, num_experts=EXPERTS,
+                                              num_experts_per_tok=2, shared_expert_intermediate_size=FFN,
+                                              decoder_sparse_step=1),
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(**gqa, head_dim=HIDDEN // HEADS, moe_intermediate_size=FFN // 2,
+                                              num_experts=EXPERTS, num_experts_per_tok=2, decoder_sparse_step=1),
+        # GPT-OSS experts: interleaved, transposed, with biases (a layout gptqkit.moe does not split)
+        "gpt_oss": lambda: T.GptOssConfig(**dict(gqa, intermediate_size=FFN // 2), head_dim=HIDDEN // HEADS,
+                                          num_local_experts=EXPERTS, num_experts_per_tok=2,
+                                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     }
 
+
+#: Mixture-of-Experts families whose experts gptqkit.moe splits into per-expert layers
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "gpt_neox", "phi", "phi3",
                  "gemma", "gemma2", "gemma3_text")

@@ -1,0 +1,263 @@
+"""Mixture-of-Experts models: experts split into per-expert Linear layers (gptqkit.moe), each
+quantized with the Hessian of the tokens routed to it, saved per expert and loaded back.
+
+The references here are independent of the pipeline: the fused module transformers ships
+(for the split's outputs), and per-expert Hessians computed in float64 from the routing
+transformers' own router decides (captured with a hook on the unsplit model)."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from tiny_models import EXPERTS, FFN, HIDDEN, MOE_ARCHITECTURES, VOCAB, make_tiny_model  # noqa: E402
+
+GROUP = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_cpu():
+    """One intra-op thread and a frozen GC (see test_model.py): the tiny matrices gain nothing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        torch.set_num_threads(threads)
+
+
+def _tokens(n, seqlen, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, VOCAB, (n, seqlen), generator=g)
+
+
+HELD_OUT = _tokens(2, 24, seed=777)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHITECTURES)
+def test_split_experts_compute_what_the_fused_module_computes(gptqkit, arch):
+    from gptqkit.moe import LinearExperts, defuse_experts
+
+    model = make_tiny_model(arch)
+    fused = model.model.layers[0].mlp.experts
+    gate_up, down = fused.gate_up_proj.detach().clone(), fused.down_proj.detach().clone()
+    with torch.no_grad():
+        ref = model(HELD_OUT).logits
+    assert defuse_experts(model) == [f"model.layers.{i}.mlp.experts" for i in range(2)]
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, LinearExperts) and len(experts) == EXPERTS
+    ffn = down.shape[2]
+    for e, expert in enumerate(experts):
+        assert torch.equal(expert.gate_proj.weight, gate_up[e, :ffn])
+        assert torch.equal(expert.up_proj.weight, gate_up[e, ffn:])
+        assert torch.equal(expert.down_proj.weight, down[e])
+    assert not any(p.dim() == 3 for p in model.parameters())
+    with torch.no_grad():
+        got = model(HELD_OUT).logits
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+
+
+def test_layouts_that_are_not_standard_stay_fused(gptqkit):
+    """GPT-OSS experts (interleaved gate/up, transposed, biased, clamped gate) are not split
+    (quantize() then warns that they stay in full precision: test_model.py)."""
+    from gptqkit.moe import defuse, defuse_experts, fused_experts, unsupported_reason
+
+    model = make_tiny_model("gpt_oss")
+    experts = fused_experts(model)
+    assert len(experts) == 2 and all(unsupported_reason(m) for m in experts.values())
+    assert defuse_experts(model) == [] and fused_experts(model).keys() == experts.keys()
+    with pytest.raises(ValueError, match="cannot be split into per-expert layers"):
+        defuse(next(iter(experts.values())))
+
+
+def _routed_inputs(model, sequences):
+    """Per expert of block 0: the inputs transformers' own router sends it, over ``sequences``
+    (each run alone, unpadded), in float64."""
+    captured = {e: [] for e in range(EXPERTS)}
+
+    def hook(_module, args):
+        hidden, top_k_index = args[0], args[1]
+        for e in range(EXPERTS):
+            tokens = (top_k_index == e).any(dim=-1)
+            captured[e].append(hidden[tokens].double())
+
+    handle = model.model.layers[0].mlp.experts.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for seq in sequences:
+                model(seq[None])
+    finally:
+        handle.remove()
+    return {e: torch.cat(xs) for e, xs in captured.items()}
+
+
+def _hessian64(x):
+    return 2.0 / x.shape[0] * x.T @ x
+
+
+def test_each_expert_gets_the_hessian_of_the_tokens_routed_to_it(gptqkit, monkeypatch):
+    """Block 0's experts, attention left unquantized so their inputs are the fp model's: every
+    gate/up Hessian equals 2/n X_e^T X_e of the real (unpadded) tokens routed to expert e, and
+    every down_proj Hessian that of act(gate_q(X_e)) * up_q(X_e) with the expert's already
+    quantized gate/up (true-sequential inside each expert). Calibration mixes lengths, so the
+    batches are padded: padding must reach no expert."""
+    import gptqkit.model
+    from gptqkit import GPTQForCausalLM, QuantizeConfig
+
+    model = make_tiny_model("mixtral")
+    sequences = [row[: 24 + 8 * (i % 3)] for i, row in enumerate(_tokens(12, 40, seed=3))]
+    routed = _routed_inputs(model, sequences)
+
+    seen = {}
+    original = gptqkit.model.GPTQForCausalLM._quantize_layer
+
+    def recording(self, parent, name, full, hessian, *args, **kwargs):
+        if full.startswith("model.layers.0.mlp.experts."):
+            seen[full] = (None if hessian is None else hessian.double().clone(), kwargs.get("tokens"))
+        return original(self, parent, name, full, hessian, *args, **kwargs)
+
+    monkeypatch.setattr(gptqkit.model.GPTQForCausalLM, "_quantize_layer", recording)
+    q = GPTQForCausalLM(model, QuantizeConfig(group_size=GROUP, dynamic={r"-:.*self_attn": {}}))
+    report = q.quantize([{"input_ids": s} for s in sequences], batch_size=4, progress=False)
+    assert len(seen) == 3 * EXPERTS
+    experts = q.model.model.layers[0].mlp.experts
+    for e in range(EXPERTS):
+        x = routed[e]
+        assert x.shape[0] >= FFN  # enough tokens for GPTQ: no fallback in this test
+        for proj in ("gate_proj", "up_proj"):
+            hessian, tokens = seen[f"model.layers.0.mlp.experts.{e}.{proj}"]
+            assert tokens == x.shape[0]
+            torch.testing.assert_close(hessian, _hessian64(x), rtol=1e-4, atol=1e-5)
+        expert = experts[e]
+        gate = expert.gate_proj.dequantize_weight().double()
+        up = expert.up_proj.dequantize_weight().double()
+        h = torch.nn.functional.silu(x @ gate.T) * (x @ up.T)
+        hessian, tokens = seen[f"model.layers.0.mlp.experts.{e}.down_proj"]
+        assert tokens == x.shape[0]
+        torch.testing.assert_close(hessian, _hessian64(h), rtol=1e-4, atol=1e-5 * _hessian64(h).abs().max().item())
+    assert not any(r.rtn_fallback for r in report.layers if r.name.startswith("model.layers.0."))
+    # the two expert stages are one group each, not two per expert
+    stages = [[f"mlp.experts.{e}.{p}" for e in range(EXPERTS) for p in ("gate_proj", "up_proj")],
+              [f"mlp.experts.{e}.down_proj" for e in range(EXPERTS)]]
+    assert q.layout.groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                               ["self_attn.o_proj"], *stages]
+
+
+def test_experts_with_too_few_tokens_are_rounded_to_nearest(gptqkit, monkeypatch):
+    """Six calibration tokens, one expert each: at least half the experts of a block get no
+    token at all, and none gets as many tokens as its layers have inputs. Those layers are
+    rounded to nearest (GPTQ with an identity Hessian: exactly quantize_weight(W, I)), not
+    zeroed as GPTQ's dead-column rule would do with an all-zero Hessian; the report says so."""
+    from gptqkit import GPTQForCausalLM, QuantizeConfig, quantize_weight
+    from gptqkit.moe import needs_rtn_fallback
+
+    model = make_tiny_model("mixtral", num_experts_per_tok=1)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = QuantizeConfig(group_size=GROUP)
+    q = GPTQForCausalLM(model, cfg)
+    report = q.quantize(_tokens(1, 2), progress=False)
+    experts = [r for r in report.layers if ".experts." in r.name]
+    assert len(experts) == 2 * 3 * EXPERTS and all(r.rtn_fallback for r in experts)
+    unreached = [r for r in experts if r.tokens == 0]
+    assert len(unreached) >= 2 * 3 * EXPERTS // 2
+    assert all(needs_rtn_fallback(r.tokens, r.shape[1]) for r in experts)
+    assert not any(r.rtn_fallback for r in report.layers if ".experts." not in r.name)
+    assert "rounded to nearest" in report.summary()
+    for r in unreached[:3]:
+        block, _, rest = r.name.partition(".mlp.experts.")
+        e, proj = rest.split(".")
+        ffn = FFN
+        fused = weights[f"{block}.mlp.experts.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"][int(e)]
+        w = {"gate_proj": fused[:ffn], "up_proj": fused[ffn:], "down_proj": fused}[proj].float()
+        rtn = quantize_weight(w, torch.eye(w.shape[1]), bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
+                              clip_steps=cfg.clip_steps, clip_min_ratio=cfg.clip_min_ratio, fp16_scales=True)
+        got = q.model.get_submodule(r.name).dequantize_weight().float()
+        torch.testing.assert_close(got, torch.as_tensor(rtn.dequantize()).float(), rtol=0, atol=1e-6)
+        assert got.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHITECTURES)
+def test_quantized_moe_checkpoint_round_trip(gptqkit, arch, tmp_path):
+    """Every expert layer is quantized and saved per expert (``mlp.experts.<e>.gate_proj.qweight``,
+    the names Qwen-MoE publishes and GPTQModel writes); loading splits the model it builds the same
+    way and reproduces the logits exactly. Qwen2-MoE's one-output shared_expert_gate stays in full
+    precision."""
+    from safetensors import safe_open
+
+    from gptqkit import GPTQForCausalLM, QuantizeConfig
+    from gptqkit.nn import QuantLinear
+
+    model = make_tiny_model(arch)
+    with torch.no_grad():
+        fp = model(HELD_OUT).logits
+    q = GPTQForCausalLM(model, QuantizeConfig(group_size=GROUP))
+    report = q.quantize(_tokens(16, 32), batch_size=4, progress=False)
+    with torch.no_grad():
+        ours = q.model(HELD_OUT).logits
+    assert (ours - fp).abs().max() < 0.25 * fp.abs().max()  # quantized, still the same model
+    quantized = {n for n, m in q.model.named_modules() if isinstance(m, QuantLinear)}
+    for b in range(2):
+        for e in range(EXPERTS):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                assert f"model.layers.{b}.mlp.experts.{e}.{proj}" in quantized
+    narrow = [n for n in report.skipped if n.endswith("shared_expert_gate")]
+    assert len(narrow) == (2 if arch == "qwen2_moe" else 0)
+    q.save_quantized(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.1.mlp.experts.3.down_proj.qweight" in keys
+    assert not any(k.endswith("gate_up_proj") for k in keys)
+    if arch == "qwen2_moe":
+        assert "model.layers.0.mlp.shared_expert_gate.weight" in keys
+    loaded = GPTQForCausalLM.from_quantized(tmp_path)
+    assert {n for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)} == quantized
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(HELD_OUT).logits, ours, rtol=0, atol=0)
+
+
+def test_interrupted_moe_run_resumes_to_the_same_checkpoint(gptqkit, tmp_path):
+    """A Mixtral run stopped after block 0 resumes from the stored block (per-expert layers
+    included) and ends with the uninterrupted run's packed tensors."""
+    import gptqkit.model
+    from gptqkit import GPTQForCausalLM, QuantizeConfig
+    from gptqkit.nn import QuantLinear
+
+    calibration = _tokens(8, 32, seed=5)
+    full = GPTQForCausalLM(make_tiny_model("mixtral"), QuantizeConfig(group_size=GROUP))
+    full.quantize(calibration, batch_size=4, progress=False)
+
+    class Crash(Exception):
+        pass
+
+    original = gptqkit.model.GPTQForCausalLM._quantize_layer
+
+    def crash_in_block_1(self, parent, name, full_name, *args, **kwargs):
+        if full_name.startswith("model.layers.1.mlp.experts.2"):
+            raise Crash
+        return original(self, parent, name, full_name, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gptqkit.model.GPTQForCausalLM, "_quantize_layer", crash_in_block_1)
+        with pytest.raises(Crash):
+            GPTQForCausalLM(make_tiny_model("mixtral"), QuantizeConfig(group_size=GROUP)).quantize(
+                calibration, batch_size=4, progress=False, resume_dir=tmp_path / "resume")
+    resumed = GPTQForCausalLM(make_tiny_model("mixtral"), QuantizeConfig(group_size=GROUP))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = resumed.quantize(calibration, batch_size=4, progress=False, resume_dir=tmp_path / "resume")
+    assert len(report.layers) == len(full.report.layers)
+    ours = {n: m for n, m in resumed.model.named_modules() if isinstance(m, QuantLinear)}
+    theirs = {n: m for n, m in full.model.named_modules() if isinstance(m, QuantLinear)}
+    assert set(ours) == set(theirs) and len(ours) == 2 * (4 + 3 * EXPERTS)
+    for n, layer in ours.items():
+        for t in ("qweight", "qzeros", "scales", "g_idx"):
+            assert torch.equal(getattr(layer, t), getattr(theirs[n], t)), (n, t)
