@@ -48,12 +48,16 @@ GPTQKIT_CHECKPOINTS = {
     "llama-2bit-g16-asym-group-aware": ("llama", dict(bits=2, group_size=16, sym=False, act_group_aware=True)),
     "qwen2-4bit-g32-act-order-bias": ("qwen2", dict(bits=4, group_size=32, desc_act=True, sym=False)),
     "gpt2-conv1d-4bit-g32": ("gpt2", dict(bits=4, group_size=32)),
+    # MoE: per-expert layers (mlp.experts.<e>.gate_proj), which transformers hands to GPTQModel's defuser
+    "mixtral-moe-4bit-g32": ("mixtral", dict(bits=4, group_size=32)),
 }
 # transformers 5.23 cannot load any GPT-2 GPTQ checkpoint, GPTQModel's own included: GPT-2's
 # _init_weights touches c_proj.weight, which GPTQModel's quantized layer has not. GPTQModel.load
 # reads them, so GPT-2 (Conv1D) checkpoints are checked through it.
 LOADER = {"gpt2": "gptqmodel"}
 GPTQMODEL_CHECKPOINT = dict(bits=4, group_size=32, sym=False, desc_act=True)
+#: GPTQModel also quantizes a tiny Mixtral (its defuser splits the experts as gptqkit.moe does)
+GPTQMODEL_MOE_CHECKPOINT = dict(bits=4, group_size=32, sym=True, desc_act=False)
 
 
 def _reader_python() -> str | None:
@@ -96,11 +100,14 @@ def exchange(gptqkit, reader_python, tmp_path_factory):
         q.save_quantized(root / name)
         reads.append({"name": name, "path": str(root / name), "loader": LOADER.get(arch, "transformers")})
 
-    fp_folder = root / "tiny-llama-fp32"
-    make_tiny_model("llama").save_pretrained(fp_folder)
-    make_tiny_tokenizer().save_pretrained(fp_folder)
+    fp_folders = {}
+    for arch in ("llama", "mixtral"):
+        fp_folders[arch] = root / f"tiny-{arch}-fp32"
+        make_tiny_model(arch).save_pretrained(fp_folders[arch])
+        make_tiny_tokenizer().save_pretrained(fp_folders[arch])
     save_file({"input_ids": _calibration(seed=1).contiguous()}, str(root / "calibration.safetensors"))
     reads.append({"name": "gptqmodel", "path": str(root / "gptqmodel")})
+    reads.append({"name": "gptqmodel-mixtral", "path": str(root / "gptqmodel-mixtral")})
 
     widths = {64, 128, 192, 256}  # every in_features of the tiny models (GPT-2's MLP: 4 x 64)
     g = torch.Generator().manual_seed(3)
@@ -108,7 +115,10 @@ def exchange(gptqkit, reader_python, tmp_path_factory):
     inputs = {f"x_{k}": torch.randn(5, k, generator=g).half().float() for k in widths}
     save_file({**inputs, "tokens": TOKENS.contiguous()}, str(root / "inputs.safetensors"))
     job = {"inputs": str(root / "inputs.safetensors"), "out": str(root / "out"), "read": reads,
-           "quantize": [dict(GPTQMODEL_CHECKPOINT, src=str(fp_folder), dst=str(root / "gptqmodel"),
+           "quantize": [dict(GPTQMODEL_CHECKPOINT, src=str(fp_folders["llama"]), dst=str(root / "gptqmodel"),
+                             calibration=str(root / "calibration.safetensors")),
+                        dict(GPTQMODEL_MOE_CHECKPOINT, src=str(fp_folders["mixtral"]),
+                             dst=str(root / "gptqmodel-mixtral"),
                              calibration=str(root / "calibration.safetensors"))]}
     (root / "job.json").write_text(json.dumps(job))
     # cwd: GPTQModel writes a logs/ folder into the working directory while it quantizes
@@ -187,6 +197,23 @@ def test_gptqkit_reads_gptqmodel_checkpoints(gptqkit, exchange):
     q = GPTQForCausalLM.from_quantized(root / "gptqmodel", device="cpu", dtype=torch.float32)
     g_idx = q.model.model.layers[0].mlp.down_proj.g_idx
     assert not torch.equal(g_idx, torch.arange(g_idx.numel(), dtype=g_idx.dtype) // 32)  # really act-order
+    assert _compare_layers(q.model, outputs, inputs) < ALLOWED[read["dtype"]], read
+    with torch.no_grad():
+        _assert_same_logits(outputs["logits"], q.model(TOKENS).logits)
+
+
+@pytest.mark.slow
+def test_gptqkit_reads_gptqmodel_moe_checkpoints(gptqkit, exchange):
+    """GPTQModel's Mixtral checkpoint (experts split by its defuser, saved per expert) loads into
+    gptqkit's own split of the model: every expert layer agrees with the reader's."""
+    from gptqkit import GPTQForCausalLM
+
+    root, report = exchange
+    read = report["read"]["gptqmodel-mixtral"]
+    assert "error" not in read, f"{read['error']}\n{read['traceback']}"
+    outputs, inputs = _load_outputs(root, "gptqmodel-mixtral")
+    q = GPTQForCausalLM.from_quantized(root / "gptqmodel-mixtral", device="cpu", dtype=torch.float32)
+    assert read["layers"] == 2 * (4 + 3 * 4)  # attention and every expert of both blocks
     assert _compare_layers(q.model, outputs, inputs) < ALLOWED[read["dtype"]], read
     with torch.no_grad():
         _assert_same_logits(outputs["logits"], q.model(TOKENS).logits)
