@@ -687,6 +687,29 @@ def _key_mapper(store_keys: Iterable[str], expected: set, prefix: str) -> Callab
     return best
 
 
+#: transformers 4's Mixtral names (still those of most Mixtral GPTQ checkpoints, e.g. TheBloke's and what
+#: vLLM's Mixtral reads) for the layers of gptqkit's split experts: (model name pattern, checkpoint name)
+_LEGACY_MOE_NAMES = [
+    (re.compile(r"\.mlp\.experts\.(\d+)\.gate_proj\."), r".block_sparse_moe.experts.\1.w1."),
+    (re.compile(r"\.mlp\.experts\.(\d+)\.up_proj\."), r".block_sparse_moe.experts.\1.w3."),
+    (re.compile(r"\.mlp\.experts\.(\d+)\.down_proj\."), r".block_sparse_moe.experts.\1.w2."),
+    (re.compile(r"\.mlp\.gate\."), r".block_sparse_moe.gate."),
+]
+
+
+def _with_legacy_moe_names(key_of: Callable[[str], str], store_keys: Iterable[str]) -> Callable[[str], str]:
+    """``key_of`` that also speaks transformers 4's Mixtral expert names, for checkpoints written with them."""
+    if not any(".block_sparse_moe." in k for k in store_keys):
+        return key_of
+
+    def legacy(key):
+        key = key_of(key)
+        for pattern, replacement in _LEGACY_MOE_NAMES:
+            key = pattern.sub(replacement, key)
+        return key
+    return legacy
+
+
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module, attr = _module_and_attr(model, name)
     if attr in module._parameters:
@@ -727,6 +750,7 @@ def _defuse_stored_experts(model: nn.Module, store: "_TensorStore") -> None:
     if not fused:
         return
     key_of = _key_mapper(store.keys(), set(model.state_dict()), getattr(model, "base_model_prefix", ""))
+    key_of = _with_legacy_moe_names(key_of, store.keys())
     defuse_experts(model, keep=lambda name: key_of(f"{name}.gate_up_proj") in store)
 
 
@@ -790,7 +814,9 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
         module_names = {n for n, _ in model.named_modules()}
         expected_keys = set(model.state_dict().keys())
         layer_keys = {f"{n}.{t}" for n in module_names for t in QUANT_TENSORS}
-        key_of = _key_mapper(store.keys(), expected_keys | layer_keys, getattr(model, "base_model_prefix", ""))
+        key_of = _with_legacy_moe_names(
+            _key_mapper(store.keys(), expected_keys | layer_keys, getattr(model, "base_model_prefix", "")),
+            store.keys())
         ckpt_to_model = {key_of(k): k for k in expected_keys | layer_keys}
 
         # ---- replace the quantized layers

@@ -261,3 +261,39 @@ def test_interrupted_moe_run_resumes_to_the_same_checkpoint(gptqkit, tmp_path):
     for n, layer in ours.items():
         for t in ("qweight", "qzeros", "scales", "g_idx"):
             assert torch.equal(getattr(layer, t), getattr(theirs[n], t)), (n, t)
+
+
+def test_mixtral_checkpoints_with_transformers_4_names_load(gptqkit, tmp_path):
+    """Most Mixtral GPTQ checkpoints (and vLLM's Mixtral reader) name the experts as transformers
+    4 did: ``block_sparse_moe.experts.<e>.w1/w3/w2`` and ``block_sparse_moe.gate``. Such a
+    checkpoint (made here by renaming a gptqkit one's tensors) loads to the same logits."""
+    import json
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    from gptqkit import GPTQForCausalLM, QuantizeConfig
+
+    q = GPTQForCausalLM(make_tiny_model("mixtral"), QuantizeConfig(group_size=GROUP))
+    q.quantize(_tokens(8, 32), batch_size=4, progress=False)
+    q.save_quantized(tmp_path / "new")
+    renames = [(r"\.mlp\.experts\.(\d+)\.gate_proj\.", r".block_sparse_moe.experts.\1.w1."),
+               (r"\.mlp\.experts\.(\d+)\.up_proj\.", r".block_sparse_moe.experts.\1.w3."),
+               (r"\.mlp\.experts\.(\d+)\.down_proj\.", r".block_sparse_moe.experts.\1.w2."),
+               (r"\.mlp\.gate\.", r".block_sparse_moe.gate.")]
+    tensors = {}
+    for key, value in load_file(str(tmp_path / "new" / "model.safetensors")).items():
+        for pattern, replacement in renames:
+            key = re.sub(pattern, replacement, key)
+        tensors[key] = value
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.qweight" in tensors
+    assert "model.layers.1.block_sparse_moe.gate.weight" in tensors
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file(tensors, str(old / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "quantize_config.json"):
+        (old / name).write_text((tmp_path / "new" / name).read_text())
+    json.loads((old / "config.json").read_text())["quantization_config"]  # still a GPTQ checkpoint
+    loaded = GPTQForCausalLM.from_quantized(old)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(HELD_OUT).logits, q.model(HELD_OUT).logits, rtol=0, atol=0)
