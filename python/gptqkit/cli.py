@@ -360,7 +360,14 @@ to OUT; --resume-dir moves it) as the run goes. Run the same command again
 and those blocks are restored instead of quantized, with the same result as
 an uninterrupted run; a folder left by a run with other settings,
 calibration data or model is refused (--no-resume deletes it and starts
-over). It is removed once the checkpoint is saved."""
+over). It is removed once the checkpoint is saved.
+
+Mixture-of-Experts models (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek, ...): the
+experts transformers fuses into 3-D tensors are split into per-expert layers,
+each quantized on the tokens routed to it and saved per expert
+(mlp.experts.<e>.gate_proj). Experts that get fewer calibration tokens than
+their layers have inputs are rounded to nearest; the summary lists them, and a
+larger --nsamples reaches more experts."""
 
 QUANTIZE_EPILOG = f"""\
 examples:

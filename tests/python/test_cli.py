@@ -88,7 +88,7 @@ def assert_one_line_error(err: str, *needles: str):
                     "--nsamples", "--seqlen", "--seed", "--damp", "--block-size", "--no-true-sequential",
                     "--clip-steps", "--clip-min-ratio", "--format", "--batch-size", "--device",
                     "--max-shard-size", "--dtype", "--eval", "--extra-cache", "--resume-dir", "--no-resume",
-                    "act-order", "examples:", "OUT.partial",
+                    "act-order", "examples:", "OUT.partial", "Mixture-of-Experts",
                     "(default: 128)"]),
     (["eval-ppl"], ["--text", "--tokens", "--seqlen", "--windows", "--batch-size", "--compare", "KL",
                     "examples:", "(default: 512)"]),
@@ -145,6 +145,25 @@ def test_quantize_options_pt_calibration_and_eval(cli, files, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["checkpoint_format"] == "gptq_v2"
     assert any(layer["act_order"] for layer in info["layers"].values())
+
+
+def test_quantize_moe_model_then_info_and_eval(cli, files, capsys):
+    """A tiny Mixtral through the CLI: every expert quantized per expert, the summary names the
+    experts calibration starved, info lists the expert layers, eval-ppl runs the checkpoint."""
+    model_dir = files["root"] / "tiny-mixtral"
+    make_tiny_model("mixtral").save_pretrained(model_dir)
+    make_tiny_tokenizer().save_pretrained(model_dir)
+    out_dir = files["root"] / "tiny-mixtral-gptq"
+    assert cli.main(["quantize", str(model_dir), str(out_dir), "--group-size", "32",
+                     "--calibration", files["npy"], "--nsamples", "2", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "quantized 32 layers" in out  # 2 blocks x (4 attention + 4 experts x 3)
+    assert "too few calibration tokens for GPTQ and were rounded to nearest" in out  # 128 tokens, 4 experts
+    assert cli.main(["info", str(out_dir)]) == 0
+    table = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("model.layers.")]
+    assert len(table) == 32 and "model.layers.1.mlp.experts.3.down_proj" in {ln.split()[0] for ln in table}
+    assert cli.main(["eval-ppl", str(out_dir), "--tokens", files["npy"], "--seqlen", "32", "--windows", "4"]) == 0
+    assert "perplexity" in capsys.readouterr().out
 
 
 def test_info_text(cli, quantized, capsys):
