@@ -365,9 +365,9 @@ over). It is removed once the checkpoint is saved.
 Mixture-of-Experts models (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek, ...): the
 experts transformers fuses into 3-D tensors are split into per-expert layers,
 each quantized on the tokens routed to it and saved per expert
-(mlp.experts.<e>.gate_proj). Experts that get fewer calibration tokens than
-their layers have inputs are rounded to nearest; the summary lists them, and a
-larger --nsamples reaches more experts."""
+(mlp.experts.<e>.gate_proj). Experts that calibration routes no token to are
+rounded to nearest; the summary lists them, and a larger --nsamples reaches
+more experts."""
 
 QUANTIZE_EPILOG = f"""\
 examples:

@@ -96,7 +96,7 @@ class LayerReport:
     seconds: float
     #: calibration tokens its Hessian was built from (an MoE expert sees only those routed to it)
     tokens: Optional[int] = None
-    #: rounded to nearest: an expert that calibration routed too few tokens to (see gptqkit.moe)
+    #: rounded to nearest: an expert that calibration routed no token to (see gptqkit.moe)
     rtn_fallback: bool = False
 
 
@@ -130,8 +130,8 @@ class QuantizeReport:
                          f"unquantized: {', '.join(self.not_linear[:4])}" + (" ..." if len(self.not_linear) > 4 else ""))
         fallback = [r for r in self.layers if r.rtn_fallback]
         if fallback:
-            lines.append(f"{len(fallback)} expert layer(s) got too few calibration tokens for GPTQ and were rounded "
-                         f"to nearest: " + ", ".join(f"{r.name} ({r.tokens} tokens)" for r in fallback[:4])
+            lines.append(f"{len(fallback)} expert layer(s) got no calibration token and were rounded to nearest "
+                         f"(more calibration data reaches more experts): " + ", ".join(r.name for r in fallback[:4])
                          + (" ..." if len(fallback) > 4 else ""))
         if retried:
             lines.append(f"damping was raised for {len(retried)} layer(s): {', '.join(retried[:5])}"
@@ -919,7 +919,7 @@ class GPTQForCausalLM:
         """GPTQ on one layer; its weight gets the quantized values (it stays a plain layer
         until :meth:`_to_quant_linear`). Returns the :class:`QuantizeResult`.
 
-        ``hessian`` ``None``: an MoE expert with too few calibration tokens
+        ``hessian`` ``None``: an MoE expert without calibration tokens
         (:func:`gptqkit.moe.needs_rtn_fallback`); it is rounded to nearest,
         i.e. GPTQ with an identity Hessian (the clipping search then weighs
         every input column alike)."""
@@ -1040,8 +1040,8 @@ class GPTQForCausalLM:
 
         MoE experts (:mod:`gptqkit.moe`) see only the tokens routed to them:
         a layer's sharing is decided on the first batch that reaches it, and
-        an expert layer with too few tokens (or none) gets ``None`` for a
-        Hessian (rounded to nearest by :meth:`_quantize_layer`).
+        an expert layer no token reached gets ``None`` for a Hessian
+        (rounded to nearest by :meth:`_quantize_layer`).
 
         Returns ``({name: hessian or None}, {captured name: [input per batch]},
         {name: tokens its Hessian saw})``.
@@ -1124,7 +1124,7 @@ class GPTQForCausalLM:
             raise RuntimeError(f"layers {missing} received no input during the block's forward; "
                                f"fix the groups with modules_in_block_to_quantize or a ModelLayout")
         tokens = {n: acc.n_samples for n, acc in accs.items()}
-        hessians = {n: None if n in routed and needs_rtn_fallback(acc.n_samples, acc.in_features) else acc.hessian()
+        hessians = {n: None if n in routed and needs_rtn_fallback(acc.n_samples) else acc.hessian()
                     for n, acc in accs.items()}
         for n, owner in owner_of.items():
             hessians[n], tokens[n] = hessians[owner], tokens[owner]

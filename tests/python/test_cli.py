@@ -148,8 +148,8 @@ def test_quantize_options_pt_calibration_and_eval(cli, files, capsys):
 
 
 def test_quantize_moe_model_then_info_and_eval(cli, files, capsys):
-    """A tiny Mixtral through the CLI: every expert quantized per expert, the summary names the
-    experts calibration starved, info lists the expert layers, eval-ppl runs the checkpoint."""
+    """A tiny Mixtral through the CLI: every expert quantized per expert, info lists the expert
+    layers, eval-ppl runs the checkpoint."""
     model_dir = files["root"] / "tiny-mixtral"
     make_tiny_model("mixtral").save_pretrained(model_dir)
     make_tiny_tokenizer().save_pretrained(model_dir)
@@ -158,7 +158,6 @@ def test_quantize_moe_model_then_info_and_eval(cli, files, capsys):
                      "--calibration", files["npy"], "--nsamples", "2", "-q"]) == 0
     out = capsys.readouterr().out
     assert "quantized 32 layers" in out  # 2 blocks x (4 attention + 4 experts x 3)
-    assert "too few calibration tokens for GPTQ and were rounded to nearest" in out  # 128 tokens, 4 experts
     assert cli.main(["info", str(out_dir)]) == 0
     table = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("model.layers.")]
     assert len(table) == 32 and "model.layers.1.mlp.experts.3.down_proj" in {ln.split()[0] for ln in table}

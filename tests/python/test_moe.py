@@ -152,13 +152,12 @@ def test_each_expert_gets_the_hessian_of_the_tokens_routed_to_it(gptqkit, monkey
                                ["self_attn.o_proj"], *stages]
 
 
-def test_experts_with_too_few_tokens_are_rounded_to_nearest(gptqkit, monkeypatch):
-    """Six calibration tokens, one expert each: at least half the experts of a block get no
-    token at all, and none gets as many tokens as its layers have inputs. Those layers are
-    rounded to nearest (GPTQ with an identity Hessian: exactly quantize_weight(W, I)), not
-    zeroed as GPTQ's dead-column rule would do with an all-zero Hessian; the report says so."""
+def test_experts_no_token_reaches_are_rounded_to_nearest(gptqkit):
+    """Two calibration tokens, one expert each: at least half the experts of a block get no
+    token at all. Their layers are rounded to nearest (GPTQ with an identity Hessian: exactly
+    quantize_weight(W, I)), not zeroed as GPTQ's dead-column rule would do with an all-zero
+    Hessian; the report says so. Experts that got a token or two still get GPTQ."""
     from gptqkit import GPTQForCausalLM, QuantizeConfig, quantize_weight
-    from gptqkit.moe import needs_rtn_fallback
 
     model = make_tiny_model("mixtral", num_experts_per_tok=1)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -166,12 +165,11 @@ def test_experts_with_too_few_tokens_are_rounded_to_nearest(gptqkit, monkeypatch
     q = GPTQForCausalLM(model, cfg)
     report = q.quantize(_tokens(1, 2), progress=False)
     experts = [r for r in report.layers if ".experts." in r.name]
-    assert len(experts) == 2 * 3 * EXPERTS and all(r.rtn_fallback for r in experts)
+    assert len(experts) == 2 * 3 * EXPERTS
     unreached = [r for r in experts if r.tokens == 0]
     assert len(unreached) >= 2 * 3 * EXPERTS // 2
-    assert all(needs_rtn_fallback(r.tokens, r.shape[1]) for r in experts)
-    assert not any(r.rtn_fallback for r in report.layers if ".experts." not in r.name)
-    assert "rounded to nearest" in report.summary()
+    assert all(r.rtn_fallback == (r.tokens == 0) for r in report.layers)
+    assert "got no calibration token and were rounded to nearest" in report.summary()
     for r in unreached[:3]:
         block, _, rest = r.name.partition(".mlp.experts.")
         e, proj = rest.split(".")
@@ -297,3 +295,19 @@ def test_mixtral_checkpoints_with_transformers_4_names_load(gptqkit, tmp_path):
     loaded = GPTQForCausalLM.from_quantized(old)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(HELD_OUT).logits, q.model(HELD_OUT).logits, rtol=0, atol=0)
+
+
+def test_trace_groups_puts_every_expert_in_its_stage(gptqkit):
+    """discovery.trace_groups on a split model: every expert's gate/up in one group, every down
+    projection in the next, including experts the example input was not routed to (no warning)."""
+    from gptqkit.discovery import trace_groups
+    from gptqkit.moe import defuse_experts
+
+    model = make_tiny_model("mixtral", num_experts_per_tok=1)
+    defuse_experts(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        groups = trace_groups(model, _tokens(1, 1))  # one token: one expert reached
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      [f"mlp.experts.{e}.{p}" for e in range(EXPERTS) for p in ("gate_proj", "up_proj")],
+                      [f"mlp.experts.{e}.down_proj" for e in range(EXPERTS)]]
