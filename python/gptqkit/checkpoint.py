@@ -667,24 +667,25 @@ def _parameters_on_meta():
 
 def _key_mapper(store_keys: Iterable[str], expected: set, prefix: str) -> Callable[[str], str]:
     """Model key -> checkpoint key. Identity, unless the checkpoint was saved from the base model
-    (keys without ``prefix.``) or with an extra ``prefix.``."""
+    (keys without ``prefix.``) or with an extra ``prefix.``, or names Mixtral's experts as
+    transformers 4 did (:data:`_LEGACY_MOE_NAMES`)."""
     store_keys = set(store_keys)
-    if not prefix:
-        return lambda key: key
-    p = prefix + "."
+    best = lambda key: key  # noqa: E731
+    if prefix:
+        p = prefix + "."
 
-    def strip(key):
-        return key[len(p):] if key.startswith(p) else key
+        def strip(key):
+            return key[len(p):] if key.startswith(p) else key
 
-    def add(key):
-        return p + key
+        def add(key):
+            return p + key
 
-    best, best_hits = (lambda key: key), len(expected & store_keys)
-    for mapper in (strip, add):
-        hits = sum(1 for key in expected if mapper(key) in store_keys)
-        if hits > best_hits:
-            best, best_hits = mapper, hits
-    return best
+        best_hits = len(expected & store_keys)
+        for mapper in (strip, add):
+            hits = sum(1 for key in expected if mapper(key) in store_keys)
+            if hits > best_hits:
+                best, best_hits = mapper, hits
+    return _with_legacy_moe_names(best, store_keys)
 
 
 #: transformers 4's Mixtral names (still those of most Mixtral GPTQ checkpoints, e.g. TheBloke's and what
@@ -750,7 +751,6 @@ def _defuse_stored_experts(model: nn.Module, store: "_TensorStore") -> None:
     if not fused:
         return
     key_of = _key_mapper(store.keys(), set(model.state_dict()), getattr(model, "base_model_prefix", ""))
-    key_of = _with_legacy_moe_names(key_of, store.keys())
     defuse_experts(model, keep=lambda name: key_of(f"{name}.gate_up_proj") in store)
 
 
@@ -814,9 +814,7 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
         module_names = {n for n, _ in model.named_modules()}
         expected_keys = set(model.state_dict().keys())
         layer_keys = {f"{n}.{t}" for n in module_names for t in QUANT_TENSORS}
-        key_of = _with_legacy_moe_names(
-            _key_mapper(store.keys(), expected_keys | layer_keys, getattr(model, "base_model_prefix", "")),
-            store.keys())
+        key_of = _key_mapper(store.keys(), expected_keys | layer_keys, getattr(model, "base_model_prefix", ""))
         ckpt_to_model = {key_of(k): k for k in expected_keys | layer_keys}
 
         # ---- replace the quantized layers

@@ -59,7 +59,7 @@ from gptqkit.discovery import (LayerTracer, ModelLayout, _tensor_key, find_layou
                                is_conv1d, set_weight, validate_groups, weights_outside_linear_layers)
 from gptqkit._memory import exclusive_file_ranges, page_out, release_file_pages, trim_heap
 from gptqkit.hessian import HessianAccumulator
-from gptqkit.moe import defuse_experts, merge_expert_groups, needs_rtn_fallback, only_real_tokens, routed_layers
+from gptqkit.moe import defuse_experts, merge_expert_groups, only_real_tokens, routed_layers
 from gptqkit._gpu import gpu_backend
 from gptqkit._native import NotPositiveDefiniteError
 from gptqkit.nn import QuantLinear
@@ -919,8 +919,8 @@ class GPTQForCausalLM:
         """GPTQ on one layer; its weight gets the quantized values (it stays a plain layer
         until :meth:`_to_quant_linear`). Returns the :class:`QuantizeResult`.
 
-        ``hessian`` ``None``: an MoE expert without calibration tokens
-        (:func:`gptqkit.moe.needs_rtn_fallback`); it is rounded to nearest,
+        ``hessian`` ``None``: an MoE expert no calibration token was routed to
+        (:mod:`gptqkit.moe`); it is rounded to nearest,
         i.e. GPTQ with an identity Hessian (the clipping search then weighs
         every input column alike)."""
         cfg = self.quantize_config
@@ -928,8 +928,7 @@ class GPTQForCausalLM:
         t0 = time.perf_counter()
         fallback = hessian is None
         if fallback:
-            hessian = torch.eye(_in_out_features(layer)[0], dtype=torch.float32,
-                                device=dev if dev.type != "cpu" and gpu_backend() is not None else "cpu")
+            hessian = _hessian_input(torch.eye(_in_out_features(layer)[0], dtype=torch.float32, device=dev))
         # The solver runs where the Hessian was accumulated (see _hessian_input).
         weight = get_weight(layer, torch.float32).detach().to(hessian.device).contiguous()
         fmt = self._format()
@@ -1124,8 +1123,7 @@ class GPTQForCausalLM:
             raise RuntimeError(f"layers {missing} received no input during the block's forward; "
                                f"fix the groups with modules_in_block_to_quantize or a ModelLayout")
         tokens = {n: acc.n_samples for n, acc in accs.items()}
-        hessians = {n: None if n in routed and needs_rtn_fallback(acc.n_samples) else acc.hessian()
-                    for n, acc in accs.items()}
+        hessians = {n: acc.hessian() for n, acc in accs.items()}
         for n, owner in owner_of.items():
             hessians[n], tokens[n] = hessians[owner], tokens[owner]
         for n in names:

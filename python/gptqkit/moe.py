@@ -42,11 +42,8 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 from torch import nn
 
-__all__ = ["ExpertMLP", "LinearExperts", "MIN_EXPERT_TOKENS", "defuse", "defuse_experts", "fused_experts",
-           "merge_expert_groups", "needs_rtn_fallback", "only_real_tokens", "routed_layers", "unsupported_reason"]
-
-#: a routed layer whose Hessian saw fewer calibration tokens than this is rounded to nearest
-MIN_EXPERT_TOKENS = 1
+__all__ = ["ExpertMLP", "LinearExperts", "defuse", "defuse_experts", "fused_experts", "merge_expert_groups",
+           "only_real_tokens", "routed_layers", "unsupported_reason"]
 
 _STANDARD_FLAGS = {"is_transposed": False, "has_bias": False, "is_concatenated": True, "has_gate": True,
                    "has_post_expert_norm": False}
@@ -271,8 +268,3 @@ def only_real_tokens(block: nn.Module, mask: Optional[torch.Tensor]):
     finally:
         for m in experts:
             m.routing_mask = None
-
-
-def needs_rtn_fallback(tokens: int) -> bool:
-    """Whether a routed layer saw too few calibration tokens for GPTQ (see the module docs)."""
-    return tokens < MIN_EXPERT_TOKENS
