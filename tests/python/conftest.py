@@ -35,6 +35,31 @@ def gptqkit():
     return _gptqkit
 
 
+@pytest.fixture(scope="module")
+def fast_cpu():
+    """Keeps a module of tiny-model tests fast on a small shared CPU (results do not depend on
+    it); use it with ``pytestmark = pytest.mark.usefixtures("fast_cpu")``.
+
+    * One intra-op thread: the tiny matrices gain nothing from threads, and
+      OpenMP workers spinning on a 2-core machine slow every op down by 4x.
+    * ``gc.freeze()``: ``quantize`` runs a full ``gc.collect()`` after each
+      block, which scans every object transformers and torch created at
+      import (~0.25 s a call); frozen objects are skipped.
+    """
+    import gc
+
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(20221031)

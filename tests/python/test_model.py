@@ -13,7 +13,6 @@ is tested in ``test_model_errors.py``.
 from __future__ import annotations
 
 import copy
-import gc
 import json
 from pathlib import Path
 
@@ -36,25 +35,7 @@ GROUP = 32  # group size used throughout: the tiny layers have 64 or 128 inputs
 
 # --------------------------------------------------------------------------- speed
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_cpu():
-    """Keeps this module fast on a small shared CPU (results do not depend on it).
-
-    * One intra-op thread: the tiny matrices gain nothing from threads, and
-      OpenMP workers spinning on a 2-core machine slow every op down by 4x.
-    * ``gc.freeze()``: ``quantize`` runs a full ``gc.collect()`` after each
-      block, which scans every object transformers and torch created at
-      import (~0.25 s a call); frozen objects are skipped.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fast_cpu")  # conftest: one thread, frozen GC
 
 
 # --------------------------------------------------------------------------- helpers

@@ -10,7 +10,6 @@ of ``tiny_models.py``.
 
 from __future__ import annotations
 
-import gc
 import json
 import shutil
 from pathlib import Path
@@ -27,18 +26,7 @@ from tiny_models import MAX_POS, VOCAB, make_tiny_model, make_tiny_tokenizer  # 
 GROUP = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_cpu():
-    """One intra-op thread and a frozen GC heap keep this module fast (see test_model.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fast_cpu")  # conftest: one thread, frozen GC
 
 
 def _tokens(n=4, seqlen=16, seed=0):

@@ -8,7 +8,6 @@ transformers' own router decides (captured with a hook on the unsplit model)."""
 from __future__ import annotations
 
 import copy
-import gc
 import warnings
 
 import pytest
@@ -21,18 +20,7 @@ from tiny_models import EXPERTS, FFN, HIDDEN, MOE_ARCHITECTURES, VOCAB, make_tin
 GROUP = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_cpu():
-    """One intra-op thread and a frozen GC (see test_model.py): the tiny matrices gain nothing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fast_cpu")  # conftest: one thread, frozen GC
 
 
 def _tokens(n, seqlen, seed=0):
