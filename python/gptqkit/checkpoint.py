@@ -43,7 +43,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from gptqkit.config import QuantizeConfig
+from gptqkit.config import QuantizeConfig, dynamic_for_readers
+from gptqkit.discovery import UnsupportedModelError, find_blocks, is_linear_like
 from gptqkit.moe import defuse_experts, fused_experts
 from gptqkit.nn.quant_linear import QuantLinear, _linear_features, _num_groups
 from gptqkit.packing import packed_words
@@ -276,9 +277,61 @@ def _check_layers_against_config(model: nn.Module, qcfg: QuantizeConfig) -> None
                                   f"{qcfg.checkpoint_format!r} ({fmt})")
 
 
+def declare_unquantized_layers(quantization_config: Mapping[str, Any], model: nn.Module,
+                               blocks_path: str) -> Dict[str, Any]:
+    """``quantization_config`` extended so that other readers leave full-precision block layers alone.
+
+    transformers (through optimum) turns *every* Linear layer of the decoder
+    blocks into a GPTQ layer unless ``modules_in_block_to_quantize`` lists the
+    quantized ones, and GPTQModel follows its model definition and the
+    ``dynamic`` rules. A layer gptqkit left in full precision (fewer than 32
+    outputs such as Qwen2-MoE's ``shared_expert_gate``, a ``dynamic`` skip, a
+    narrowed ``modules_in_block_to_quantize``) would otherwise become an empty
+    GPTQ layer in those readers, or be refused. When a block holds such a
+    layer, this adds
+
+    * ``modules_in_block_to_quantize`` (unless the config already narrows the
+      layers): one list of the quantized layers, by block-relative name, or by
+      full name for one quantized in some blocks only (optimum matches the
+      entries as suffixes of full names; GPTQModel ignores the list);
+    * a ``dynamic`` skip rule (``"-:"``, GPTQModel's spelling, see
+      :func:`gptqkit.config.dynamic_for_readers`) per full-precision layer
+      name that no existing rule skips, for the blocks where it stays in full
+      precision (``\\d+`` if in all of them).
+
+    A model whose block layers are all quantized gets the config unchanged.
+    """
+    blocks = model.get_submodule(blocks_path)
+    quantized: Dict[str, List[int]] = {}
+    full_precision: Dict[str, List[int]] = {}
+    for index, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            if isinstance(module, QuantLinear):
+                quantized.setdefault(name, []).append(index)
+            elif name and is_linear_like(module):
+                full_precision.setdefault(name, []).append(index)
+    out = copy.deepcopy(dict(quantization_config))
+    if not full_precision:
+        return out
+    if out.get("modules_in_block_to_quantize") is None:
+        out["modules_in_block_to_quantize"] = [[
+            entry for name, indices in quantized.items()
+            for entry in ([name] if name not in full_precision else [f"{blocks_path}.{i}.{name}" for i in indices])]]
+    already = QuantizeConfig(dynamic=out.get("dynamic"))
+    dynamic = dict(out.get("dynamic") or {})
+    for name, indices in full_precision.items():
+        if all(already.resolve(f"{blocks_path}.{i}.{name}") is None for i in indices):
+            continue
+        where = r"\d+" if name not in quantized else "(?:" + "|".join(map(str, indices)) + ")"
+        dynamic[f"-:{re.escape(blocks_path)}\\.{where}\\.{re.escape(name)}$"] = {}
+    if dynamic:
+        out["dynamic"] = dynamic_for_readers(dynamic)
+    return out
+
+
 def save_checkpoint(model: nn.Module, out_dir: PathLike, quantize_config_dict: Optional[Mapping[str, Any]] = None,
                     quantization_config_dict: Optional[Mapping[str, Any]] = None, tokenizer: Any = None,
-                    max_shard_size: Union[int, str] = "2GB") -> str:
+                    max_shard_size: Union[int, str] = "2GB", blocks_path: Optional[str] = None) -> str:
     """Writes a quantized transformers model as a GPTQ checkpoint folder, atomically.
 
     Args:
@@ -296,6 +349,10 @@ def save_checkpoint(model: nn.Module, out_dir: PathLike, quantize_config_dict: O
             ``quant_method: "gptq"``. At least one of the two is required.
         tokenizer: saved with ``save_pretrained`` when given.
         max_shard_size: shards above this size (``"2GB"``, ``"500MB"``, bytes).
+        blocks_path: dotted path of the decoder blocks' ModuleList (found as
+            :func:`gptqkit.discovery.find_blocks` does when ``None``). Block
+            layers left in full precision are declared in both configs, see
+            :func:`declare_unquantized_layers`.
 
     Every layer is checked against the config (bits, number of groups,
     zero-point format, ``dynamic`` rules) before anything is written.
@@ -318,6 +375,14 @@ def save_checkpoint(model: nn.Module, out_dir: PathLike, quantize_config_dict: O
         quantization_config_dict.setdefault("quant_method", "gptq")
     if quantize_config_dict is None:
         quantize_config_dict = dict(quantization_config_dict)
+    if blocks_path is None:
+        try:
+            blocks_path = find_blocks(model)[0]
+        except UnsupportedModelError:
+            pass  # no decoder blocks to declare anything about
+    if blocks_path is not None:
+        quantization_config_dict = declare_unquantized_layers(quantization_config_dict, model, blocks_path)
+        quantize_config_dict = declare_unquantized_layers(quantize_config_dict, model, blocks_path)
     quantization_config_dict = copy.deepcopy(dict(quantization_config_dict))
     quantize_config_dict = copy.deepcopy(dict(quantize_config_dict))
     qcfg = QuantizeConfig.from_quantization_config(quantization_config_dict)

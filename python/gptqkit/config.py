@@ -36,7 +36,9 @@ Exactly what is supported:
   ``modules_in_block_to_quantize``) and ``lm_head`` only when ``lm_head=True``.
 * Skips win: a module matching any skip pattern is skipped. Otherwise the
   **first** positive pattern that matches, in the dict's order, applies; later
-  matches are ignored (overrides are not merged across patterns).
+  matches are ignored (overrides are not merged across patterns). Checkpoints
+  store every skip as a ``"-:"`` key ahead of the other rules, the one
+  spelling GPTQModel (which applies the first matching rule) reads the same.
 * Overrides may set ``bits``, ``group_size``, ``sym``, ``desc_act``,
   ``static_groups`` and ``damp_percent``; anything else raises. Values are
   validated like the fields of the same name.
@@ -144,6 +146,27 @@ def _split_key(key: str):
     if key.startswith("+:"):
         return "plus", key[2:]
     return "plain", key
+
+
+def dynamic_for_readers(dynamic: Mapping[str, Any]) -> Dict[str, Any]:
+    """``dynamic`` rules spelled so that GPTQModel reads them as gptqkit does.
+
+    GPTQModel knows only ``"-:"`` keys as skips (a ``False`` or
+    ``{"skip": True}`` value is not understood) and applies the *first*
+    matching rule, skip or not, where gptqkit lets any skip win. So every skip
+    is written as ``"-:PATTERN": {}`` and put first; the other rules follow in
+    their order. gptqkit resolves the result exactly as the input.
+    """
+    normalised, _ = QuantizeConfig._normalise_dynamic(dynamic)
+    skips: Dict[str, Any] = {}
+    others: Dict[str, Any] = {}
+    for key, val in (normalised or {}).items():
+        kind, pattern = _split_key(key)
+        if kind == "skip" or val is False or val == {"skip": True}:
+            skips[f"-:{pattern}"] = {}
+        else:
+            others[key] = dict(val)
+    return {**skips, **others}
 
 
 @dataclass
@@ -409,7 +432,9 @@ class QuantizeConfig:
         what transformers, AutoGPTQ and GPTQModel read; loading it back with
         :meth:`from_quantization_config` restores this config exactly, except
         that an automatic ``act_group_aware`` (``None``) comes back as the
-        value it resolved to.
+        value it resolved to, and ``dynamic`` skips come back spelled
+        ``"-:PATTERN": {}`` and listed first (:func:`dynamic_for_readers`; they
+        resolve the same).
         """
         d: Dict[str, Any] = {
             "quant_method": "gptq",
@@ -424,7 +449,7 @@ class QuantizeConfig:
             "checkpoint_format": self.checkpoint_format,
         }
         if self.dynamic is not None:
-            d["dynamic"] = self.to_dict()["dynamic"]
+            d["dynamic"] = dynamic_for_readers(self.dynamic)
         if self.modules_in_block_to_quantize is not None:
             d["modules_in_block_to_quantize"] = [list(g) for g in self.modules_in_block_to_quantize]
         if self.model_seqlen is not None:

@@ -561,7 +561,8 @@ class GPTQForCausalLM:
             raise RuntimeError("save_quantized: the model is not quantized yet; call quantize(examples) first")
         qc = self.quantize_config.to_quantization_config()
         return save_checkpoint(self.model, out_dir, quantize_config_dict=qc, quantization_config_dict=qc,
-                               tokenizer=self.tokenizer, max_shard_size=max_shard_size)
+                               tokenizer=self.tokenizer, max_shard_size=max_shard_size,
+                               blocks_path=self.layout.blocks_path if self.layout is not None else None)
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, token: Optional[str] = None,
                     commit_message: str = "Upload GPTQ checkpoint (gptqkit)", max_shard_size: str = "2GB") -> str:

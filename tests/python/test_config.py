@@ -264,6 +264,18 @@ def test_dynamic_survives_json(tmp_path):
     c = QuantizeConfig(dynamic={r".*\.gate_proj": False, r"-:lm_head": {}, r".*": {"damp_percent": 0.1}})
     c.save(tmp_path)
     c2 = QuantizeConfig.load(tmp_path)
-    assert c2 == dataclasses.replace(c, act_group_aware=True)  # the automatic default, as resolved
+    # skips are stored as GPTQModel spells them: "-:" keys (it ignores False), ahead of every other
+    # rule (it applies the first rule that matches, where gptqkit lets skips win)
+    assert list(c2.dynamic.items()) == [(r"-:.*\.gate_proj", {}), (r"-:lm_head", {}), (r".*", {"damp_percent": 0.1})]
+    assert c2 == dataclasses.replace(c, act_group_aware=True, dynamic=c2.dynamic)  # act_group_aware as resolved
     assert c2.resolve("x.gate_proj") is None and c2.resolve("lm_head") is None
     assert c2.resolve("x.up_proj").damp_percent == 0.1
+
+
+def test_dynamic_skips_are_written_first():
+    c = QuantizeConfig(dynamic={r".*": {"bits": 8}, r".*\.o_proj": {"skip": True}, r"-:.*\.v_proj": None})
+    written = c.to_quantization_config()["dynamic"]
+    assert list(written) == [r"-:.*\.o_proj", r"-:.*\.v_proj", r".*"]
+    back = QuantizeConfig.from_quantization_config(c.to_quantization_config())
+    for name in ("model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.v_proj", "model.layers.0.mlp.up_proj"):
+        assert back.resolve(name) == c.resolve(name)

@@ -567,9 +567,16 @@ def test_dynamic_override_bits_and_skip(gptqkit, tmp_path):
     assert type(loaded) is nn.Linear and not isinstance(loaded, QuantLinear)
     assert torch.equal(loaded.weight, original)
     assert q2.model.get_submodule(eight).bits == 8
-    assert q2.quantize_config.dynamic == dynamic
+    # the skip is stored first (GPTQModel applies the first rule that matches) and no second rule
+    # is added for the layer it already skips
+    stored = {r"-:.*\.0\.self_attn\.o_proj$": {}, r".*\.1\.mlp\.down_proj$": {"bits": 8}}
+    assert list(q2.quantize_config.dynamic.items()) == list(stored.items())
     _, qconfig = _saved_json(out)
-    assert qconfig["dynamic"] == dynamic
+    assert qconfig["dynamic"] == stored
+    # transformers/optimum convert only the listed layers: o_proj by full name, quantized in block 1 only
+    assert qconfig["modules_in_block_to_quantize"] == [[
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+        "model.layers.1.self_attn.o_proj"]]
 
 
 def test_modules_in_block_to_quantize_subset(gptqkit, tmp_path):

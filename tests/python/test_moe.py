@@ -8,6 +8,7 @@ transformers' own router decides (captured with a hook on the unsplit model)."""
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -202,8 +203,20 @@ def test_quantized_moe_checkpoint_round_trip(gptqkit, arch, tmp_path):
         keys = set(f.keys())
     assert "model.layers.1.mlp.experts.3.down_proj.qweight" in keys
     assert not any(k.endswith("gate_up_proj") for k in keys)
+    qc = json.loads((tmp_path / "quantize_config.json").read_text())
     if arch == "qwen2_moe":
         assert "model.layers.0.mlp.shared_expert_gate.weight" in keys
+        # declared, so that transformers/optimum (which convert every Linear of a block not left out of
+        # modules_in_block_to_quantize) and GPTQModel (dynamic rules) keep it in full precision too
+        block0 = [n for n, m in q.model.model.layers[0].named_modules() if isinstance(m, QuantLinear)]
+        assert len(block0) == 4 + 3 * EXPERTS + 3 and "mlp.shared_expert_gate" not in block0
+        assert qc["modules_in_block_to_quantize"] == [block0]
+        assert qc["dynamic"] == {r"-:model\.layers\.\d+\.mlp\.shared_expert_gate$": {}}
+        declared = QuantizeConfig.from_quantization_config(qc)
+        assert all(declared.resolve(n) is None for n in narrow)
+        assert all(declared.resolve(n) is not None for n in quantized)
+    else:  # nothing left in full precision: the config is the plain one
+        assert "modules_in_block_to_quantize" not in qc and "dynamic" not in qc
     loaded = GPTQForCausalLM.from_quantized(tmp_path)
     assert {n for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)} == quantized
     with torch.no_grad():

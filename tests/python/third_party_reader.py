@@ -20,8 +20,10 @@ JOB.json::
 ``quantize`` jobs run first (GPTQModel quantizes and saves a checkpoint, which
 the caller then reads with gptqkit); every ``read`` checkpoint is loaded with
 ``transformers.AutoModelForCausalLM.from_pretrained`` (which hands the GPTQ
-layers to GPTQModel's kernels) or, with ``"loader": "gptqmodel"``, with
-``GPTQModel.load``, and ``out/<name>.safetensors`` receives, per
+layers to GPTQModel's kernels), with ``"loader": "transformers+defuser"`` the
+same after ``defuser.replace_fused_blocks(model_type)`` (MoE models, whose
+experts transformers otherwise builds fused), or, with ``"loader":
+"gptqmodel"``, with ``GPTQModel.load``, and ``out/<name>.safetensors`` receives, per
 quantized layer, its output for ``x_<in_features>`` plus the model's logits
 for ``tokens``; ``out/report.json`` names the kernels and versions used, or
 the error a checkpoint's loading raised.
@@ -62,9 +64,18 @@ def _quantize_with_gptqmodel(job: dict) -> None:
 def _load(path: str, loader: str):
     import torch
 
-    if loader == "transformers":
+    if loader in ("transformers", "transformers+defuser"):
         from transformers import AutoModelForCausalLM
 
+        if loader == "transformers+defuser":
+            # transformers builds MoE experts fused; defuser (GPTQModel's dependency, which
+            # GPTQModel.load calls the same way) patches the model class to build them per expert.
+            # It stays patched for the rest of this process.
+            import defuser
+
+            model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+            if not defuser.replace_fused_blocks(model_type):
+                raise RuntimeError(f"defuser has no per-expert replacement for model_type {model_type!r}")
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu")
     gptqmodel = _gptqmodel()
     # GPTQModel.load runs its layers in fp16 or bf16 only; its plain torch kernel dequantizes
