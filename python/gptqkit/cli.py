@@ -468,7 +468,13 @@ files, a table of the quantized layers (shape, bits, group size, number of
 groups, whether act-order reordered the columns, bytes) and totals: bytes of
 the quantized layers against the same layers in float16, the resulting bits
 per weight (scales and zero points included), and the other tensors
-(embeddings, norms) stored unquantized."""
+(embeddings, norms) stored unquantized.
+
+Mixture-of-Experts checkpoints hold one layer per expert and projection (a
+128-expert, 48-block model has about 18,000); the table shows the experts of
+one block's projection that share their shape and settings as one row,
+model.layers.0.mlp.experts.{0-127}.down_proj (x128), with their bytes added
+up. --per-expert lists every expert layer; --json always does."""
 
 INFO_EPILOG = """\
 examples:
@@ -620,6 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description=INFO_DESCRIPTION, epilog=INFO_EPILOG)
     i.add_argument("checkpoint", metavar="CHECKPOINT", help="a GPTQ checkpoint folder")
     i.add_argument("--json", action="store_true", help="print everything as JSON (machine-readable)")
+    i.add_argument("--per-expert", action="store_true",
+                   help="one table row per expert layer (default: a block's experts with the same shape and "
+                        "settings share one row)")
     i.set_defaults(func=cmd_info)
     return parser
 
@@ -924,7 +933,51 @@ def cmd_eval_ppl(args) -> int:
 
 # =========================================================================== info
 
-def _info_text(info: Dict[str, Any], disk: tuple) -> str:
+_EXPERT_LAYER = re.compile(r"^(.*\.experts\.)(\d+)(\..+)$")
+_ROW_KEYS = ("out_features", "in_features", "bits", "group_size", "groups", "act_order")
+
+
+def _index_ranges(indices: List[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"``."""
+    parts, start = [], None
+    for i, k in enumerate(indices):
+        if start is None:
+            start = k
+        if i + 1 == len(indices) or indices[i + 1] != k + 1:
+            parts.append(str(start) if start == k else f"{start}-{k}")
+            start = None
+    return ",".join(parts)
+
+
+def _layer_rows(layers: Dict[str, Dict[str, Any]], per_expert: bool) -> List[tuple]:
+    """``(label, layer dict)`` table rows in natural order; unless ``per_expert``, the experts of one
+    ``...experts.<e>.<proj>`` family with equal shape and settings become one row, bytes summed."""
+    order: List[tuple] = []  # ("layer", name) or ("family", key), at the first member's place
+    families: Dict[tuple, List[tuple]] = {}
+    for name in sorted(layers, key=_natural_key):
+        m = None if per_expert else _EXPERT_LAYER.match(name)
+        if m is None:
+            order.append(("layer", name))
+            continue
+        key = (m.group(1), m.group(3)) + tuple(layers[name].get(k) for k in _ROW_KEYS)
+        if key not in families:
+            families[key] = []
+            order.append(("family", key))
+        families[key].append((int(m.group(2)), name))
+    rows = []
+    for kind, ref in order:
+        members = sorted(families[ref]) if kind == "family" else [(None, ref)]
+        if len(members) == 1:
+            rows.append((members[0][1], layers[members[0][1]]))
+            continue
+        merged = dict(layers[members[0][1]])
+        merged["bytes"] = sum(layers[name].get("bytes") or 0 for _, name in members)
+        label = f"{ref[0]}{{{_index_ranges([k for k, _ in members])}}}{ref[1]} (x{len(members)})"
+        rows.append((label, merged))
+    return rows
+
+
+def _info_text(info: Dict[str, Any], disk: tuple, per_expert: bool = False) -> str:
     qc = info.get("quantization_config") or {}
     meta = qc.get("meta") if isinstance(qc.get("meta"), dict) else {}
     lines = []
@@ -961,13 +1014,12 @@ def _info_text(info: Dict[str, Any], disk: tuple) -> str:
 
     layers = info.get("layers") or {}
     if layers:
-        names = sorted(layers, key=_natural_key)
-        w = max(len("layer"), max(len(n) for n in names))
+        rows = _layer_rows(layers, per_expert)
+        w = max(len("layer"), max(len(n) for n, _ in rows))
         head = f"{'layer':<{w}}  {'out x in':>13}  {'bits':>4}  {'group':>5}  {'groups':>6}  {'act-order':>9}  {'bytes':>9}"
         lines.append(head)
         lines.append("-" * len(head))
-        for n in names:
-            L = layers[n]
+        for n, L in rows:
             shape = f"{L.get('out_features')} x {L.get('in_features')}"
             lines.append(f"{n:<{w}}  {shape:>13}  {L.get('bits')!s:>4}  {L.get('group_size')!s:>5}  "
                          f"{L.get('groups')!s:>6}  {'yes' if L.get('act_order') else 'no':>9}  "
@@ -1003,7 +1055,7 @@ def cmd_info(args) -> int:
         out["disk_bytes"], out["disk_files"] = disk
         print(json.dumps(out, indent=2, default=str))
     else:
-        print(_info_text(info, disk))
+        print(_info_text(info, disk, per_expert=args.per_expert))
     return 0
 
 

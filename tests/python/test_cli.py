@@ -158,11 +158,38 @@ def test_quantize_moe_model_then_info_and_eval(cli, files, capsys):
                      "--calibration", files["npy"], "--nsamples", "2", "-q"]) == 0
     out = capsys.readouterr().out
     assert "quantized 32 layers" in out  # 2 blocks x (4 attention + 4 experts x 3)
-    assert cli.main(["info", str(out_dir)]) == 0
+    assert cli.main(["info", str(out_dir), "--per-expert"]) == 0
     table = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("model.layers.")]
     assert len(table) == 32 and "model.layers.1.mlp.experts.3.down_proj" in {ln.split()[0] for ln in table}
+    per_expert_bytes = {ln.split()[0]: ln.split()[-2:] for ln in table}
+    assert cli.main(["info", str(out_dir)]) == 0  # by default a block's experts share a row per projection
+    table = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("model.layers.")]
+    assert len(table) == 2 * (4 + 3)
+    row = next(ln for ln in table if ln.startswith("model.layers.1.mlp.experts.{0-3}.down_proj (x4) "))
+    assert row.split()[2:5] == ["64", "x", "128"]  # out x in of one expert's down_proj
+    assert per_expert_bytes["model.layers.1.mlp.experts.0.down_proj"] == \
+        per_expert_bytes["model.layers.1.mlp.experts.3.down_proj"]
     assert cli.main(["eval-ppl", str(out_dir), "--tokens", files["npy"], "--seqlen", "32", "--windows", "4"]) == 0
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_info_rows_group_experts_with_equal_settings(cli):
+    def layer(bits=4, out=64, nbytes=100):
+        return {"out_features": out, "in_features": 32, "bits": bits, "group_size": 32, "groups": 1,
+                "act_order": False, "bytes": nbytes}
+    layers = {f"m.layers.0.mlp.experts.{e}.down_proj": layer() for e in (0, 1, 2, 3, 5, 7, 8, 9, 10)}
+    layers["m.layers.0.mlp.experts.4.down_proj"] = layer(bits=8)       # a dynamic override: its own row
+    layers["m.layers.0.mlp.experts.6.down_proj"] = layer(nbytes=300)   # bytes may differ within a row
+    layers["m.layers.0.self_attn.q_proj"] = layer()
+    layers["m.layers.10.mlp.experts.0.down_proj"] = layer()            # another block: another row
+    rows = cli._layer_rows(layers, per_expert=False)
+    assert [(label, row["bits"], row["bytes"]) for label, row in rows] == [
+        ("m.layers.0.mlp.experts.{0-3,5-10}.down_proj (x10)", 4, 10 * 100 + 200),
+        ("m.layers.0.mlp.experts.4.down_proj", 8, 100),
+        ("m.layers.0.self_attn.q_proj", 4, 100),
+        ("m.layers.10.mlp.experts.0.down_proj", 4, 100)]
+    assert [label for label, _ in cli._layer_rows(layers, per_expert=True)][:3] == [
+        f"m.layers.0.mlp.experts.{e}.down_proj" for e in range(3)]
 
 
 def test_info_text(cli, quantized, capsys):
