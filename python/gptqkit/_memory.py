@@ -157,3 +157,21 @@ def trim_heap() -> None:
         except AttributeError:  # not glibc
             pass
 
+
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Memory that can still be allocated on ``device`` without swapping: free GPU
+    memory (``torch.cuda.mem_get_info``), or the kernel's ``MemAvailable`` for the
+    CPU (Linux). ``None`` where it cannot be known."""
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:  # no driver / device gone: the caller decides
+            return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

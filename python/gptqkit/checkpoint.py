@@ -72,24 +72,25 @@ _UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 *
           "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
 
 
-def parse_size(size: Union[int, str]) -> int:
+def parse_size(size: Union[int, str], what: str = "max_shard_size") -> int:
     """Bytes in ``size``: an int, or a string like ``"2GB"``, ``"500MB"``, ``"1.5GiB"``, ``"64KB"``.
 
     Decimal units (KB, MB, GB, TB) are powers of 1000 and binary units (KiB,
     MiB, GiB, TiB) powers of 1024, as in transformers' ``max_shard_size``.
+    ``what`` names the argument in error messages.
     """
     if isinstance(size, bool):
-        raise ValueError(f"max_shard_size: expected bytes or a size like '2GB', got {size!r}")
+        raise ValueError(f"{what}: expected bytes or a size like '2GB', got {size!r}")
     if isinstance(size, int):
         if size <= 0:
-            raise ValueError(f"max_shard_size: expected a positive size, got {size}")
+            raise ValueError(f"{what}: expected a positive size, got {size}")
         return size
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]I?B|B)?\s*", str(size), flags=re.IGNORECASE)
     if not m:
-        raise ValueError(f"max_shard_size: expected bytes or a size like '2GB', '500MB', '1GiB', got {size!r}")
+        raise ValueError(f"{what}: expected bytes or a size like '2GB', '500MB', '1GiB', got {size!r}")
     value = float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
     if value < 1:
-        raise ValueError(f"max_shard_size: expected a positive size, got {size!r}")
+        raise ValueError(f"{what}: expected a positive size, got {size!r}")
     return int(value)
 
 

@@ -276,6 +276,15 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
+def _size(text: str) -> int:
+    from gptqkit.checkpoint import parse_size
+
+    try:
+        return parse_size(text, "SIZE")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("SIZE: ")) from None
+
+
 def _group_size(text: str) -> int:
     try:
         v = int(text)
@@ -367,7 +376,9 @@ experts transformers fuses into 3-D tensors are split into per-expert layers,
 each quantized on the tokens routed to it and saved per expert
 (mlp.experts.<e>.gate_proj). Experts that calibration routes no token to are
 rounded to nearest; the summary lists them, and a larger --nsamples reaches
-more experts."""
+more experts. All experts' Hessians of a block's stage are held together; over
+--hessian-memory (default: half the available memory) they are collected in
+several passes, with the same result."""
 
 QUANTIZE_EPILOG = f"""\
 examples:
@@ -578,6 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the MLP's down_proj) instead of recomputing them. 0 = lowest peak memory; "
                         "~2.7 for Llama-style MLPs caches them all, ~20%% less arithmetic (on a 2-core CPU "
                         "no measurable wall-time gain) (default: 0)")
+    r.add_argument("--hessian-memory", type=_size, metavar="SIZE",
+                   help="most memory the Hessians of one group of layers may take, e.g. 8GB: all experts' "
+                        "gate/up layers of an MoE block form one group, one K x K float32 Hessian per expert; "
+                        "a group over it is collected in several passes over the calibration data (same "
+                        "result, more time) (default: half the memory available on --device)")
     r.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer folder or hub id, when MODEL has none (default: MODEL's)")
     r.add_argument("--resume-dir", metavar="DIR",
@@ -764,7 +780,7 @@ def cmd_quantize(args) -> int:
     t1 = time.perf_counter()
     report = model.quantize(calibration, batch_size=args.batch_size, nsamples=args.nsamples, seqlen=args.seqlen,
                             seed=args.seed, device=device, progress=progress, extra_cache=args.extra_cache,
-                            resume_dir=resume_dir)
+                            resume_dir=resume_dir, hessian_memory=args.hessian_memory)
     t_quant = time.perf_counter() - t1
     if not progress:  # with progress on, quantize() prints the summary itself
         print(report.summary())

@@ -53,11 +53,11 @@ import torch
 from torch import nn
 
 from gptqkit.calibration import model_max_length, prepare_calibration
-from gptqkit.checkpoint import checkpoint_info, load_checkpoint, save_checkpoint
+from gptqkit.checkpoint import checkpoint_info, load_checkpoint, parse_size, save_checkpoint
 from gptqkit.config import QuantizeConfig
 from gptqkit.discovery import (LayerTracer, ModelLayout, _tensor_key, find_layout, find_linear_layers, get_weight,
                                is_conv1d, set_weight, validate_groups, weights_outside_linear_layers)
-from gptqkit._memory import exclusive_file_ranges, page_out, release_file_pages, trim_heap
+from gptqkit._memory import available_bytes, exclusive_file_ranges, page_out, release_file_pages, trim_heap
 from gptqkit.hessian import HessianAccumulator
 from gptqkit.moe import defuse_experts, merge_expert_groups, only_real_tokens, routed_layers
 from gptqkit._gpu import gpu_backend
@@ -113,6 +113,8 @@ class QuantizeReport:
     tokens: int = 0
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    #: passes over the calibration data added to keep a group's Hessians under ``hessian_memory``
+    extra_passes: int = 0
 
     def summary(self) -> str:
         n = len(self.layers)
@@ -128,6 +130,9 @@ class QuantizeReport:
         if self.not_linear_share >= NOT_LINEAR_WARN_SHARE:
             lines.append(f"{self.not_linear_share:.0%} of the blocks' weights are not in Linear layers and stay "
                          f"unquantized: {', '.join(self.not_linear[:4])}" + (" ..." if len(self.not_linear) > 4 else ""))
+        if self.extra_passes:
+            lines.append(f"{self.extra_passes} extra pass(es) over the calibration data kept the Hessians of a "
+                         f"group under hessian_memory")
         fallback = [r for r in self.layers if r.rtn_fallback]
         if fallback:
             lines.append(f"{len(fallback)} expert layer(s) got no calibration token and were rounded to nearest "
@@ -465,6 +470,43 @@ def _weight_param(layer: nn.Module) -> Optional[torch.Tensor]:
     return w if isinstance(w, torch.Tensor) else None
 
 
+def split_for_hessian_memory(block: nn.Module, groups: List[List[str]],
+                             budget: Optional[int]) -> tuple:
+    """``groups`` with every group whose Hessians exceed ``budget`` bytes cut into consecutive slices.
+
+    The Hessians of a group are held together until its layers are quantized.
+    Layers of one parent module with the same input width (q/k/v, an expert's
+    gate/up) count once, as they share one Hessian. Slices of a group are
+    quantized one after the other; the layers of one true-sequential group do
+    not feed each other, so the result does not change. Returns ``(groups,
+    [(layers, bytes needed, slices) per group that was cut])``; ``budget`` None
+    cuts nothing.
+    """
+    if budget is None:
+        return groups, []
+    out, splits = [], []
+    for group in groups:
+        units: Dict[tuple, List[str]] = {}
+        for name in group:
+            k = _in_out_features(block.get_submodule(name))[0] or 0
+            units.setdefault((name.rpartition(".")[0], k), []).append(name)
+        need = sum(4 * k * k for _, k in units)  # float32 accumulation (HessianAccumulator's default)
+        if need <= budget:
+            out.append(group)
+            continue
+        slices, current, used = [], [], 0
+        for (_, k), names in units.items():
+            if current and used + 4 * k * k > budget:
+                slices.append(current)
+                current, used = [], 0
+            current.extend(names)
+            used += 4 * k * k
+        slices.append(current)
+        out.extend(slices)
+        splits.append((len(group), need, len(slices)))
+    return out, splits
+
+
 def _in_out_features(layer: nn.Module) -> tuple:
     w = getattr(layer, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
@@ -588,7 +630,8 @@ class GPTQForCausalLM:
     def quantize(self, examples: Any, batch_size: int = 1, *, nsamples: Optional[int] = None,
                  seqlen: Optional[int] = None, seed: int = 0, device: Union[str, torch.device, None] = None,
                  progress: bool = True, extra_cache: float = 0.0,
-                 resume_dir: Union[str, os.PathLike, None] = None) -> QuantizeReport:
+                 resume_dir: Union[str, os.PathLike, None] = None,
+                 hessian_memory: Union[int, str, None] = None) -> QuantizeReport:
         """Quantizes the model with GPTQ, block by block, on calibration ``examples``.
 
         Args:
@@ -619,6 +662,16 @@ class GPTQForCausalLM:
                 with other settings, calibration data or model raises
                 ``ValueError``. The folder is left in place at the end
                 (the CLI deletes its own once the checkpoint is saved).
+            hessian_memory: most memory the Hessians of one true-sequential
+                group may take at once (bytes or a size such as ``"8GB"``;
+                default: half of what is available on ``device`` when the run
+                starts). Only Mixture-of-Experts blocks come near it: all
+                experts' gate/up layers form one group, with one ``K x K``
+                float32 Hessian per expert (256 experts of width 7168 need
+                53 GB). A group over the cap is collected in several passes
+                over the calibration data, a slice of its layers each; the
+                result is the same, bit for bit, at the cost of running the
+                block's MoE part once more per extra pass.
 
         Returns:
             A :class:`QuantizeReport` (also kept as ``self.report``); its
@@ -628,6 +681,8 @@ class GPTQForCausalLM:
             raise RuntimeError("quantize: this model is already quantized")
         if not isinstance(extra_cache, (int, float)) or isinstance(extra_cache, bool) or not extra_cache >= 0:
             raise ValueError(f"extra_cache: expected a number >= 0, got {extra_cache!r}")
+        if hessian_memory is not None:
+            hessian_memory = parse_size(hessian_memory, "hessian_memory")
         cfg = self.quantize_config
         cfg.validate()
         start = time.perf_counter()
@@ -664,8 +719,12 @@ class GPTQForCausalLM:
                 before_blocks = [model.get_submodule(name) for name in layout.pre_modules or []]
                 page_out([t for mod in before_blocks for t in (*mod.parameters(), *mod.buffers())])
                 trim_heap()
+                if hessian_memory is None:
+                    available = available_bytes(dev)
+                    hessian_memory = available // 2 if available else None
                 hidden = self._quantize_blocks(blocks, hidden, inputs, dev, cache_dev, report, progress,
-                                               extra_cache=float(extra_cache), store=store)
+                                               extra_cache=float(extra_cache), store=store,
+                                               hessian_memory=hessian_memory)
                 if cfg.lm_head:
                     self._quantize_lm_head(hidden, [b["attention_mask"] for b in batches], dev, report, progress)
         finally:
@@ -796,7 +855,8 @@ class GPTQForCausalLM:
 
     def _quantize_blocks(self, blocks: nn.ModuleList, hidden: List[torch.Tensor], inputs: List[List[_BlockInputs]],
                          dev, cache_dev, report: QuantizeReport, progress: bool,
-                         extra_cache: float = 0.0, store: Optional[ResumeStore] = None) -> List[torch.Tensor]:
+                         extra_cache: float = 0.0, store: Optional[ResumeStore] = None,
+                         hessian_memory: Optional[int] = None) -> List[torch.Tensor]:
         from tqdm.auto import tqdm
 
         cfg = self.quantize_config
@@ -805,6 +865,7 @@ class GPTQForCausalLM:
         if restored and progress:
             print(f"resuming: restoring {restored} of {len(blocks)} finished blocks from {store.path}")
         bar = tqdm(total=len(blocks), desc="quantizing blocks", unit="block", disable=not progress)
+        told_split = False
         for bi, block in enumerate(blocks):
             if bi < restored:
                 self._restore_block(block, bi, store, hidden, inputs[bi], dev, cache_dev, report)
@@ -817,6 +878,14 @@ class GPTQForCausalLM:
             groups = self._groups_for(block, batch_inputs[0], hidden[0], dev)
             if not cfg.true_sequential:
                 groups = [[name for g in groups for name in g]]
+            groups, splits = split_for_hessian_memory(block, groups, hessian_memory)
+            if splits and progress and not told_split:
+                told_split = True
+                layers, need, passes = max(splits, key=lambda t: t[1])
+                bar.write(f"Hessians of a group of {layers} layers need {need / 1e9:.2f} GB, over the "
+                          f"hessian_memory cap of {hessian_memory / 1e9:.2f} GB: collecting them in {passes} "
+                          f"passes over the calibration data (same result, more time)")
+            report.extra_passes += sum(passes - 1 for _, _, passes in splits)
             frozen = _FrozenOutputs(block, n_batches=len(batch_inputs))
             tails = frozen.find_tails(block, batch_inputs[0], hidden[0], dev)
             finished = []
@@ -1123,8 +1192,11 @@ class GPTQForCausalLM:
         if missing:
             raise RuntimeError(f"layers {missing} received no input during the block's forward; "
                                f"fix the groups with modules_in_block_to_quantize or a ModelLayout")
-        tokens = {n: acc.n_samples for n, acc in accs.items()}
-        hessians = {n: acc.hessian() for n, acc in accs.items()}
+        tokens, hessians = {}, {}
+        for n in list(accs):  # each accumulator freed as soon as its Hessian is out: one copy at a time
+            acc = accs.pop(n)
+            tokens[n], hessians[n] = acc.n_samples, acc.hessian()
+            del acc
         for n, owner in owner_of.items():
             hessians[n], tokens[n] = hessians[owner], tokens[owner]
         for n in names:

@@ -257,6 +257,22 @@ def test_bad_extra_cache(cli, files, capsys, value):
     assert_one_line_error(capsys.readouterr().err, "--extra-cache", "number >= 0")
 
 
+@pytest.mark.parametrize("value", ["lots", "0", "-1GB"])
+def test_bad_hessian_memory(cli, files, capsys, value):
+    assert cli.main(["quantize", files["model"], str(files["root"] / "o4"), "--hessian-memory", value]) == 2
+    assert "--hessian-memory" in capsys.readouterr().err
+
+
+def test_hessian_memory_reaches_quantize(cli, files, capsys):
+    """A tiny Mixtral under a 40 KB cap: its experts' Hessians are collected in extra passes."""
+    model_dir = files["root"] / "tiny-mixtral-capped"
+    make_tiny_model("mixtral").save_pretrained(model_dir)
+    make_tiny_tokenizer().save_pretrained(model_dir)
+    assert cli.main(["quantize", str(model_dir), str(files["root"] / "capped-gptq"), "--group-size", "32",
+                     "--calibration", files["npy"], "--nsamples", "2", "--hessian-memory", "40KB", "-q"]) == 0
+    assert "extra pass(es)" in capsys.readouterr().out
+
+
 def test_bad_bits(cli, files, capsys):
     assert cli.main(["quantize", files["model"], str(files["root"] / "o2"), "--bits", "5"]) == 2
     assert_one_line_error(capsys.readouterr().err, "--bits", "2, 3, 4 or 8")

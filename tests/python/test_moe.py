@@ -312,3 +312,35 @@ def test_trace_groups_puts_every_expert_in_its_stage(gptqkit):
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                       [f"mlp.experts.{e}.{p}" for e in range(EXPERTS) for p in ("gate_proj", "up_proj")],
                       [f"mlp.experts.{e}.down_proj" for e in range(EXPERTS)]]
+
+
+def test_hessian_memory_cap_collects_experts_in_passes_with_the_same_result(gptqkit):
+    """Under a ``hessian_memory`` cap the experts' Hessians are collected a slice of experts per
+    pass over the calibration data, and the checkpoint is the same, bit for bit."""
+    from gptqkit import GPTQForCausalLM, QuantizeConfig
+    from gptqkit.nn import QuantLinear
+
+    def run(cap):
+        model = make_tiny_model("mixtral")
+        routed = []
+        for layer in model.model.layers:
+            layer.mlp.gate.register_forward_hook(lambda *_: routed.append(1))
+        q = GPTQForCausalLM(model, QuantizeConfig(group_size=GROUP))
+        report = q.quantize(_tokens(8, 32), batch_size=4, progress=False, hessian_memory=cap)
+        packed = {f"{n}.{t}": getattr(m, t).clone() for n, m in q.model.named_modules() if isinstance(m, QuantLinear)
+                  for t in ("qweight", "qzeros", "scales", "g_idx")}
+        return report, packed, len(routed)
+
+    one_gate_up, one_down = 4 * HIDDEN ** 2, 4 * FFN ** 2  # float32 Hessians: an expert's gate/up share one
+    free = run(None)[1:]
+    report, packed, router_calls = run(int(2.5 * one_gate_up))  # 2 experts' gate/up per pass; down 1 per pass
+    assert one_down > 2.5 * one_gate_up
+    assert report.extra_passes == 2 * ((EXPERTS // 2 - 1) + (EXPERTS - 1))  # per block: gate/up, down
+    assert "extra pass(es)" in report.summary()
+    assert router_calls > free[1]  # the MoE part really ran more often
+    assert packed.keys() == free[0].keys()
+    for name, tensor in packed.items():
+        assert torch.equal(tensor, free[0][name]), name
+    with pytest.raises(ValueError, match="hessian_memory"):
+        GPTQForCausalLM(make_tiny_model("mixtral"), QuantizeConfig(group_size=GROUP)).quantize(
+            _tokens(2, 16), progress=False, hessian_memory="lots")
