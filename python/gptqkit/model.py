@@ -697,7 +697,10 @@ class GPTQForCausalLM:
         )
         # MoE experts fused into 3-D tensors become one Linear layer each (gptqkit.moe)
         defuse_experts(model)
+        given = self.layout.groups if self.layout is not None else None
         self.layout = find_layout(model, self.layout)
+        self._given_groups = self.layout.groups if given is not None else None
+        self._traced_groups: Dict[tuple, List[List[str]]] = {}
         layout = self.layout
         blocks = layout.blocks(model)
         report = QuantizeReport(tokens=int(sum(int(b["attention_mask"].sum()) for b in batches)))
@@ -845,12 +848,18 @@ class GPTQForCausalLM:
         cfg = self.quantize_config
         if cfg.modules_in_block_to_quantize:
             return validate_groups(block, cfg.modules_in_block_to_quantize, "modules_in_block_to_quantize")
-        if self.layout.groups is not None:
-            return self.layout.groups
-        with LayerTracer(block) as tracer:
-            first.call(block, hidden, dev)
-        groups = merge_expert_groups(block, tracer.groups(), tracer.not_executed)
-        self.layout.groups = groups
+        if self._given_groups is not None:
+            return validate_groups(block, self._given_groups, "groups")
+        # Blocks differ in some models (DeepSeek's first dense blocks before the MoE ones,
+        # Qwen-MoE's mlp_only_layers): groups are traced once per kind of block.
+        kind = tuple((name, tuple(m.weight.shape)) for name, m in find_linear_layers(block).items())
+        groups = self._traced_groups.get(kind)
+        if groups is None:
+            with LayerTracer(block) as tracer:
+                first.call(block, hidden, dev)
+            groups = self._traced_groups[kind] = merge_expert_groups(block, tracer.groups(), tracer.not_executed)
+            if self.layout.groups is None:
+                self.layout.groups = groups  # the first block's, for inspection
         return groups
 
     def _quantize_blocks(self, blocks: nn.ModuleList, hidden: List[torch.Tensor], inputs: List[List[_BlockInputs]],

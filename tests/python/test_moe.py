@@ -344,3 +344,27 @@ def test_hessian_memory_cap_collects_experts_in_passes_with_the_same_result(gptq
     with pytest.raises(ValueError, match="hessian_memory"):
         GPTQForCausalLM(make_tiny_model("mixtral"), QuantizeConfig(group_size=GROUP)).quantize(
             _tokens(2, 16), progress=False, hessian_memory="lots")
+
+
+@pytest.mark.parametrize("arch,dense_block", [("qwen2_moe", 0), ("qwen3_moe", 1)])
+def test_models_mixing_dense_and_moe_blocks(gptqkit, arch, dense_block, tmp_path):
+    """Blocks of two kinds (DeepSeek's first dense blocks, Qwen-MoE's ``mlp_only_layers``): each kind
+    gets its own traced groups, every layer is quantized and the checkpoint reloads exactly."""
+    from gptqkit import GPTQForCausalLM, QuantizeConfig
+    from gptqkit.nn import QuantLinear
+
+    model = make_tiny_model(arch, mlp_only_layers=[dense_block])
+    q = GPTQForCausalLM(model, QuantizeConfig(group_size=GROUP))
+    report = q.quantize(_tokens(8, 32), batch_size=4, progress=False)
+    moe_block = 1 - dense_block
+    dense = {f"model.layers.{dense_block}.{n}" for n in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    experts = {f"model.layers.{moe_block}.mlp.experts.{e}.{p}" for e in range(EXPERTS)
+               for p in ("gate_proj", "up_proj", "down_proj")}
+    quantized = {n for n, m in q.model.named_modules() if isinstance(m, QuantLinear)}
+    assert dense | experts <= quantized and {r.name for r in report.layers} == quantized
+    assert all(r.tokens > 0 for r in report.layers if r.name in dense)
+    q.save_quantized(tmp_path)
+    loaded = GPTQForCausalLM.from_quantized(tmp_path)
+    assert {n for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)} == quantized
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(HELD_OUT).logits, q.model(HELD_OUT).logits, rtol=0, atol=0)
