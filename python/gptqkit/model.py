@@ -490,17 +490,19 @@ def split_for_hessian_memory(block: nn.Module, groups: List[List[str]],
         for name in group:
             k = _in_out_features(block.get_submodule(name))[0] or 0
             units.setdefault((name.rpartition(".")[0], k), []).append(name)
-        need = sum(4 * k * k for _, k in units)  # float32 accumulation (HessianAccumulator's default)
+        # one float32 K x K accumulator (HessianAccumulator's default) per unit
+        sized = [(names, 4 * k * k) for (_, k), names in units.items()]
+        need = sum(nbytes for _, nbytes in sized)
         if need <= budget:
             out.append(group)
             continue
         slices, current, used = [], [], 0
-        for (_, k), names in units.items():
-            if current and used + 4 * k * k > budget:
+        for names, nbytes in sized:
+            if current and used + nbytes > budget:
                 slices.append(current)
                 current, used = [], 0
             current.extend(names)
-            used += 4 * k * k
+            used += nbytes
         slices.append(current)
         out.extend(slices)
         splits.append((len(group), need, len(slices)))

@@ -192,14 +192,13 @@ def defuse_experts(model: nn.Module, keep: Callable[[str], bool] = lambda name: 
     module fused. Returns the names replaced; unsupported modules are left as they are
     (:func:`unsupported_reason` says why)."""
     done = []
-    for name in list(fused_experts(model)):  # names only: a held module would outlive its replacement
+    for name in list(fused_experts(model)):
         module = model.get_submodule(name)
         if not name or keep(name) or unsupported_reason(module) is not None:
             continue
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, defuse(module))
-        del module  # the fused tensors go now, before the next module's copies are made
         done.append(name)
     return done
 
