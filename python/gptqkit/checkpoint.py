@@ -812,12 +812,14 @@ def _resolve_dtype(dtype, config, store: _TensorStore, quantized_keys: set) -> t
 
 def _defuse_stored_experts(model: nn.Module, store: "_TensorStore") -> None:
     """Splits the model's fused MoE experts into per-expert layers (:mod:`gptqkit.moe`) unless the
-    checkpoint stores them fused (``<experts>.gate_up_proj``)."""
+    checkpoint stores them fused (``<experts>.gate_up_proj``, or ``<experts>.up_proj`` for experts
+    without a gate)."""
     fused = fused_experts(model)
     if not fused:
         return
     key_of = _key_mapper(store.keys(), set(model.state_dict()), getattr(model, "base_model_prefix", ""))
-    defuse_experts(model, keep=lambda name: key_of(f"{name}.gate_up_proj") in store)
+    defuse_experts(model, keep=lambda name: key_of(f"{name}.gate_up_proj") in store
+                   or key_of(f"{name}.up_proj") in store)
 
 
 def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",

@@ -371,7 +371,7 @@ an uninterrupted run; a folder left by a run with other settings,
 calibration data or model is refused (--no-resume deletes it and starts
 over). It is removed once the checkpoint is saved.
 
-Mixture-of-Experts models (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek, ...): the
+Mixture-of-Experts models (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek, GPT-OSS, ...): the
 experts transformers fuses into 3-D tensors are split into per-expert layers,
 each quantized on the tokens routed to it and saved per expert
 (mlp.experts.<e>.gate_proj). Experts that calibration routes no token to are

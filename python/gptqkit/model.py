@@ -59,7 +59,8 @@ from gptqkit.discovery import (LayerTracer, ModelLayout, _tensor_key, find_layou
                                is_conv1d, set_weight, validate_groups, weights_outside_linear_layers)
 from gptqkit._memory import available_bytes, exclusive_file_ranges, page_out, release_file_pages, trim_heap
 from gptqkit.hessian import HessianAccumulator
-from gptqkit.moe import defuse_experts, merge_expert_groups, only_real_tokens, routed_layers
+from gptqkit.moe import (defuse_experts, fused_experts, merge_expert_groups, only_real_tokens, routed_layers,
+                         unsupported_reason)
 from gptqkit._gpu import gpu_backend
 from gptqkit._native import NotPositiveDefiniteError
 from gptqkit.nn import QuantLinear
@@ -756,12 +757,14 @@ class GPTQForCausalLM:
         report.not_linear = [f"{name} {list(shape)}" for name, shape, _ in outside]
         report.not_linear_share = sum(n for _, _, n in outside) / total
         if report.not_linear_share >= NOT_LINEAR_WARN_SHARE:
+            unsplit = [f"{name} ({type(m).__name__}): {unsupported_reason(m)}"
+                       for name, m in fused_experts(blocks[0]).items()]
             warnings.warn(
                 f"{report.not_linear_share:.0%} of each decoder block's weights are not in Linear layers and will "
                 f"stay in full precision: {', '.join(report.not_linear[:4])}"
                 f"{' ...' if len(report.not_linear) > 4 else ''}. gptqkit quantizes nn.Linear and Conv1D layers, and "
-                f"splits Mixture-of-Experts modules of the standard transformers layout into per-expert layers; "
-                f"these are of another layout (see gptqkit.moe).",
+                f"splits the Mixture-of-Experts layouts transformers declares into per-expert layers"
+                f"{'; not these experts: ' + '; '.join(unsplit) if unsplit else ''}.",
                 UserWarning, stacklevel=3)
 
     def _capture_block_inputs(self, batches, blocks: nn.ModuleList, dev, cache_dev):

@@ -17,10 +17,29 @@ checkpoints Qwen-MoE, OLMoE and DeepSeek publish and GPTQModel writes, and
 :func:`gptqkit.checkpoint.load_checkpoint` defuses the model it builds when a
 checkpoint stores its experts that way.
 
-Only the standard layout is defused: concatenated ``[gate; up]`` rows, not
-transposed, no biases, the default ``act_fn(gate) * up`` gating, no
-post-expert norm. Others (GPT-OSS: interleaved, transposed, with biases and a
-clamped gate) are left fused, unquantized, and ``quantize()`` warns about them.
+The variants transformers describes with ``use_experts_implementation`` flags
+are split too:
+
+* ``is_transposed`` (weights stored ``[experts, in, out]``): the per-expert
+  weights are transposed views;
+* ``has_bias`` (``gate_up_proj_bias``, ``down_proj_bias``): the Linear layers
+  get the matching bias rows;
+* a custom gating function (GPT-OSS: gate and up columns interleaved, clamped,
+  ``(up + 1) * gate * sigmoid(alpha * gate)``): ``gate_proj`` holds the first
+  half of the fused module's ``gate_up`` outputs and ``up_proj`` the second
+  half, and the module's own ``_apply_gate`` runs on the two concatenated. For
+  the standard layout the halves *are* the gate and the up projection; for
+  GPT-OSS each half interleaves gate and up rows. It is the split GPTQModel
+  7.7 (through ``defuser``) writes and reads, so checkpoints go both ways.
+  GPTQ treats every output row on its own (the error feedback runs along the
+  inputs of a row), so how rows are split between the two layers does not
+  change the quantized values;
+* ``has_gate=False`` (``up_proj`` and ``down_proj`` only, ``act_fn(up(x))``):
+  experts without ``gate_proj``.
+
+A norm after each expert (``has_post_expert_norm``) or other parameters are
+not split; such modules stay fused, unquantized, and ``quantize()`` warns
+about them (:func:`unsupported_reason` says why).
 
 An expert that calibration routes no token to has an all-zero Hessian, on
 which GPTQ would zero the whole weight (its dead-column rule); such layers are
@@ -36,8 +55,10 @@ experts saw 3 to 505 tokens), and 0.292 against 0.208 with four windows.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
-from typing import Callable, Dict, Iterator, List, Optional
+import types
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -45,16 +66,15 @@ from torch import nn
 __all__ = ["ExpertMLP", "LinearExperts", "defuse", "defuse_experts", "fused_experts", "merge_expert_groups",
            "only_real_tokens", "routed_layers", "unsupported_reason"]
 
-_STANDARD_FLAGS = {"is_transposed": False, "has_bias": False, "is_concatenated": True, "has_gate": True,
-                   "has_post_expert_norm": False}
-_FORWARD_ARGS = ["hidden_states", "top_k_index", "top_k_weights"]
+_FORWARD_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
 
 
 class ExpertMLP(nn.Module):
-    """One expert: ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (the activation lives on the
-    parent :class:`LinearExperts`)."""
+    """One expert: ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, or ``down_proj(act_fn(up_proj(x)))``
+    for experts without a gate (``gate_proj`` is then ``None``). The activation, or a custom
+    gating function, lives on the parent :class:`LinearExperts`."""
 
-    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear):
+    def __init__(self, gate_proj: Optional[nn.Linear], up_proj: nn.Linear, down_proj: nn.Linear):
         super().__init__()
         self.gate_proj = gate_proj
         self.up_proj = up_proj
@@ -63,11 +83,15 @@ class ExpertMLP(nn.Module):
 
 class LinearExperts(nn.Module):
     """The experts of an MoE block as one :class:`ExpertMLP` per expert (children ``"0"``,
-    ``"1"``, ...), called like transformers' fused experts module:
-    ``forward(hidden_states [tokens, hidden], top_k_index [tokens, k], top_k_weights [tokens, k])``.
+    ``"1"``, ...), called like the fused experts module it replaced:
+    ``forward(hidden_states [tokens, hidden], top_k_index [tokens, k], top_k_weights [tokens, k])``,
+    positionally or by that module's own argument names.
 
     Attributes:
         num_experts: number of experts.
+        act_fn: the activation (``act_fn(gate) * up``, or ``act_fn(up)`` without a gate).
+        gate_fn: the fused module's custom gating function, bound to its settings, applied to
+            ``cat([gate_proj(x), up_proj(x)], -1)``; ``None`` for the standard gate.
         routing_mask: while set (a bool ``[tokens]`` tensor, see
             :func:`only_real_tokens`), tokens where it is False are routed to
             no expert. Calibration sets it so that padding never reaches an
@@ -75,13 +99,17 @@ class LinearExperts(nn.Module):
         fused_class: class name of the module this one replaced.
     """
 
-    def __init__(self, experts: List[ExpertMLP], act_fn: nn.Module, fused_class: str = ""):
+    def __init__(self, experts: List[ExpertMLP], act_fn: Optional[nn.Module], fused_class: str = "",
+                 gate_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 arg_names: Sequence[str] = _FORWARD_ARGS):
         super().__init__()
         for i, expert in enumerate(experts):
             self.add_module(str(i), expert)
         self.num_experts = len(experts)
         self.act_fn = act_fn
+        self.gate_fn = gate_fn
         self.fused_class = fused_class
+        self.arg_names = tuple(arg_names)
         self.routing_mask: Optional[torch.Tensor] = None
 
     def __getitem__(self, index: int) -> ExpertMLP:
@@ -95,8 +123,29 @@ class LinearExperts(nn.Module):
     def __iter__(self) -> Iterator[ExpertMLP]:
         return (self._modules[str(i)] for i in range(self.num_experts))
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
+    def _bind(self, args, kwargs):
+        if len(args) + len(kwargs) != 3:
+            raise TypeError(f"{self.fused_class or 'experts'}: expected 3 arguments {self.arg_names}, "
+                            f"got {len(args)} positional and {sorted(kwargs)}")
+        values = list(args)
+        for name in self.arg_names[len(args):]:
+            key = name if name in kwargs else _FORWARD_ARGS[self.arg_names.index(name)]
+            if key not in kwargs:
+                raise TypeError(f"{self.fused_class or 'experts'}: missing argument {name!r}")
+            values.append(kwargs[key])
+        return values
+
+    def hidden(self, expert: ExpertMLP, x: torch.Tensor) -> torch.Tensor:
+        """The expert's activations before ``down_proj``."""
+        if expert.gate_proj is None:
+            return self.act_fn(expert.up_proj(x))
+        gate, up = expert.gate_proj(x), expert.up_proj(x)
+        if self.gate_fn is not None:
+            return self.gate_fn(torch.cat([gate, up], dim=-1))
+        return self.act_fn(gate) * up
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        hidden_states, top_k_index, top_k_weights = self._bind(args, kwargs)
         out = torch.zeros_like(hidden_states)
         if self.routing_mask is not None:
             keep = self.routing_mask.to(top_k_index.device).reshape(-1, 1)
@@ -108,9 +157,8 @@ class LinearExperts(nn.Module):
             expert = self[e]
             # the fused module's order: by top-k position, then token (same index_add_ sums)
             top_k_pos, token_idx = torch.where((top_k_index == e).t())
-            x = hidden_states[token_idx]
-            h = self.act_fn(expert.gate_proj(x)) * expert.up_proj(x)
-            y = expert.down_proj(h) * top_k_weights[token_idx, top_k_pos, None]
+            y = expert.down_proj(self.hidden(expert, hidden_states[token_idx]))
+            y = y * top_k_weights[token_idx, top_k_pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out
 
@@ -123,52 +171,97 @@ def _default_apply_gate():
     return gate
 
 
+def _custom_gate(module: nn.Module):
+    """The module's ``_apply_gate`` when it is not transformers' standard ``act_fn(gate) * up``."""
+    gate = getattr(type(module), "_apply_gate", None)
+    if gate is None or gate is _default_apply_gate():
+        return None
+    return gate
+
+
+def _bound_gate(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The module's custom gating function bound to a copy of its settings (``alpha``, ``limit``,
+    ``act_fn``, ...), so that the fused module, and the weights it holds, can go."""
+    settings = types.SimpleNamespace(**{k: v for k, v in vars(module).items() if not k.startswith("_")})
+    for name, child in module._modules.items():
+        setattr(settings, name, child)
+    return functools.partial(_custom_gate(module), settings)
+
+
+def _forward_arg_names(module: nn.Module) -> Optional[List[str]]:
+    try:
+        return list(inspect.signature(type(module).forward).parameters)[1:]
+    except (TypeError, ValueError):
+        return None
+
+
+def _layout(module: nn.Module) -> dict:
+    has_gate = bool(getattr(module, "has_gate", "gate_up_proj" in module._parameters))
+    return {"has_gate": has_gate, "transposed": bool(getattr(module, "is_transposed", False)),
+            "has_bias": bool(getattr(module, "has_bias", False)),
+            "input": "gate_up_proj" if has_gate else "up_proj"}
+
+
 def unsupported_reason(module: nn.Module) -> Optional[str]:
     """Why ``module`` (a transformers fused-experts module) cannot be defused, or ``None`` when it can."""
     params = dict(module.named_parameters(recurse=False))
-    if set(params) != {"gate_up_proj", "down_proj"}:
-        return f"parameters {sorted(params)}, not gate_up_proj and down_proj"
-    for flag, standard in _STANDARD_FLAGS.items():
-        if getattr(module, flag, standard) != standard:
-            return f"{flag}={getattr(module, flag)}"
-    gu, down = params["gate_up_proj"], params["down_proj"]
-    if gu.dim() != 3 or down.dim() != 3 or gu.shape[0] != down.shape[0] or gu.shape[1] % 2:
-        return f"gate_up_proj {list(gu.shape)} and down_proj {list(down.shape)} are not [E, 2I, H] and [E, H, I]"
-    if down.shape[1] != gu.shape[2] or down.shape[2] * 2 != gu.shape[1]:
-        return f"gate_up_proj {list(gu.shape)} and down_proj {list(down.shape)} are not [E, 2I, H] and [E, H, I]"
-    if not isinstance(getattr(module, "act_fn", None), nn.Module):
+    lay = _layout(module)
+    names = [lay["input"], "down_proj"]
+    expected = set(names) | ({f"{n}_bias" for n in names} if lay["has_bias"] else set())
+    if set(params) != expected:
+        return f"parameters {sorted(params)}, not {sorted(expected)}"
+    if getattr(module, "has_post_expert_norm", False):
+        return "a norm after each expert (has_post_expert_norm)"
+    inp, down = params[lay["input"]], params["down_proj"]
+    if inp.dim() != 3 or down.dim() != 3 or inp.shape[0] != down.shape[0]:
+        return f"{lay['input']} {list(inp.shape)} and down_proj {list(down.shape)} are not 3-D, one matrix per expert"
+    # [E, out, in] (or [E, in, out] transposed): input projection H -> (2)I, down I -> H
+    i_out, i_in = (2, 1) if lay["transposed"] else (1, 2)
+    hidden, ffn = inp.shape[i_in], down.shape[i_in]
+    width = 2 * ffn if lay["has_gate"] else ffn
+    if inp.shape[i_out] != width or down.shape[i_out] != hidden:
+        order = "[E, in, out]" if lay["transposed"] else "[E, out, in]"
+        return (f"{lay['input']} {list(inp.shape)} and down_proj {list(down.shape)} do not chain as {order} "
+                f"(hidden {hidden}, ffn {ffn})")
+    if lay["has_bias"]:
+        ib, db = params[f"{lay['input']}_bias"], params["down_proj_bias"]
+        if tuple(ib.shape) != (inp.shape[0], width) or tuple(db.shape) != (inp.shape[0], hidden):
+            return f"biases {list(ib.shape)} and {list(db.shape)} do not match the weights"
+    custom = lay["has_gate"] and _custom_gate(module) is not None
+    if not custom and not isinstance(getattr(module, "act_fn", None), nn.Module):
         return "no act_fn module"
-    standard_gate = _default_apply_gate()
-    gate = getattr(type(module), "_apply_gate", None)
-    if standard_gate is None or gate is not standard_gate:
-        return "a custom gating function"
-    try:
-        names = list(inspect.signature(type(module).forward).parameters)[1:]
-    except (TypeError, ValueError):
-        names = []
-    if names != _FORWARD_ARGS:
-        return f"forward takes {names}, not {_FORWARD_ARGS}"
+    if lay["has_gate"] and not custom and not getattr(module, "is_concatenated", True):
+        return "interleaved gate and up rows with the standard gate"
+    names = _forward_arg_names(module)
+    if names is None or len(names) != 3:
+        return f"forward takes {names}, not 3 arguments like {list(_FORWARD_ARGS)}"
+    # without use_experts_implementation's flags, only the standard interface is known to route alike
+    if not hasattr(module, "has_gate") and names != list(_FORWARD_ARGS):
+        return f"forward takes {names}, not {list(_FORWARD_ARGS)}"
     return None
 
 
 def fused_experts(model: nn.Module) -> Dict[str, nn.Module]:
-    """transformers' fused-experts modules in ``model`` (those with 3-D ``gate_up_proj`` /
-    ``down_proj`` parameters), by dotted name, supported or not."""
+    """transformers' fused-experts modules in ``model`` (those with 3-D ``down_proj`` and
+    ``gate_up_proj`` or ``up_proj`` parameters), by dotted name, supported or not."""
     out = {}
     for name, module in model.named_modules():
         p = module._parameters
-        if isinstance(p.get("down_proj"), torch.Tensor) and p["down_proj"].dim() == 3 and "gate_up_proj" in p:
+        if isinstance(p.get("down_proj"), torch.Tensor) and p["down_proj"].dim() == 3 and (
+                "gate_up_proj" in p or isinstance(p.get("up_proj"), torch.Tensor) and p["up_proj"].dim() == 3):
             out[name] = module
     return out
 
 
-def _linear(weight: torch.Tensor) -> nn.Linear:
+def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
     n, k = weight.shape
-    layer = nn.Linear(k, n, bias=False, device="meta", dtype=weight.dtype)
-    # A view, not a copy: an expert's gate, up and down rows are contiguous slices of the fused
-    # tensors, so splitting costs no memory (a copy doubled one block's experts for a moment:
-    # 1.2 GB for 64 experts of 2048 x 768). The fused storage goes with the last view of it.
+    layer = nn.Linear(k, n, bias=bias is not None, device="meta", dtype=weight.dtype)
+    # Views, not copies: an expert's rows are slices of the fused tensors (transposed ones for
+    # is_transposed layouts), so splitting costs no memory (a copy doubled one block's experts for
+    # a moment: 1.2 GB for 64 experts of 2048 x 768). The fused storage goes with the last view.
     layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
     return layer
 
 
@@ -179,11 +272,30 @@ def defuse(module: nn.Module) -> LinearExperts:
     reason = unsupported_reason(module)
     if reason is not None:
         raise ValueError(f"{type(module).__name__} cannot be split into per-expert layers: {reason}")
-    gu, down = module.gate_up_proj, module.down_proj
-    ffn = down.shape[2]
-    experts = [ExpertMLP(_linear(gu[e, :ffn]), _linear(gu[e, ffn:]), _linear(down[e]))
-               for e in range(gu.shape[0])]
-    return LinearExperts(experts, module.act_fn, type(module).__name__)
+    lay = _layout(module)
+    inp, down = getattr(module, lay["input"]), module.down_proj
+    in_bias = getattr(module, f"{lay['input']}_bias") if lay["has_bias"] else None
+    down_bias = module.down_proj_bias if lay["has_bias"] else None
+
+    def rows(t, e):  # expert e's weight as [out, in]
+        return t[e].t() if lay["transposed"] else t[e]
+
+    ffn = rows(down, 0).shape[1]
+    experts = []
+    for e in range(inp.shape[0]):
+        w_in, b_in = rows(inp, e), in_bias[e] if in_bias is not None else None
+        down_proj = _linear(rows(down, e), down_bias[e] if down_bias is not None else None)
+        if lay["has_gate"]:
+            gate = _linear(w_in[:ffn], b_in[:ffn] if b_in is not None else None)
+            up = _linear(w_in[ffn:], b_in[ffn:] if b_in is not None else None)
+            experts.append(ExpertMLP(gate, up, down_proj))
+        else:
+            experts.append(ExpertMLP(None, _linear(w_in, b_in), down_proj))
+    custom = lay["has_gate"] and _custom_gate(module) is not None
+    act_fn = getattr(module, "act_fn", None)
+    return LinearExperts(experts, act_fn if isinstance(act_fn, nn.Module) else None, type(module).__name__,
+                         gate_fn=_bound_gate(module) if custom else None,
+                         arg_names=_forward_arg_names(module) or _FORWARD_ARGS)
 
 
 def defuse_experts(model: nn.Module, keep: Callable[[str], bool] = lambda name: False) -> List[str]:

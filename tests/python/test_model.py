@@ -858,15 +858,21 @@ def test_block_caches_die_with_their_block(gptqkit, monkeypatch, extra_cache):
 
 
 def test_warns_about_weights_outside_linear_layers(gptqkit):
-    """MoE experts of a layout gptqkit.moe does not split (GPT-OSS: interleaved, transposed, biased)
-    stay fused 3-D tensors: quantize() says up front that they stay unquantized (and the summary
-    repeats it); an ordinary model gets no such warning."""
+    """MoE experts of a layout gptqkit.moe does not split stay fused 3-D tensors: quantize() says
+    up front that they stay unquantized (and the summary repeats it); an ordinary model gets no
+    such warning. The unsplittable layout: Mixtral's experts declaring a norm after each expert,
+    as MuseSpark's do (with an identity norm; test_moe.py checks MuseSpark's own module)."""
     import warnings
 
     from gptqkit import GPTQForCausalLM, QuantizeConfig
 
-    q = GPTQForCausalLM(make_tiny_model("gpt_oss"), QuantizeConfig(group_size=GROUP))
-    with pytest.warns(UserWarning, match=r"of each decoder block's weights are not in Linear layers.*experts"):
+    model = make_tiny_model("mixtral")
+    for block in model.model.layers:
+        block.mlp.experts.has_post_expert_norm = True
+        block.mlp.experts.post_expert_norm = torch.nn.Identity()  # transformers' experts forward then runs it
+    q = GPTQForCausalLM(model, QuantizeConfig(group_size=GROUP))
+    with pytest.warns(UserWarning, match=r"of each decoder block's weights are not in Linear layers.*not these "
+                                         r"experts: mlp\.experts \(MixtralExperts\): a norm after each expert"):
         report = q.quantize(_tokens(2, 32), progress=False)
     assert report.not_linear_share > 0.5 and any("gate_up_proj" in n for n in report.not_linear)
     assert "stay unquantized" in report.summary()

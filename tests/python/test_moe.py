@@ -32,40 +32,115 @@ def _tokens(n, seqlen, seed=0):
 HELD_OUT = _tokens(2, 24, seed=777)
 
 
+def _expert_rows(fused, e):
+    """Expert e's (gate_up or up, down) weights and biases as [out, in] rows, read from the fused
+    module's flags the way transformers' batched implementation reads them."""
+    t = (lambda w: w.t()) if getattr(fused, "is_transposed", False) else (lambda w: w)
+    inp = "gate_up_proj" if getattr(fused, "has_gate", True) else "up_proj"
+    biases = getattr(fused, "has_bias", False)
+    return (t(getattr(fused, inp)[e]), t(fused.down_proj[e]),
+            getattr(fused, f"{inp}_bias")[e] if biases else None, fused.down_proj_bias[e] if biases else None)
+
+
 @pytest.mark.parametrize("arch", MOE_ARCHITECTURES)
 def test_split_experts_compute_what_the_fused_module_computes(gptqkit, arch):
+    """Every expert's layers are the fused tensors' rows (transposed for GPT-OSS, with its biases);
+    the model computes the same logits. GPT-OSS's gate_proj / up_proj are the two halves of its
+    interleaved gate_up outputs, its own gating function runs on them concatenated."""
     from gptqkit.moe import LinearExperts, defuse_experts
 
     model = make_tiny_model(arch)
-    fused = model.model.layers[0].mlp.experts
-    gate_up, down = fused.gate_up_proj.detach().clone(), fused.down_proj.detach().clone()
+    fused = copy.deepcopy(model.model.layers[0].mlp.experts)
     with torch.no_grad():
         ref = model(HELD_OUT).logits
     assert defuse_experts(model) == [f"model.layers.{i}.mlp.experts" for i in range(2)]
     experts = model.model.layers[0].mlp.experts
     assert isinstance(experts, LinearExperts) and len(experts) == EXPERTS
-    ffn = down.shape[2]
+    assert (experts.gate_fn is not None) == (arch == "gpt_oss")
     for e, expert in enumerate(experts):
-        assert torch.equal(expert.gate_proj.weight, gate_up[e, :ffn])
-        assert torch.equal(expert.up_proj.weight, gate_up[e, ffn:])
-        assert torch.equal(expert.down_proj.weight, down[e])
+        w_in, w_down, b_in, b_down = _expert_rows(fused, e)
+        ffn = w_down.shape[1]
+        assert torch.equal(expert.gate_proj.weight, w_in[:ffn]) and torch.equal(expert.up_proj.weight, w_in[ffn:])
+        assert torch.equal(expert.down_proj.weight, w_down)
+        if b_in is None:
+            assert expert.gate_proj.bias is None and expert.down_proj.bias is None
+        else:
+            assert b_in.abs().min() > 0 and torch.equal(torch.cat([expert.gate_proj.bias, expert.up_proj.bias]), b_in)
+            assert torch.equal(expert.down_proj.bias, b_down)
     assert not any(p.dim() == 3 for p in model.parameters())
     with torch.no_grad():
         got = model(HELD_OUT).logits
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
 
 
+def _experts_module(cls_path: str, **config):
+    """One fused-experts module of a model family gptqkit has no tiny full model of, randomly
+    initialised: (module, 3 routed inputs)."""
+    import importlib
+
+    module_name, _, cls_name = cls_path.rpartition(".")
+    config_cls = getattr(transformers, config.pop("config"))
+    cls = getattr(importlib.import_module(f"transformers.models.{module_name}"), cls_name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = cls(config_cls(**config)).eval()
+        for p in module.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        hidden = torch.randn(10, module.down_proj.shape[1])
+        index = torch.stack([torch.randperm(EXPERTS)[:2] for _ in range(10)])
+        weights = torch.softmax(torch.randn(10, 2), dim=-1)
+    return module, (hidden, index, weights)
+
+
+def test_experts_without_a_gate_are_split(gptqkit):
+    """NemotronH's experts (``has_gate=False``: up_proj and down_proj, relu² of up) become
+    ExpertMLPs without gate_proj that compute what the fused module computes."""
+    from gptqkit.moe import defuse, unsupported_reason
+
+    fused, args = _experts_module("nemotron_h.modeling_nemotron_h.NemotronHExperts", config="NemotronHConfig",
+                                  hidden_size=HIDDEN, moe_intermediate_size=FFN, n_routed_experts=EXPERTS)
+    assert unsupported_reason(fused) is None
+    split = defuse(fused)
+    assert all(e.gate_proj is None and torch.equal(e.up_proj.weight, fused.up_proj[i])
+               for i, e in enumerate(split))
+    with torch.no_grad():
+        torch.testing.assert_close(split(*args), fused(*args), rtol=0, atol=1e-6)
+
+
+def test_experts_take_their_fused_modules_argument_names(gptqkit):
+    """The split module is called like the fused one: positionally, or by keyword with either the
+    names transformers' expert implementations use (top_k_index / top_k_weights) or the module's
+    own (GPT-OSS's eager forward names them router_indices / routing_weights)."""
+    from gptqkit.moe import defuse
+
+    fused = make_tiny_model("gpt_oss").model.layers[0].mlp.experts
+    hidden, index, weights = torch.randn(6, HIDDEN), torch.randint(0, EXPERTS, (6, 2)), torch.rand(6, 2)
+    split = defuse(fused)
+    with torch.no_grad():
+        ref = fused(hidden, index, weights)
+        torch.testing.assert_close(split(hidden, router_indices=index, routing_weights=weights), ref,
+                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(split(hidden, top_k_index=index, top_k_weights=weights), ref, rtol=0, atol=1e-6)
+        with pytest.raises(TypeError, match="expected 3 arguments"):
+            split(hidden, index)
+
+
 def test_layouts_that_are_not_standard_stay_fused(gptqkit):
-    """GPT-OSS experts (interleaved gate/up, transposed, biased, clamped gate) are not split
-    (quantize() then warns that they stay in full precision: test_model.py)."""
+    """MuseSpark's experts apply a norm after each expert (``has_post_expert_norm``), which the
+    split does not carry: they are not split (quantize() then warns that such experts stay in full
+    precision: test_model.py)."""
     from gptqkit.moe import defuse, defuse_experts, fused_experts, unsupported_reason
 
-    model = make_tiny_model("gpt_oss")
-    experts = fused_experts(model)
-    assert len(experts) == 2 and all(unsupported_reason(m) for m in experts.values())
-    assert defuse_experts(model) == [] and fused_experts(model).keys() == experts.keys()
-    with pytest.raises(ValueError, match="cannot be split into per-expert layers"):
-        defuse(next(iter(experts.values())))
+    fused, _ = _experts_module("muse_spark.modeling_muse_spark.MuseSparkExperts", config="MuseSparkTextConfig",
+                               hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2,
+                               moe_hidden_size=HIDDEN, moe_intermediate_size=FFN, num_local_experts=EXPERTS)
+    assert "norm after each expert" in unsupported_reason(fused)
+    holder = torch.nn.Module()
+    holder.experts = fused
+    assert list(fused_experts(holder)) == ["experts"]
+    assert defuse_experts(holder) == [] and holder.experts is fused
+    with pytest.raises(ValueError, match="cannot be split into per-expert layers: a norm after each expert"):
+        defuse(fused)
 
 
 def _routed_inputs(model, sequences):
@@ -93,16 +168,31 @@ def _hessian64(x):
     return 2.0 / x.shape[0] * x.T @ x
 
 
-def test_each_expert_gets_the_hessian_of_the_tokens_routed_to_it(gptqkit, monkeypatch):
+def _gated64(arch, config, x, gate, up):
+    """What reaches an expert's down_proj, in float64, written out from each family's modelling
+    code: Mixtral's silu(gate) * up; GPT-OSS's clamped (up + 1) * gate * sigmoid(alpha * gate) over
+    its interleaved gate/up columns (gate_proj holds the first half of them, up_proj the second)."""
+    g = x @ gate.dequantize_weight().double().T
+    u = x @ up.dequantize_weight().double().T
+    if arch == "mixtral":
+        return torch.nn.functional.silu(g) * u
+    gate_up = torch.cat([g + gate.bias.double(), u + up.bias.double()], dim=-1)
+    g, u = gate_up[:, 0::2].clamp(max=config.swiglu_limit), gate_up[:, 1::2].clamp(-config.swiglu_limit,
+                                                                                    config.swiglu_limit)
+    return (u + 1) * g * torch.sigmoid(config.swiglu_alpha * g)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_each_expert_gets_the_hessian_of_the_tokens_routed_to_it(gptqkit, monkeypatch, arch):
     """Block 0's experts, attention left unquantized so their inputs are the fp model's: every
     gate/up Hessian equals 2/n X_e^T X_e of the real (unpadded) tokens routed to expert e, and
-    every down_proj Hessian that of act(gate_q(X_e)) * up_q(X_e) with the expert's already
-    quantized gate/up (true-sequential inside each expert). Calibration mixes lengths, so the
-    batches are padded: padding must reach no expert."""
+    every down_proj Hessian that of the gated activations of X_e with the expert's already
+    quantized gate/up (true-sequential inside each expert; GPT-OSS with its biases and custom
+    gate). Calibration mixes lengths, so the batches are padded: padding must reach no expert."""
     import gptqkit.model
     from gptqkit import GPTQForCausalLM, QuantizeConfig
 
-    model = make_tiny_model("mixtral")
+    model = make_tiny_model(arch)
     sequences = [row[: 24 + 8 * (i % 3)] for i, row in enumerate(_tokens(12, 40, seed=3))]
     routed = _routed_inputs(model, sequences)
 
@@ -127,9 +217,7 @@ def test_each_expert_gets_the_hessian_of_the_tokens_routed_to_it(gptqkit, monkey
             assert tokens == x.shape[0]
             torch.testing.assert_close(hessian, _hessian64(x), rtol=1e-4, atol=1e-5)
         expert = experts[e]
-        gate = expert.gate_proj.dequantize_weight().double()
-        up = expert.up_proj.dequantize_weight().double()
-        h = torch.nn.functional.silu(x @ gate.T) * (x @ up.T)
+        h = _gated64(arch, model.config, x, expert.gate_proj, expert.up_proj)
         hessian, tokens = seen[f"model.layers.0.mlp.experts.{e}.down_proj"]
         assert tokens == x.shape[0]
         torch.testing.assert_close(hessian, _hessian64(h), rtol=1e-4, atol=1e-5 * _hessian64(h).abs().max().item())

@@ -13,7 +13,7 @@ Usage::
     tok = make_tiny_tokenizer()                      # character-level, ids < 128
 
 ``ARCHITECTURES`` lists the dense families (``MOE_ARCHITECTURES`` the
-Mixture-of-Experts ones, plus ``"gpt_oss"``, whose expert layout is not split); ``EXPECTED`` holds, per
+Mixture-of-Experts ones); ``EXPECTED`` holds, per
 architecture, the decoder-block path, the Linear-like layers of one block and
 the true-sequential groups discovery is expected to find (written out by hand
 from the transformers modelling code).
@@ -69,15 +69,15 @@ def _configs():
                                               decoder_sparse_step=1),
         "qwen3_moe": lambda: T.Qwen3MoeConfig(**gqa, head_dim=HIDDEN // HEADS, moe_intermediate_size=FFN // 2,
                                               num_experts=EXPERTS, num_experts_per_tok=2, decoder_sparse_step=1),
-        # GPT-OSS experts: interleaved, transposed, with biases (a layout gptqkit.moe does not split)
+        # GPT-OSS experts: interleaved gate/up, transposed, with biases and a clamped custom gate
         "gpt_oss": lambda: T.GptOssConfig(**dict(gqa, intermediate_size=FFN // 2), head_dim=HIDDEN // HEADS,
                                           num_local_experts=EXPERTS, num_experts_per_tok=2,
                                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     }
 
 
-#: Mixture-of-Experts families whose experts gptqkit.moe splits into per-expert layers
-MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
+#: Mixture-of-Experts families (gptqkit.moe splits their experts into per-expert layers)
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "gpt_neox", "phi", "phi3",
                  "gemma", "gemma2", "gemma3_text")
@@ -140,7 +140,17 @@ def make_tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        _give_zero_biases_values(model)
     return model.eval()
+
+
+def _give_zero_biases_values(model) -> None:
+    """GPT-OSS initialises its expert biases to zero; a trained model's are not, and tests must see
+    whether each bias reaches the right expert and row."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("experts.gate_up_proj_bias", "experts.down_proj_bias")) and not p.any():
+                p.normal_(0.0, 0.05)
 
 
 def make_tiny_tokenizer(model_max_length: int = MAX_POS):
