@@ -29,6 +29,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from gptqkit.source_formats import DEQUANTIZED_ON_LOAD, dequantizing_kwargs
+from gptqkit.source_formats import describe as describe_source_format
+
 __all__ = ["main", "build_parser", "find_data_file"]
 
 PROG = "gptqkit"
@@ -731,9 +734,10 @@ def cmd_quantize(args) -> int:
     model_path = _check_model_arg(args.model)
     if os.path.isdir(model_path):
         method = _quantization_method(model_path)
-        if method is not None:
+        if method is not None and method not in DEQUANTIZED_ON_LOAD:
             raise UsageError(f"MODEL {args.model!r} is already quantized ({method}); quantize needs the "
-                             f"full-precision model")
+                             f"full-precision model, or one stored in a format transformers dequantizes on "
+                             f"load ({', '.join(sorted(DEQUANTIZED_ON_LOAD))})")
     out_state = _check_out_folder(args.out, model_path)
     resume_dir = _check_resume_dir(args.resume_dir, args.out)
     calibration, calib_desc = _resolve_calibration(args.calibration)
@@ -754,6 +758,8 @@ def cmd_quantize(args) -> int:
 
     t0 = time.perf_counter()
     _log(args, f"loading {args.model} ({args.dtype}) ...")
+    if os.path.isdir(model_path) and _quantization_method(model_path) in DEQUANTIZED_ON_LOAD:
+        _log(args, describe_source_format(_quantization_method(model_path)))
     try:
         model = GPTQForCausalLM.from_pretrained(model_path, qcfg, dtype=_torch_dtype(args.dtype))
     except OSError as exc:
@@ -843,13 +849,17 @@ def _load_for_eval(path_arg: str, dtype_name: str, what: str):
         desc = (f"GPTQ checkpoint, {c.bits}-bit, group size {c.group_size}, {'sym' if c.sym else 'asym'}"
                 f"{', act-order' if c.desc_act else ''}, format {c.checkpoint_format}")
         return q.model, q.tokenizer, desc
-    if method is not None:
-        raise CLIError(f"{what} {path_arg!r} is quantized with {method!r}; gptqkit evaluates GPTQ checkpoints and "
-                       f"full-precision models")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if method is not None and method not in DEQUANTIZED_ON_LOAD:
+        raise CLIError(f"{what} {path_arg!r} is quantized with {method!r}; gptqkit evaluates GPTQ checkpoints, "
+                       f"full-precision models and models transformers dequantizes on load "
+                       f"({', '.join(sorted(DEQUANTIZED_ON_LOAD))})")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto")
+        extra = {}
+        if method in DEQUANTIZED_ON_LOAD:
+            extra = dequantizing_kwargs(getattr(AutoConfig.from_pretrained(path), "quantization_config", None))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto", **extra)
     except OSError as exc:
         if not os.path.isdir(path):
             raise CLIError(f"{what} {path_arg!r} is not a local folder and could not be loaded from the "

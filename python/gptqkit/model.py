@@ -67,6 +67,7 @@ from gptqkit.nn import QuantLinear
 from gptqkit.packing import PackedLayer
 from gptqkit.resume import ResumeStore, calibration_fingerprint, model_fingerprint
 from gptqkit.solver import quantize_weight
+from gptqkit.source_formats import dequantizing_kwargs
 
 __all__ = ["GPTQForCausalLM", "LayerReport", "QuantizeReport"]
 
@@ -553,11 +554,21 @@ class GPTQForCausalLM:
             dtype: weights' dtype in memory (default: the checkpoint's
                 ``torch_dtype``; float32 is the most accurate for calibration).
             trust_remote_code, **model_kwargs: passed to ``from_pretrained``.
+
+        Models published in MXFP4 (GPT-OSS) or block-scaled FP8 (DeepSeek-V3) are
+        dequantized while loading and quantized from those values
+        (:mod:`gptqkit.source_formats`); other quantized checkpoints raise ``ValueError``.
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         kwargs = dict(model_kwargs)
         kwargs["dtype"] = dtype if dtype is not None else "auto"
+        if "quantization_config" not in kwargs:
+            config = kwargs.get("config")
+            if config is None:
+                config = AutoConfig.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
+            kwargs.update(dequantizing_kwargs(getattr(config, "quantization_config", None),
+                                              what=f"model {str(model_id_or_path)!r}"))
         model = AutoModelForCausalLM.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code, **kwargs)
         model.eval()
         tokenizer = _load_tokenizer(model_id_or_path, trust_remote_code=trust_remote_code)

@@ -1,0 +1,73 @@
+"""Models published in another quantized format, which GPTQ can start from after all.
+
+Some models are released *only* in a low-precision format: GPT-OSS stores its
+experts in MXFP4 (the precision OpenAI trained them to), DeepSeek-V3/R1 and
+others their Linear weights in block-scaled FP8. transformers dequantizes
+both on load when asked (``Mxfp4Config(dequantize=True)``,
+``FineGrainedFP8Config(dequantize=True)``; on a machine without a suitable GPU
+it does so anyway), and those dequantized values are the model: GPTQ then
+quantizes from them like from any full-precision model, which is what
+GPTQModel and llm-compressor do with these checkpoints too.
+
+Other quantized checkpoints (GPTQ, AWQ, bitsandbytes, ...) are refused:
+quantizing their already rounded weights once more only adds error, and the
+full-precision model they came from is the right input.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+__all__ = ["DEQUANTIZED_ON_LOAD", "describe", "dequantizing_kwargs", "stored_quantization_method"]
+
+#: quant_method -> the transformers config class that dequantizes it while loading
+DEQUANTIZED_ON_LOAD = {"mxfp4": "Mxfp4Config", "fp8": "FineGrainedFP8Config"}
+
+
+def _as_dict(quantization_config: Any) -> Optional[Dict[str, Any]]:
+    if quantization_config is None:
+        return None
+    if isinstance(quantization_config, dict):
+        return dict(quantization_config)
+    to_dict = getattr(quantization_config, "to_dict", None)
+    return dict(to_dict()) if callable(to_dict) else None
+
+
+def stored_quantization_method(quantization_config: Any) -> Optional[str]:
+    """The ``quant_method`` of a model config's ``quantization_config`` (dict or transformers
+    object), lower-cased; ``None`` when the model is not quantized."""
+    qc = _as_dict(quantization_config)
+    if qc is None:
+        return None
+    method = qc.get("quant_method")
+    return str(getattr(method, "value", method) or "unknown").lower()
+
+
+def describe(method: str) -> str:
+    """One line for the user: how a model stored in ``method`` is loaded for quantization."""
+    return (f"the model stores its weights in {method}; transformers dequantizes them while loading, "
+            f"and GPTQ quantizes from those values")
+
+
+def dequantizing_kwargs(quantization_config: Any, what: str = "model") -> Dict[str, Any]:
+    """``from_pretrained`` keyword arguments that load a model stored with ``quantization_config``
+    in full precision: ``{}`` for an unquantized model, ``{"quantization_config": <X>Config(...,
+    dequantize=True)}`` (the stored settings kept) for the formats in :data:`DEQUANTIZED_ON_LOAD`.
+
+    Raises:
+        ValueError: the model is stored in another quantized format (GPTQ, AWQ, ...), which
+            quantize cannot start from.
+    """
+    method = stored_quantization_method(quantization_config)
+    if method is None:
+        return {}
+    if method not in DEQUANTIZED_ON_LOAD:
+        raise ValueError(
+            f"{what} is already quantized ({method}); quantize needs the full-precision model, or one stored "
+            f"in a format transformers dequantizes on load ({', '.join(sorted(DEQUANTIZED_ON_LOAD))})")
+    import transformers
+
+    config_class = getattr(transformers, DEQUANTIZED_ON_LOAD[method])
+    settings = {k: v for k, v in _as_dict(quantization_config).items() if k != "quant_method"}
+    settings["dequantize"] = True
+    return {"quantization_config": config_class.from_dict(settings)}
