@@ -732,12 +732,11 @@ def cmd_quantize(args) -> int:
     except ValueError as exc:
         raise UsageError(str(exc).replace("max_shard_size:", "--max-shard-size:", 1)) from None
     model_path = _check_model_arg(args.model)
-    if os.path.isdir(model_path):
-        method = _quantization_method(model_path)
-        if method is not None and method not in DEQUANTIZED_ON_LOAD:
-            raise UsageError(f"MODEL {args.model!r} is already quantized ({method}); quantize needs the "
-                             f"full-precision model, or one stored in a format transformers dequantizes on "
-                             f"load ({', '.join(sorted(DEQUANTIZED_ON_LOAD))})")
+    stored_method = _quantization_method(model_path) if os.path.isdir(model_path) else None
+    if stored_method is not None and stored_method not in DEQUANTIZED_ON_LOAD:
+        raise UsageError(f"MODEL {args.model!r} is already quantized ({stored_method}); quantize needs the "
+                         f"full-precision model, or one stored in a format transformers dequantizes on "
+                         f"load ({', '.join(sorted(DEQUANTIZED_ON_LOAD))})")
     out_state = _check_out_folder(args.out, model_path)
     resume_dir = _check_resume_dir(args.resume_dir, args.out)
     calibration, calib_desc = _resolve_calibration(args.calibration)
@@ -758,8 +757,8 @@ def cmd_quantize(args) -> int:
 
     t0 = time.perf_counter()
     _log(args, f"loading {args.model} ({args.dtype}) ...")
-    if os.path.isdir(model_path) and _quantization_method(model_path) in DEQUANTIZED_ON_LOAD:
-        _log(args, describe_source_format(_quantization_method(model_path)))
+    if stored_method is not None:
+        _log(args, describe_source_format(stored_method))
     try:
         model = GPTQForCausalLM.from_pretrained(model_path, qcfg, dtype=_torch_dtype(args.dtype))
     except OSError as exc:
