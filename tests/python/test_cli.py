@@ -7,8 +7,6 @@ calls that check the module entry point and the real exit status.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -20,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 
+from cli_runner import run_cli
 from tiny_models import make_tiny_model, make_tiny_tokenizer
 
 
@@ -52,19 +51,11 @@ def files(tmp_path_factory, cli):
             "text": str(root / "text.txt"), "no_tok": str(no_tok)}
 
 
-def run(cli, argv):
-    """``(status, stdout, stderr)`` of ``main(argv)``, outside capsys (for module fixtures)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = cli.main([str(a) for a in argv])
-    return status, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(scope="module")
 def quantized(cli, files):
     """``(checkpoint folder, stdout, stderr)`` of one quantize run (4-bit g32, .npy calibration)."""
     out_dir = files["root"] / "tiny-gptq"
-    status, out, err = run(cli, ["quantize", files["model"], out_dir, "--bits", "4", "--group-size", "32",
+    status, out, err = run_cli(["quantize", files["model"], out_dir, "--bits", "4", "--group-size", "32",
                                  "--calibration", files["npy"], "-q"])
     assert status == 0, err
     return str(out_dir), out, err
@@ -289,7 +280,7 @@ def test_act_group_aware_conflicts_with_desc_act(cli, files, capsys):
 @pytest.mark.parametrize("flags,on", [([], True), (["--act-group-aware"], True), (["--no-act-group-aware"], False)])
 def test_act_group_aware_quantize_and_info(cli, files, capsys, flags, on):
     out_dir = files["root"] / f"tiny-gptq-gar-{len(flags)}-{on}"
-    status, out, err = run(cli, ["quantize", files["model"], out_dir, "--group-size", "32", *flags,
+    status, out, err = run_cli(["quantize", files["model"], out_dir, "--group-size", "32", *flags,
                                  "--calibration", files["npy"], "-q"])
     assert status == 0, err
     assert ("group-aware order" in out) is on

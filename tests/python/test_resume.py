@@ -5,13 +5,13 @@ checkpoint an uninterrupted run writes; a folder of another run is refused."""
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 
 import pytest
 import torch
 
+from cli_runner import run_cli
 from tiny_models import make_tiny_model, make_tiny_tokenizer
 
 BLOCKS = 3
@@ -168,31 +168,22 @@ def cli_files(tmp_path_factory, gptqkit):
     return root, str(model_dir), str(root / "calib.npy")
 
 
-def _cli(argv):
-    from gptqkit import cli
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = cli.main([str(a) for a in argv])
-    return status, out.getvalue(), err.getvalue()
-
-
 def test_cli_resumes_and_cleans_up(cli_files, monkeypatch):
     root, model, calib = cli_files
     out = root / "ckpt"
     args = ["quantize", model, out, "--group-size", "32", "--calibration", calib, "--batch-size", "2"]
     with _crash_at_layer(monkeypatch, LAYERS_PER_BLOCK + 2):
-        status, _, err = _cli(args)
+        status, _, err = run_cli(args)
     assert status == 1 and "simulated crash" in err
     partial = root / "ckpt.partial"
     assert (partial / "block-00000.safetensors").exists() and not out.exists()
     with _crash_at_layer(monkeypatch, -1) as calls:
-        status, stdout, err = _cli(args)
+        status, stdout, err = run_cli(args)
     assert status == 0, err
     assert "resuming" in err + stdout and len(calls) == 2 * LAYERS_PER_BLOCK
     assert not partial.exists() and (out / "quantize_config.json").exists()
     # The resumed checkpoint is the uninterrupted one.
-    status, _, err = _cli(args[:2] + [root / "ckpt-straight"] + args[3:])
+    status, _, err = run_cli(args[:2] + [root / "ckpt-straight"] + args[3:])
     assert status == 0, err
     from safetensors.torch import load_file
     a, b = load_file(out / "model.safetensors"), load_file(root / "ckpt-straight" / "model.safetensors")
@@ -204,11 +195,11 @@ def test_cli_refuses_other_runs_folder_unless_no_resume(cli_files, monkeypatch):
     out = root / "ckpt-b"
     args = ["quantize", model, out, "--group-size", "32", "--calibration", calib, "--batch-size", "2"]
     with _crash_at_layer(monkeypatch, LAYERS_PER_BLOCK + 2):
-        assert _cli(args)[0] == 1
-    status, _, err = _cli(args + ["--bits", "3"])
+        assert run_cli(args)[0] == 1
+    status, _, err = run_cli(args + ["--bits", "3"])
     assert status == 1 and "different run" in err and "--no-resume" in err
     with _crash_at_layer(monkeypatch, -1) as calls:
-        status, stdout, err = _cli(args + ["--bits", "3", "--no-resume"])
+        status, stdout, err = run_cli(args + ["--bits", "3", "--no-resume"])
     assert status == 0, err
     assert len(calls) == BLOCKS * LAYERS_PER_BLOCK and not (root / "ckpt-b.partial").exists()
 
@@ -224,7 +215,7 @@ def test_cli_checks_resume_dir_before_loading(cli_files, where, needle):
         resume = root / "someones-folder"
         resume.mkdir(exist_ok=True)
         (resume / "notes.txt").write_text("keep me")
-    status, _, err = _cli(["quantize", model, out, "--calibration", calib, "--resume-dir", resume])
+    status, _, err = run_cli(["quantize", model, out, "--calibration", calib, "--resume-dir", resume])
     assert status == 2 and needle in err
     if where == "foreign":
         assert (resume / "notes.txt").read_text() == "keep me"

@@ -8,8 +8,6 @@ independently of transformers' loader."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import pytest
@@ -17,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from cli_runner import run_cli  # noqa: E402
 from tiny_models import VOCAB, make_tiny_model, make_tiny_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fast_cpu")
@@ -156,25 +155,16 @@ def test_fp8_model_is_dequantized_then_quantized(gptqkit, tmp_path):
     torch.testing.assert_close(again, ours, rtol=0, atol=0)
 
 
-def _cli(argv):
-    from gptqkit import cli
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = cli.main([str(a) for a in argv])
-    return status, out.getvalue(), err.getvalue()
-
-
 def test_cli_quantizes_an_mxfp4_model_and_says_how(gptqkit, tmp_path):
     _mxfp4_gpt_oss(tmp_path / "mxfp4")
     calibration = tmp_path / "calib.pt"
     torch.save(torch.randint(4, VOCAB, (4, 32), generator=torch.Generator().manual_seed(3)), calibration)
-    status, out, err = _cli(["quantize", tmp_path / "mxfp4", tmp_path / "gptq", "--group-size", "32",
+    status, out, err = run_cli(["quantize", tmp_path / "mxfp4", tmp_path / "gptq", "--group-size", "32",
                              "--calibration", calibration, "--dtype", "float32"])
     assert status == 0, err
     assert "stores its weights in mxfp4; transformers dequantizes them while loading" in out + err
     assert "quantized 32 layers" in out  # 2 blocks x (4 attention + 4 experts x 3)
-    status, out, err = _cli(["eval-ppl", tmp_path / "gptq", "--compare", tmp_path / "mxfp4",
+    status, out, err = run_cli(["eval-ppl", tmp_path / "gptq", "--compare", tmp_path / "mxfp4",
                              "--tokens", calibration, "--seqlen", "32", "--windows", "4"])
     assert status == 0, err
     assert "perplexity" in out and "KL" in out
@@ -195,6 +185,6 @@ def test_other_quantized_models_are_refused(gptqkit, tmp_path, method):
                                          r"model, or one stored in a format transformers dequantizes on load "
                                          r"\(fp8, mxfp4\)"):
         GPTQForCausalLM.from_pretrained(folder, QuantizeConfig())
-    status, _, err = _cli(["quantize", folder, tmp_path / "out"])
+    status, _, err = run_cli(["quantize", folder, tmp_path / "out"])
     assert status == 2 and f"is already quantized ({method})" in err and "(fp8, mxfp4)" in err
     assert not (tmp_path / "out").exists()
