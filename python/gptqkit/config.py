@@ -222,6 +222,16 @@ class QuantizeConfig:
             4-11 % more quantization time (two runs); the checkpoint format is
             unchanged.
         clip_min_ratio: smallest range tried by the clipping search, in (0, 1].
+        gptaq: asymmetric calibration (GPTAQ, Li et al. 2025; see
+            :mod:`gptqkit.gptaq`): fit every layer's quantized output on the
+            partly quantized model's inputs to the *unquantized* model's
+            output, so that each layer also compensates the error of the
+            layers before it. Runs the unquantized model beside the quantized
+            one (one more hidden-state cache and forward pass per layer
+            group); the checkpoint format is unchanged. Routed MoE experts
+            keep plain GPTQ (the two models route tokens differently).
+        gptaq_alpha: how much of asymmetric calibration's target shift to
+            apply, in (0, 1] (1: the exact asymmetric objective).
         checkpoint_format: ``"gptq"`` (v1: stored zero points are
             ``zero - 1``, what AutoGPTQ, GPTQModel and transformers load) or
             ``"gptq_v2"`` (true zero points).
@@ -244,6 +254,8 @@ class QuantizeConfig:
     checkpoint_format: str = "gptq"
     clip_steps: int = 16
     clip_min_ratio: float = 0.75
+    gptaq: bool = False
+    gptaq_alpha: float = 0.5
 
     def __post_init__(self):
         self.validate()
@@ -258,7 +270,8 @@ class QuantizeConfig:
         _check_group_size(self.group_size)
         _check_damp(self.damp_percent)
         self.damp_percent = float(self.damp_percent)
-        for name in ("desc_act", "static_groups", "sym", "true_sequential", "lm_head", "cache_block_outputs"):
+        for name in ("desc_act", "static_groups", "sym", "true_sequential", "lm_head", "cache_block_outputs",
+                     "gptaq"):
             _check_bool(getattr(self, name), name)
         if self.act_group_aware is not None:
             _check_bool(self.act_group_aware, "act_group_aware")
@@ -276,6 +289,10 @@ class QuantizeConfig:
                 or not 0.0 < float(self.clip_min_ratio) <= 1.0:
             raise ValueError(f"clip_min_ratio: expected a number in (0, 1], got {self.clip_min_ratio!r}")
         self.clip_min_ratio = float(self.clip_min_ratio)
+        if isinstance(self.gptaq_alpha, bool) or not isinstance(self.gptaq_alpha, (int, float)) \
+                or not 0.0 < float(self.gptaq_alpha) <= 1.0:
+            raise ValueError(f"gptaq_alpha: expected a number in (0, 1], got {self.gptaq_alpha!r}")
+        self.gptaq_alpha = float(self.gptaq_alpha)
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
             raise ValueError(f"checkpoint_format: expected one of {CHECKPOINT_FORMATS}, got {self.checkpoint_format!r}")
         self.modules_in_block_to_quantize = self._normalise_modules(self.modules_in_block_to_quantize)
@@ -427,7 +444,8 @@ class QuantizeConfig:
         ``lm_head``, ``checkpoint_format``, ``meta: {quantizer:
         "gptqkit:VERSION", block_size, cache_block_outputs, clip_steps,
         clip_min_ratio, act_group_aware}`` (GPTQModel keeps its
-        ``act_group_aware`` in ``meta`` too), plus ``dynamic``,
+        ``act_group_aware`` in ``meta`` too) and, with ``gptaq``,
+        ``meta.gptaq: {alpha}`` (GPTQModel's spelling), plus ``dynamic``,
         ``modules_in_block_to_quantize`` and ``model_seqlen`` when set. This is
         what transformers, AutoGPTQ and GPTQModel read; loading it back with
         :meth:`from_quantization_config` restores this config exactly, except
@@ -462,6 +480,8 @@ class QuantizeConfig:
             "clip_min_ratio": self.clip_min_ratio,
             "act_group_aware": self.group_aware_order,
         }
+        if self.gptaq:
+            d["meta"]["gptaq"] = {"alpha": self.gptaq_alpha}
         return d
 
     @classmethod
@@ -527,6 +547,12 @@ class QuantizeConfig:
             # Not recorded (AutoGPTQ, transformers, older writers): those tools had only the natural order.
             kwargs.setdefault("act_group_aware", False)
         kwargs.setdefault("clip_steps", 0)  # likewise: no other tool searches clipping ranges
+        gptaq = meta.get("gptaq")  # GPTQModel's and gptqkit's spelling: {"alpha": a, ...} or None
+        if isinstance(gptaq, Mapping):
+            kwargs["gptaq"] = True
+            alpha = gptaq.get("alpha")
+            if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0.0 < alpha <= 1.0:
+                kwargs["gptaq_alpha"] = alpha  # another value is the other tool's business: it changes no tensor
         dyn = d.get("dynamic")
         if isinstance(dyn, Mapping) and dyn:
             # keep what decides the tensors' layout; drop other tools' extras (mse, adapters, ...)

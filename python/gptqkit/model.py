@@ -41,6 +41,7 @@ How quantization runs (memory and compute):
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import resource
@@ -58,6 +59,7 @@ from gptqkit.config import QuantizeConfig
 from gptqkit.discovery import (LayerTracer, ModelLayout, _tensor_key, find_layout, find_linear_layers, get_weight,
                                is_conv1d, set_weight, validate_groups, weights_outside_linear_layers)
 from gptqkit._memory import available_bytes, exclusive_file_ranges, page_out, release_file_pages, trim_heap
+from gptqkit.gptaq import FullPrecisionStream, InputShiftAccumulator, shift_operator, shifted_target
 from gptqkit.hessian import HessianAccumulator
 from gptqkit.moe import (defuse_experts, fused_experts, merge_expert_groups, only_real_tokens, routed_layers,
                          unsupported_reason)
@@ -100,6 +102,8 @@ class LayerReport:
     tokens: Optional[int] = None
     #: rounded to nearest: an expert that calibration routed no token to (see gptqkit.moe)
     rtn_fallback: bool = False
+    #: asymmetric calibration (``gptaq``): ``||W0 - W|| / ||W||`` of the shifted target; None without it
+    target_shift: Optional[float] = None
 
 
 @dataclass
@@ -383,6 +387,17 @@ class _FrozenOutputs:
                     del self.children[c].forward  # drop the instance attribute: back to the class's forward
         return patched()
 
+    @contextlib.contextmanager
+    def suspended(self):
+        """Context manager: every child runs its own forward, nothing replayed or recorded
+        (the unquantized model's pass of asymmetric calibration)."""
+        patched = {c: mod.__dict__.pop("forward") for c, mod in self.children.items() if "forward" in mod.__dict__}
+        try:
+            yield
+        finally:
+            for c, forward in patched.items():
+                self.children[c].forward = forward
+
     def _replaying(self, name: str, original, store: Dict[int, Any], record: bool):
         def forward(*args, **kwargs):
             calls = self._calls.get(name, 0) + 1
@@ -408,6 +423,19 @@ def _hessian_input(x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu" and gpu_backend() is not None:
         return x.contiguous()
     return x.to("cpu").contiguous()
+
+
+def _token_rows(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """A layer's input as ``[tokens, K]`` rows for the accumulators, padded tokens
+    (``mask`` 0) dropped; see :func:`_hessian_input` for the device."""
+    if mask is not None and x.dim() >= 2 and tuple(x.shape[:-1]) == tuple(mask.shape):
+        x = x[mask.to(x.device).bool()]
+    elif mask is not None and x.dim() == 2 and x.shape[0] == mask.numel():
+        x = x[mask.reshape(-1).to(x.device).bool()]  # blocks that flatten tokens (OPT)
+    x = x.detach().reshape(-1, x.shape[-1])
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        x = x.float()
+    return _hessian_input(x)
 
 
 def _result_on_cpu(result):
@@ -732,6 +760,10 @@ class GPTQForCausalLM:
         try:
             with torch.no_grad():
                 hidden, inputs = self._capture_block_inputs(batches, blocks, dev, cache_dev)
+                stream = None
+                if cfg.gptaq:  # the unquantized model's activations, run beside the quantized ones
+                    slab = _SlabCache(len(hidden))
+                    stream = FullPrecisionStream([slab.put(b, h) for b, h in enumerate(hidden)])
                 # The embedding is not read again until the blocks are done: its pages need not stay resident.
                 before_blocks = [model.get_submodule(name) for name in layout.pre_modules or []]
                 page_out([t for mod in before_blocks for t in (*mod.parameters(), *mod.buffers())])
@@ -741,9 +773,11 @@ class GPTQForCausalLM:
                     hessian_memory = available // 2 if available else None
                 hidden = self._quantize_blocks(blocks, hidden, inputs, dev, cache_dev, report, progress,
                                                extra_cache=float(extra_cache), store=store,
-                                               hessian_memory=hessian_memory)
+                                               hessian_memory=hessian_memory, stream=stream)
                 if cfg.lm_head:
-                    self._quantize_lm_head(hidden, [b["attention_mask"] for b in batches], dev, report, progress)
+                    self._quantize_lm_head(hidden, [b["attention_mask"] for b in batches], dev, report, progress,
+                                           stream=stream)
+                del stream
         finally:
             if config is not None and use_cache is not None:
                 config.use_cache = use_cache
@@ -881,7 +915,8 @@ class GPTQForCausalLM:
     def _quantize_blocks(self, blocks: nn.ModuleList, hidden: List[torch.Tensor], inputs: List[List[_BlockInputs]],
                          dev, cache_dev, report: QuantizeReport, progress: bool,
                          extra_cache: float = 0.0, store: Optional[ResumeStore] = None,
-                         hessian_memory: Optional[int] = None) -> List[torch.Tensor]:
+                         hessian_memory: Optional[int] = None,
+                         stream: Optional[FullPrecisionStream] = None) -> List[torch.Tensor]:
         from tqdm.auto import tqdm
 
         cfg = self.quantize_config
@@ -893,7 +928,7 @@ class GPTQForCausalLM:
         told_split = False
         for bi, block in enumerate(blocks):
             if bi < restored:
-                self._restore_block(block, bi, store, hidden, inputs[bi], dev, cache_dev, report)
+                self._restore_block(block, bi, store, hidden, inputs[bi], dev, cache_dev, report, stream)
                 inputs[bi] = []
                 bar.update(1)
                 continue
@@ -934,14 +969,24 @@ class GPTQForCausalLM:
                 limits = {tail: _tail_batches(tails[child][2], hidden, budget=extra_cache)
                           for tail, child in capture.items()}
                 with frozen.active(pending):
-                    hessians, captured, tokens = self._collect_hessians(
+                    hessians, captured, tokens, crosses = self._collect_hessians(
                         block, [n for n, _, _ in todo], batch_inputs, hidden, dev, frozen, capture=limits,
-                        prefix=f"{prefix}.{bi}.")
+                        prefix=f"{prefix}.{bi}.", stream=stream)
                 trim_heap()
+                operators: Dict[tuple, torch.Tensor] = {}  # layers sharing an input share M
                 for name, full, settings in todo:
-                    result = self._quantize_layer(block, name, full, hessians.pop(name), settings, dev, report, bar,
-                                                  tokens=tokens[name])
+                    hessian, cross, operator = hessians.pop(name), crosses.pop(name, None), None
+                    if cross is not None and hessian is not None:
+                        key = (id(cross), settings.damp_percent)
+                        if key not in operators:
+                            operators[key] = self._shift_operator(cross, hessian, settings, full, block, name)
+                        operator = operators[key]
+                    if stream is not None:
+                        stream.keep_original(block, name)
+                    result = self._quantize_layer(block, name, full, hessian, settings, dev, report, bar,
+                                                  tokens=tokens[name], operator=operator)
                     finished.append((name, result))
+                del operators, crosses
                 for tail, child in capture.items():
                     self._seed_from_tail(frozen, child, block.get_submodule(tail), captured.pop(tail), dev)
             # The quantized block produces the next block's inputs.
@@ -950,12 +995,16 @@ class GPTQForCausalLM:
                     frozen.start_batch(b)
                     _take_slot(hidden, b, _hidden_of(entry.call(block, hidden[b], dev)), cache_dev)
             del frozen
+            if stream is not None:  # and the unquantized block the unquantized model's next inputs
+                self._advance_full_precision(block, batch_inputs, stream, dev, cache_dev)
             # Calibration ran on the dequantized weights in plain layers (dense matmuls are
             # what a 512-token batch wants); only now do they become packed QuantLinear.
             names, results = [name for name, _ in finished], dict(finished)
             del finished
             self._swap_in_quant_layers(block, names, lambda name: self._from_result(
                 block.get_submodule(name), results.pop(name)), dev)
+            if stream is not None:
+                stream.end_block()
             if store is not None:
                 store.save_block(bi, {name: block.get_submodule(name) for name in names},
                                  [asdict(r) for r in report.layers[layers_before:]], report.skipped[skipped_before:])
@@ -965,11 +1014,14 @@ class GPTQForCausalLM:
         return hidden
 
     def _restore_block(self, block: nn.Module, bi: int, store: ResumeStore, hidden: List[torch.Tensor],
-                       batch_inputs: List[_BlockInputs], dev, cache_dev, report: QuantizeReport) -> None:
+                       batch_inputs: List[_BlockInputs], dev, cache_dev, report: QuantizeReport,
+                       stream: Optional[FullPrecisionStream] = None) -> None:
         """Puts a stored block back (see :mod:`gptqkit.resume`) and computes the next block's inputs.
 
         The block runs with the stored codes dequantized into its plain layers,
-        exactly the weights the original run computed these outputs with.
+        exactly the weights the original run computed these outputs with
+        (and, with ``gptaq``, first with its original weights, for the
+        unquantized model's next inputs).
         """
         packed, reports, skipped = store.load_block(bi)
         linears = find_linear_layers(block)
@@ -977,6 +1029,8 @@ class GPTQForCausalLM:
         if unknown:
             raise ValueError(f"resume_dir: {store.block_path(bi)} holds layers {unknown} that block {bi} does not have")
         block.to(dev)
+        if stream is not None:
+            self._advance_full_precision(block, batch_inputs, stream, dev, cache_dev)
         for name, (layer_packed, _) in packed.items():
             layer = block.get_submodule(name)
             set_weight(layer, torch.as_tensor(layer_packed.dequantize()).to(_weight_param(layer).dtype))
@@ -986,6 +1040,23 @@ class GPTQForCausalLM:
             block.get_submodule(name), *packed[name]), dev)
         report.layers.extend(LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in reports)
         report.skipped.extend(skipped)
+
+    @staticmethod
+    def _advance_full_precision(block: nn.Module, batch_inputs: List[_BlockInputs], stream: FullPrecisionStream,
+                                dev, cache_dev) -> None:
+        """Runs the block with its original weights on the unquantized model's inputs: the
+        unquantized model's inputs of the next block (asymmetric calibration, :mod:`gptqkit.gptaq`)."""
+        with stream.original_weights():
+            for b, entry in enumerate(batch_inputs):
+                _take_slot(stream.hidden, b, _hidden_of(entry.call(block, stream.hidden[b], dev)), cache_dev)
+
+    @staticmethod
+    def _shift_operator(cross: torch.Tensor, hessian, settings, full: str, block: nn.Module, name: str):
+        """``M = D (H + λI)⁻¹`` of one layer input (see :func:`gptqkit.gptaq.shift_operator`)."""
+        try:
+            return shift_operator(cross, hessian, settings.damp_percent)
+        except (ValueError, NotPositiveDefiniteError) as exc:
+            raise type(exc)(f"{full}: {exc}{_layer_error_hint(exc, block.get_submodule(name))}") from exc
 
     @staticmethod
     def _seed_from_tail(frozen: _FrozenOutputs, child: str, layer: nn.Module, inputs_of_tail: List[torch.Tensor],
@@ -1010,9 +1081,13 @@ class GPTQForCausalLM:
         frozen.seed(child, outs, kept=in_place)
 
     def _quantize_layer(self, parent: nn.Module, name: str, full: str, hessian, settings, dev,
-                        report: QuantizeReport, bar, tokens: Optional[int] = None):
+                        report: QuantizeReport, bar, tokens: Optional[int] = None,
+                        operator: Optional[torch.Tensor] = None):
         """GPTQ on one layer; its weight gets the quantized values (it stays a plain layer
         until :meth:`_to_quant_linear`). Returns the :class:`QuantizeResult`.
+
+        ``operator``: asymmetric calibration's ``M`` (:mod:`gptqkit.gptaq`); GPTQ then
+        quantizes the shifted target ``W + gptaq_alpha W M``.
 
         ``hessian`` ``None``: an MoE expert no calibration token was routed to
         (:mod:`gptqkit.moe`); it is rounded to nearest,
@@ -1026,21 +1101,26 @@ class GPTQForCausalLM:
             hessian = _hessian_input(torch.eye(_in_out_features(layer)[0], dtype=torch.float32, device=dev))
         # The solver runs where the Hessian was accumulated (see _hessian_input).
         weight = get_weight(layer, torch.float32).detach().to(hessian.device).contiguous()
+        target, shift = weight, None
+        if operator is not None:
+            target = shifted_target(weight, operator, cfg.gptaq_alpha)
+            shift = float((target - weight).norm() / weight.norm().clamp_min(torch.finfo(torch.float32).tiny))
         fmt = self._format()
         try:
             result = quantize_weight(
-                weight, hessian, **settings.as_kwargs(),
+                target, hessian, **settings.as_kwargs(),
                 clip_steps=cfg.clip_steps, clip_min_ratio=cfg.clip_min_ratio,
                 fp16_scales=True, min_zero_point=1 if (fmt == "v1" and not settings.sym) else 0,
             )
         except (ValueError, NotPositiveDefiniteError) as exc:
             raise type(exc)(f"{full}: {exc}{_layer_error_hint(exc, layer)}") from exc
+        del target
         set_weight(layer, result.dequantize().to(weight.dtype))
         seconds = time.perf_counter() - t0
         report.layers.append(LayerReport(
             name=full, shape=tuple(weight.shape), bits=settings.bits, group_size=settings.group_size,
             loss=result.loss, damp=result.damp_used, damp_attempts=result.damp_attempts, seconds=seconds,
-            tokens=tokens, rtn_fallback=fallback))
+            tokens=tokens, rtn_fallback=fallback, target_shift=shift))
         bar.set_postfix_str(f"{name}: loss {result.loss:.3g}, damp {result.damp_used:.3g}, {seconds * 1000:.0f} ms")
         return result
 
@@ -1076,8 +1156,10 @@ class GPTQForCausalLM:
         _set_module(parent, name, qlayer.to(dev))
 
     def _quantize_lm_head(self, hidden: List[torch.Tensor], masks: List[torch.Tensor], dev,
-                          report: QuantizeReport, progress: bool) -> None:
-        """Quantizes the output projection on the final hidden states (``lm_head=True``)."""
+                          report: QuantizeReport, progress: bool,
+                          stream: Optional[FullPrecisionStream] = None) -> None:
+        """Quantizes the output projection on the final hidden states (``lm_head=True``);
+        with ``stream``, against the unquantized model's (asymmetric calibration)."""
         from tqdm.auto import tqdm
 
         model, layout = self.model, self.layout
@@ -1093,20 +1175,29 @@ class GPTQForCausalLM:
         head = model.get_submodule(name)
         for m in between + [head]:
             m.to(dev)
-        acc = None
+        def head_input(h, mask):
+            x = h.to(dev)
+            for m in between:
+                x = _hidden_of(m(x))
+            if tuple(x.shape[:-1]) == tuple(mask.shape):
+                x = x[mask.to(x.device).bool()]
+            return x.reshape(-1, x.shape[-1]).float().to("cpu").contiguous()
+
+        acc, cross, operator = None, None, None
         try:
-            for h, mask in zip(hidden, masks):
-                x = h.to(dev)
-                for m in between:
-                    x = _hidden_of(m(x))
-                if tuple(x.shape[:-1]) == tuple(mask.shape):
-                    x = x[mask.to(x.device).bool()]
-                x = x.reshape(-1, x.shape[-1]).float().to("cpu").contiguous()
+            for b, (h, mask) in enumerate(zip(hidden, masks)):
+                x = head_input(h, mask)
                 acc = acc or HessianAccumulator(x.shape[-1])
                 acc.add_batch(x)
+                if stream is not None:
+                    cross = cross or InputShiftAccumulator(x.shape[-1])
+                    cross.add_batch(head_input(stream.hidden[b], mask), x)
+            hessian = acc.hessian()
+            if cross is not None:
+                operator = self._shift_operator(cross.cross(), hessian, settings, name, model, name)
             bar = tqdm(total=1, desc="quantizing lm_head", disable=not progress)
-            result = self._quantize_layer(model, name, name, acc.hessian(), settings, dev, report, bar,
-                                          tokens=acc.n_samples)
+            result = self._quantize_layer(model, name, name, hessian, settings, dev, report, bar,
+                                          tokens=acc.n_samples, operator=operator)
             self._to_quant_linear(model, name, result, dev)
             bar.update(1)
             bar.close()
@@ -1118,7 +1209,8 @@ class GPTQForCausalLM:
 
     def _collect_hessians(self, block: nn.Module, names: List[str], batch_inputs: List[_BlockInputs],
                           hidden: List[torch.Tensor], dev, frozen: Optional[_FrozenOutputs] = None,
-                          capture: Optional[Dict[str, int]] = None, prefix: str = "") -> tuple:
+                          capture: Optional[Dict[str, int]] = None, prefix: str = "",
+                          stream: Optional[FullPrecisionStream] = None) -> tuple:
         """Accumulates the Hessian of each named layer over all batches.
 
         ``prefix`` (the block's dotted path and a dot) makes error messages
@@ -1137,22 +1229,46 @@ class GPTQForCausalLM:
         an expert layer no token reached gets ``None`` for a Hessian
         (rounded to nearest by :meth:`_quantize_layer`).
 
+        With ``stream`` (asymmetric calibration, :mod:`gptqkit.gptaq`), each
+        batch first runs through the block with its original weights on the
+        unquantized model's inputs (nothing replayed), stopping once the
+        layers' unquantized inputs are seen, and ``D = 2/n Σ (x - xq) xqᵀ``
+        is accumulated beside every Hessian. Not for routed MoE experts: the
+        two models route tokens differently, so their rows do not pair up.
+
         Returns ``({name: hessian or None}, {captured name: [input per batch]},
-        {name: tokens its Hessian saw})``.
+        {name: tokens its Hessian saw}, {name: D})``.
         """
         accs: Dict[str, HessianAccumulator] = {}
         owner_of: Dict[str, str] = {}  # layer -> layer whose accumulator it shares (first batch reaching it decides)
         decided: set = set()
         routed = routed_layers(block)  # padding is kept from experts by their routing (only_real_tokens)
         seen: set = set()
-        state: Dict[str, Any] = {"mask": None, "batch": 0, "inputs": {}, "keep": []}
+        state: Dict[str, Any] = {"mask": None, "batch": 0, "inputs": {}, "keep": [], "fp_phase": False,
+                                 "fp_rows": {}, "fp_seen": set(), "fp_wanted": set()}
+        shifted = {n for n in names if n not in routed} if stream is not None else set()
+        cross_accs: Dict[str, InputShiftAccumulator] = {}
         capture = capture or {}
         captured: Dict[str, List[torch.Tensor]] = {n: [] for n in capture}
         capture_slabs = {n: _SlabCache(k) for n, k in capture.items()}
 
+        def full_precision_hook(name: str, x: torch.Tensor):
+            if name not in shifted:
+                return
+            key = _tensor_key(x)
+            if key not in state["inputs"]:  # the first layer to see an input keeps its rows
+                state["inputs"][key] = name
+                state["keep"].append(x)
+                state["fp_rows"][name] = _token_rows(x, state["mask"])
+            state["fp_seen"].add(name)
+            if state["fp_seen"] >= state["fp_wanted"]:
+                raise _Stop
+
         def make_hook(name: str):
             def hook(_mod, args):
                 x = args[0]
+                if state["fp_phase"]:
+                    return full_precision_hook(name, x)
                 if name in captured and state["batch"] < capture[name]:
                     captured[name].append(capture_slabs[name].put(state["batch"], x))
                 key = _tensor_key(x)
@@ -1168,19 +1284,20 @@ class GPTQForCausalLM:
                 if owner is None:
                     state["inputs"][key] = name
                     state["keep"].append(x)  # held until the batch ends, so its memory is not reused
-                    mask = None if name in routed else state["mask"]
-                    if mask is not None and x.dim() >= 2 and tuple(x.shape[:-1]) == tuple(mask.shape):
-                        x = x[mask.to(x.device).bool()]
-                    elif mask is not None and x.dim() == 2 and x.shape[0] == mask.numel():
-                        x = x[mask.reshape(-1).to(x.device).bool()]  # blocks that flatten tokens (OPT)
-                    x = x.detach().reshape(-1, x.shape[-1])
-                    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                        x = x.float()
-                    x = _hessian_input(x)
+                    x = _token_rows(x, None if name in routed else state["mask"])
                     if name not in accs:
                         accs[name] = HessianAccumulator(x.shape[-1])
                     try:
                         accs[name].add_batch(x)
+                        if name in shifted:
+                            full = state["fp_rows"].pop(name, None)
+                            if full is None or full.shape != x.shape:
+                                raise RuntimeError(
+                                    f"{prefix}{name}: on calibration batch {state['batch']} its input in the "
+                                    f"unquantized block ({'none' if full is None else list(full.shape)}) does "
+                                    f"not match the quantized block's ({list(x.shape)}); asymmetric calibration "
+                                    f"(gptaq) needs both to see the same tokens")
+                            cross_accs.setdefault(name, InputShiftAccumulator(x.shape[-1])).add_batch(full, x)
                     except ValueError as exc:
                         layer = block.get_submodule(name)
                         raise ValueError(f"{prefix}{name}: its input on calibration batch {state['batch']}: "
@@ -1203,6 +1320,16 @@ class GPTQForCausalLM:
                 if mask is not None and bool(mask.all()):
                     mask = None  # nothing padded: skip the per-layer copy that masking makes
                 state.update(mask=mask, batch=b, inputs={}, keep=[])
+                if shifted:
+                    wanted = shifted if b == 0 else shifted - set(owner_of)
+                    state.update(fp_phase=True, fp_rows={}, fp_seen=set(), fp_wanted=wanted)
+                    try:
+                        with (frozen.suspended() if frozen is not None else contextlib.nullcontext()), \
+                                stream.original_weights():
+                            entry.call(block, stream.hidden[b], dev)
+                    except _Stop:
+                        pass
+                    state.update(fp_phase=False, inputs={}, keep=[])
                 if frozen is not None:
                     frozen.start_batch(b)
                 try:
@@ -1212,7 +1339,7 @@ class GPTQForCausalLM:
         finally:
             for h in handles:
                 h.remove()
-            state["keep"] = []
+            state.update(keep=[], fp_rows={})
         missing = [n for n in names if n not in accs and n not in owner_of and n not in routed]
         if missing:
             raise RuntimeError(f"layers {missing} received no input during the block's forward; "
@@ -1222,9 +1349,13 @@ class GPTQForCausalLM:
             acc = accs.pop(n)
             tokens[n], hessians[n] = acc.n_samples, acc.hessian()
             del acc
+        crosses = {n: acc.cross() for n, acc in cross_accs.items()}
+        del cross_accs
         for n, owner in owner_of.items():
             hessians[n], tokens[n] = hessians[owner], tokens[owner]
+            if owner in crosses:
+                crosses[n] = crosses[owner]
         for n in names:
             if n not in hessians:  # an expert no calibration token was routed to
                 hessians[n], tokens[n] = None, 0
-        return hessians, captured, tokens
+        return hessians, captured, tokens, crosses
