@@ -60,8 +60,11 @@ CONFIGS = {
     "gptq-clip": dict(desc_act=False, clip_steps=16),
     "gptq-gar-clip": dict(desc_act=False, act_group_aware=True, clip_steps=16),
     "gptq-act-clip": dict(desc_act=True, clip_steps=16),
+    "gptq-gar-clip-gptaq": dict(desc_act=False, act_group_aware=True, clip_steps=16, gptaq=True),
+    "gptq-act-clip-gptaq": dict(desc_act=True, clip_steps=16, gptaq=True),
 }
-PEER_CONFIGS = {"gptqmodel": dict(desc_act=False), "gptqmodel-act": dict(desc_act=True)}
+PEER_CONFIGS = {"gptqmodel": dict(desc_act=False), "gptqmodel-act": dict(desc_act=True),
+                "gptqmodel-gptaq": dict(desc_act=False, gptaq=True)}
 DEFAULT_INTEROP_PYTHON = os.path.join(REPO, ".venv-interop", "bin", "python")
 
 
@@ -104,8 +107,12 @@ def worker_gptqmodel(args) -> dict:
     tok = AutoTokenizer.from_pretrained(args.model)
     windows = prepare_calibration(os.path.join(args.data, "wiki.valid.tokens"), tok, nsamples=args.nsamples,
                                   seqlen=args.seqlen, seed=0, batch_size=1)
+    extra = {}
+    if PEER_CONFIGS[args.config].get("gptaq"):
+        from gptqmodel.quantization.config import GPTAQConfig
+        extra["gptaq"] = GPTAQConfig(alpha=args.gptaq_alpha, device="cpu")
     cfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=True, damp_percent=args.damp,
-                         desc_act=PEER_CONFIGS[args.config]["desc_act"])
+                         desc_act=PEER_CONFIGS[args.config]["desc_act"], **extra)
     row = {"config": args.config, "bits": args.bits, "group_size": args.group_size, "extra_cache": 0.0,
            "ppl_in_memory": None, "peer": f"gptqmodel {gptqmodel.__version__}"}
     t0 = time.perf_counter()
@@ -133,6 +140,8 @@ def worker(args) -> dict:
 
     test_text = os.path.join(args.data, "wiki.test.raw")
     row = {"config": args.config, "bits": args.bits, "group_size": args.group_size, "extra_cache": args.extra_cache}
+    if CONFIGS.get(args.config, {}).get("gptaq"):
+        row["gptaq_alpha"] = args.gptaq_alpha
     if args.config == "rtn":
         from transformers import AutoModelForCausalLM, AutoTokenizer
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
@@ -149,7 +158,8 @@ def worker(args) -> dict:
     opts = CONFIGS[args.config]
     cfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=True, damp_percent=args.damp,
                          desc_act=opts["desc_act"], act_group_aware=opts.get("act_group_aware", False),
-                         clip_steps=opts["clip_steps"])
+                         clip_steps=opts["clip_steps"], gptaq=opts.get("gptaq", False),
+                         gptaq_alpha=args.gptaq_alpha)
     model = GPTQForCausalLM.from_pretrained(args.model, cfg, dtype=torch.float32)
     t0 = time.perf_counter()
     report = model.quantize(os.path.join(args.data, "wiki.valid.tokens"), nsamples=args.nsamples,
@@ -200,6 +210,8 @@ def main(argv=None) -> int:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--gptaq-alpha", type=float, default=0.5,
+                   help="gptaq_alpha of the *-gptaq configurations (default: 0.5)")
     p.add_argument("--extra-cache", type=float, default=0.0,
                    help="quantize(extra_cache=...): memory traded for less recomputation (default: 0)")
     p.add_argument("--json", metavar="FILE", help="write the result rows as JSON")
@@ -247,7 +259,7 @@ def main(argv=None) -> int:
                "--model", args.model, "--data", args.data, "--bits", str(args.bits),
                "--group-size", str(args.group_size), "--damp", str(args.damp), "--nsamples", str(args.nsamples),
                "--seqlen", str(args.seqlen), "--threads", str(args.threads),
-               "--extra-cache", str(args.extra_cache)] + (["--progress"] if args.progress else [])
+               "--extra-cache", str(args.extra_cache), "--gptaq-alpha", str(args.gptaq_alpha)] + (["--progress"] if args.progress else [])
         print(f"== {name}: quantizing ({args.bits}-bit, g{args.group_size}, {args.nsamples}x{args.seqlen})",
               flush=True)
         # cwd: GPTQModel writes a logs/ folder into the working directory
@@ -305,9 +317,12 @@ LABELS = {
     "gptq-gar": "gptqkit: group-aware order",
     "gptq-clip": "gptqkit: clipping search",
     "gptq-gar-clip": "gptqkit defaults: group-aware order + clipping",
-    "gptq-act-clip": "gptqkit: act-order + clipping (recommended)",
+    "gptq-act-clip": "gptqkit: act-order + clipping",
+    "gptq-gar-clip-gptaq": "gptqkit: group-aware order + clipping + asymmetric calibration",
+    "gptq-act-clip-gptaq": "gptqkit: act-order + clipping + asymmetric calibration",
     "gptqmodel": "GPTQModel defaults",
     "gptqmodel-act": "GPTQModel with act-order",
+    "gptqmodel-gptaq": "GPTQModel with GPTAQ",
 }
 
 

@@ -564,6 +564,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-min-ratio", type=_fraction, default=d.clip_min_ratio, metavar="R",
                    help=f"smallest range the clipping search tries, as a fraction of min-max "
                         f"(default: {d.clip_min_ratio})")
+    g.add_argument("--gptaq", action=argparse.BooleanOptionalAction, default=d.gptaq,
+                   help=f"asymmetric calibration: fit each layer to the unquantized model's output, so it also "
+                        f"compensates the error of the layers before it (more accurate; about one more forward "
+                        f"pass per layer group and one more activation cache) (default: "
+                        f"{'on' if d.gptaq else 'off'})")
+    g.add_argument("--gptaq-alpha", type=_fraction, default=d.gptaq_alpha, metavar="A",
+                   help=f"share of asymmetric calibration's target shift to apply, in (0, 1] "
+                        f"(default: {d.gptaq_alpha})")
     g.add_argument("--format", dest="checkpoint_format", choices=("gptq", "gptq_v2"), default=d.checkpoint_format,
                    help=f"checkpoint zero-point format: gptq (v1, read by every GPTQ loader) or gptq_v2 "
                         f"(default: {d.checkpoint_format})")
@@ -723,7 +731,7 @@ def cmd_quantize(args) -> int:
             static_groups=args.static_groups, act_group_aware=args.act_group_aware, sym=not args.asym,
             true_sequential=args.true_sequential,
             block_size=args.block_size, checkpoint_format=args.checkpoint_format, clip_steps=args.clip_steps,
-            clip_min_ratio=args.clip_min_ratio,
+            clip_min_ratio=args.clip_min_ratio, gptaq=args.gptaq, gptaq_alpha=args.gptaq_alpha,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -801,6 +809,7 @@ def cmd_quantize(args) -> int:
     settings = (f"{qcfg.bits}-bit, group size {qcfg.group_size}, {'sym' if qcfg.sym else 'asym'}"
                 f"{', act-order' if qcfg.desc_act else ''}{', group-aware order' if qcfg.group_aware_order else ''}"
                 f"{', static groups' if qcfg.static_groups else ''}"
+                f"{f', asymmetric calibration (alpha {qcfg.gptaq_alpha:g})' if qcfg.gptaq else ''}"
                 f", format {qcfg.checkpoint_format}")
     print(f"saved GPTQ checkpoint to {saved} ({settings})")
     original = _weights_size(model_path) if os.path.isdir(model_path) else None
@@ -1025,6 +1034,9 @@ def _info_text(info: Dict[str, Any], disk: tuple, per_expert: bool = False) -> s
         v = qc.get(key, meta.get(key))
         if v is not None:
             settings.append(f"{label} {v}")
+    gptaq = meta.get("gptaq")
+    if isinstance(gptaq, dict):
+        settings.append(f"asymmetric calibration (gptaq) alpha {gptaq.get('alpha')}")
     lines.append("settings:     " + textwrap.fill(", ".join(settings), width=86, subsequent_indent=" " * 14,
                                                  break_on_hyphens=False))
     if qc.get("dynamic"):

@@ -77,7 +77,8 @@ def assert_one_line_error(err: str, *needles: str):
     (["quantize"], ["--bits", "--group-size", "--desc-act", "--act-group-aware", "--static-groups", "--asym",
                     "--calibration",
                     "--nsamples", "--seqlen", "--seed", "--damp", "--block-size", "--no-true-sequential",
-                    "--clip-steps", "--clip-min-ratio", "--format", "--batch-size", "--device",
+                    "--clip-steps", "--clip-min-ratio", "--gptaq", "--gptaq-alpha", "--format", "--batch-size",
+                    "--device",
                     "--max-shard-size", "--dtype", "--eval", "--extra-cache", "--resume-dir", "--no-resume",
                     "act-order", "examples:", "OUT.partial", "Mixture-of-Experts",
                     "(default: 128)"]),
@@ -288,6 +289,24 @@ def test_act_group_aware_quantize_and_info(cli, files, capsys, flags, on):
     assert qc["desc_act"] is False and qc["meta"]["act_group_aware"] is on
     assert cli.main(["info", str(out_dir)]) == 0
     assert f"group-aware order {'on' if on else 'off'}" in capsys.readouterr().out
+
+
+def test_gptaq_quantize_and_info(cli, files, capsys):
+    out_dir = files["root"] / "tiny-gptq-gptaq"
+    status, out, err = run_cli(["quantize", files["model"], out_dir, "--group-size", "32", "--gptaq",
+                                "--gptaq-alpha", "0.25", "--calibration", files["npy"], "-q"])
+    assert status == 0, err
+    assert "asymmetric calibration (alpha 0.25)" in out
+    qc = json.loads((out_dir / "quantize_config.json").read_text())
+    assert qc["meta"]["gptaq"] == {"alpha": 0.25}
+    assert cli.main(["info", str(out_dir)]) == 0
+    assert "asymmetric calibration (gptaq) alpha 0.25" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "x"])
+def test_bad_gptaq_alpha(cli, files, capsys, value):
+    assert cli.main(["quantize", files["model"], str(files["root"] / "o5"), "--gptaq-alpha", value]) == 2
+    assert "--gptaq-alpha" in capsys.readouterr().err
 
 
 def test_missing_calibration_file(cli, files, capsys):
