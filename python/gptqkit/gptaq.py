@@ -132,6 +132,10 @@ class FullPrecisionStream:
     def __init__(self, hidden: List[torch.Tensor]):
         self.hidden = hidden
         self._originals: Dict[str, tuple] = {}
+        #: outputs of the unquantized block's parts, replayed within the block (set by the quantize loop)
+        self.replay = None
+        #: whether ``hidden`` already holds the next block's inputs
+        self.advanced = False
 
     def keep_original(self, block: nn.Module, name: str) -> None:
         """Remembers the weight of ``block``'s layer ``name`` before it is overwritten."""
@@ -154,5 +158,7 @@ class FullPrecisionStream:
                 layer.weight.data = current
 
     def end_block(self) -> None:
-        """Drops the current block's kept weights."""
+        """Drops the current block's kept weights and replayed outputs."""
         self._originals.clear()
+        self.replay = None
+        self.advanced = False

@@ -948,6 +948,8 @@ class GPTQForCausalLM:
             report.extra_passes += sum(passes - 1 for _, _, passes in splits)
             frozen = _FrozenOutputs(block, n_batches=len(batch_inputs))
             tails = frozen.find_tails(block, batch_inputs[0], hidden[0], dev)
+            if stream is not None:  # the unquantized block's parts never change: each runs once per batch
+                stream.replay = _FrozenOutputs(block, n_batches=len(batch_inputs))
             finished = []
             for gi, group in enumerate(groups):
                 pending = {name for g in groups[gi:] for name in g}
@@ -971,7 +973,7 @@ class GPTQForCausalLM:
                 with frozen.active(pending):
                     hessians, captured, tokens, crosses = self._collect_hessians(
                         block, [n for n, _, _ in todo], batch_inputs, hidden, dev, frozen, capture=limits,
-                        prefix=f"{prefix}.{bi}.", stream=stream)
+                        prefix=f"{prefix}.{bi}.", stream=stream, advance_stream=gi == len(groups) - 1)
                 trim_heap()
                 operators: Dict[tuple, torch.Tensor] = {}  # layers sharing an input share M
                 for name, full, settings in todo:
@@ -995,7 +997,7 @@ class GPTQForCausalLM:
                     frozen.start_batch(b)
                     _take_slot(hidden, b, _hidden_of(entry.call(block, hidden[b], dev)), cache_dev)
             del frozen
-            if stream is not None:  # and the unquantized block the unquantized model's next inputs
+            if stream is not None and not stream.advanced:  # the unquantized model's next inputs
                 self._advance_full_precision(block, batch_inputs, stream, dev, cache_dev)
             # Calibration ran on the dequantized weights in plain layers (dense matmuls are
             # what a 512-token batch wants); only now do they become packed QuantLinear.
@@ -1046,8 +1048,11 @@ class GPTQForCausalLM:
                                 dev, cache_dev) -> None:
         """Runs the block with its original weights on the unquantized model's inputs: the
         unquantized model's inputs of the next block (asymmetric calibration, :mod:`gptqkit.gptaq`)."""
-        with stream.original_weights():
+        replay = stream.replay.active(set(), record=False) if stream.replay is not None else contextlib.nullcontext()
+        with replay, stream.original_weights():
             for b, entry in enumerate(batch_inputs):
+                if stream.replay is not None:
+                    stream.replay.start_batch(b)
                 _take_slot(stream.hidden, b, _hidden_of(entry.call(block, stream.hidden[b], dev)), cache_dev)
 
     @staticmethod
@@ -1210,7 +1215,7 @@ class GPTQForCausalLM:
     def _collect_hessians(self, block: nn.Module, names: List[str], batch_inputs: List[_BlockInputs],
                           hidden: List[torch.Tensor], dev, frozen: Optional[_FrozenOutputs] = None,
                           capture: Optional[Dict[str, int]] = None, prefix: str = "",
-                          stream: Optional[FullPrecisionStream] = None) -> tuple:
+                          stream: Optional[FullPrecisionStream] = None, advance_stream: bool = False) -> tuple:
         """Accumulates the Hessian of each named layer over all batches.
 
         ``prefix`` (the block's dotted path and a dot) makes error messages
@@ -1231,10 +1236,14 @@ class GPTQForCausalLM:
 
         With ``stream`` (asymmetric calibration, :mod:`gptqkit.gptaq`), each
         batch first runs through the block with its original weights on the
-        unquantized model's inputs (nothing replayed), stopping once the
-        layers' unquantized inputs are seen, and ``D = 2/n Σ (x - xq) xqᵀ``
-        is accumulated beside every Hessian. Not for routed MoE experts: the
-        two models route tokens differently, so their rows do not pair up.
+        unquantized model's inputs, stopping once the layers' unquantized
+        inputs are seen, and ``D = 2/n Σ (x - xq) xqᵀ`` is accumulated beside
+        every Hessian. Not for routed MoE experts: the two models route
+        tokens differently, so their rows do not pair up. Parts of the
+        unquantized block that ran whole are replayed (``stream.replay``);
+        with ``advance_stream`` (the block's last group) that pass runs the
+        whole block instead of stopping, and its output becomes the
+        unquantized model's next block input.
 
         Returns ``({name: hessian or None}, {captured name: [input per batch]},
         {name: tokens its Hessian saw}, {name: D})``.
@@ -1261,7 +1270,7 @@ class GPTQForCausalLM:
                 state["keep"].append(x)
                 state["fp_rows"][name] = _token_rows(x, state["mask"])
             state["fp_seen"].add(name)
-            if state["fp_seen"] >= state["fp_wanted"]:
+            if state["fp_seen"] >= state["fp_wanted"] and not advance_stream:
                 raise _Stop
 
         def make_hook(name: str):
@@ -1323,10 +1332,18 @@ class GPTQForCausalLM:
                 if shifted:
                     wanted = shifted if b == 0 else shifted - set(owner_of)
                     state.update(fp_phase=True, fp_rows={}, fp_seen=set(), fp_wanted=wanted)
+                    replay = stream.replay
                     try:
                         with (frozen.suspended() if frozen is not None else contextlib.nullcontext()), \
+                                (replay.active(set(), record=not advance_stream) if replay is not None
+                                 else contextlib.nullcontext()), \
                                 stream.original_weights():
-                            entry.call(block, stream.hidden[b], dev)
+                            if replay is not None:
+                                replay.start_batch(b)
+                            out = entry.call(block, stream.hidden[b], dev)
+                        if advance_stream:
+                            _take_slot(stream.hidden, b, _hidden_of(out), stream.hidden[b].device)
+                        del out
                     except _Stop:
                         pass
                     state.update(fp_phase=False, inputs={}, keep=[])
@@ -1349,6 +1366,8 @@ class GPTQForCausalLM:
             acc = accs.pop(n)
             tokens[n], hessians[n] = acc.n_samples, acc.hessian()
             del acc
+        if shifted and advance_stream:
+            stream.advanced = True
         crosses = {n: acc.cross() for n, acc in cross_accs.items()}
         del cross_accs
         for n, owner in owner_of.items():
