@@ -41,7 +41,8 @@ TOKENS = torch.randint(4, 128, (2, 24), generator=torch.Generator().manual_seed(
 
 # name -> (architecture, QuantizeConfig arguments)
 GPTQKIT_CHECKPOINTS = {
-    "llama-4bit-g32-act-order": ("llama", dict(bits=4, group_size=32, desc_act=True)),
+    # with asymmetric calibration: meta.gptaq must not trouble the readers
+    "llama-4bit-g32-act-order-gptaq": ("llama", dict(bits=4, group_size=32, desc_act=True, gptaq=True)),
     "llama-4bit-g32-asym-v2": ("llama", dict(bits=4, group_size=32, sym=False, checkpoint_format="gptq_v2")),
     "llama-3bit-g32-asym-static-groups": ("llama", dict(bits=3, group_size=32, sym=False, desc_act=True,
                                                          static_groups=True)),
@@ -57,7 +58,7 @@ GPTQKIT_CHECKPOINTS = {
     "gpt2-conv1d-4bit-g32": ("gpt2", dict(bits=4, group_size=32)),
     # MoE: per-expert layers (mlp.experts.<e>.gate_proj); Qwen2-MoE also keeps its one-output
     # shared_expert_gate in full precision
-    "mixtral-moe-4bit-g32": ("mixtral", dict(bits=4, group_size=32)),
+    "mixtral-moe-4bit-g32-gptaq": ("mixtral", dict(bits=4, group_size=32, gptaq=True)),
     "qwen2-moe-4bit-g32": ("qwen2_moe", dict(bits=4, group_size=32)),
     "qwen3-moe-4bit-g32-act-order": ("qwen3_moe", dict(bits=4, group_size=32, desc_act=True)),
     # GPT-OSS: transposed, biased experts with interleaved gate/up rows and a clamped gate
