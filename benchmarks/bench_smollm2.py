@@ -26,8 +26,10 @@ Configuration names: ``rtn``, ``gptq`` (plain GPTQ: min-max grid, natural
 order), ``gptq-act`` (act-order), ``gptq-gar`` (group-aware act-order, which
 keeps ``desc_act=False`` checkpoints), ``gptq-clip`` (clipping search),
 ``gptq-gar-clip`` and ``gptq-act-clip`` (an order plus the search;
-``gptq-act-clip`` is gptqkit's recommended setting), and the peer tool
-``gptqmodel`` / ``gptqmodel-act``: GPTQModel (the quantizer behind
+``gptq-act-clip-gptaq`` and ``gptq-gar-clip-gptaq`` add asymmetric
+calibration with ``--gptaq-alpha``), and the peer tool
+``gptqmodel`` / ``gptqmodel-act`` / ``gptqmodel-gptaq`` (its GPTAQ, with
+``--gptaq-alpha``): GPTQModel (the quantizer behind
 transformers' GPTQ support) on the same calibration windows, bits, group size,
 symmetric grid and damping, otherwise with its own defaults (its
 activation-group-aware ordering on where act-order is off), in float32 on the
@@ -250,6 +252,7 @@ def main(argv=None) -> int:
                 f"(scripts/setup.sh makes it); or pass --interop-python")
 
     root = args.keep or tempfile.mkdtemp(prefix="bench_smollm2_")
+    os.makedirs(root, exist_ok=True)
     env = dict(os.environ, GPTQKIT_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     rows = []
     for name in names:

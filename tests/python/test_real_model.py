@@ -63,3 +63,25 @@ def test_smollm2_4bit_beats_the_goals_and_reloads_identically(gptqkit, paths, tm
     assert k.ppl_q == pytest.approx(in_memory, rel=1e-5)  # save -> load changes nothing
     assert k.ppl_q < 43.0
     assert k.kl < 0.40
+
+
+def test_smollm2_asymmetric_calibration_beats_plain_gptq(gptqkit, paths):
+    """gptaq on 32 windows: KL below 0.17, where plain GPTQ with the same settings gives about 0.21
+    (0.204 on 128 windows in the test above; 0.206 measured on 32). Measured with gptaq: 0.133."""
+    from transformers import AutoModelForCausalLM
+
+    from gptqkit import GPTQForCausalLM, QuantizeConfig
+    from gptqkit.evaluation import kl_divergence
+
+    model_dir, data = paths
+    cfg = QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=True, clip_steps=16, gptaq=True)
+    q = GPTQForCausalLM.from_pretrained(model_dir, cfg, dtype=torch.float32)
+    report = q.quantize(os.path.join(data, "wiki.valid.tokens"), nsamples=32, seqlen=512, seed=0, progress=False)
+    shifts = [r.target_shift for r in report.layers]
+    assert all(s is not None for s in shifts) and max(shifts) > 0.01
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    k = kl_divergence(ref, q.model, q.tokenizer, os.path.join(data, "wiki.test.raw"), seqlen=512, windows=40,
+                      progress=False)
+    print(f"gptaq (alpha {cfg.gptaq_alpha}), 32 windows: ppl {k.ppl_q:.3f}, KL {k.kl:.4f}, "
+          f"quantize {report.seconds:.0f} s, peak RSS {report.peak_rss_mb:.0f} MB")
+    assert k.kl < 0.17
