@@ -997,16 +997,17 @@ class GPTQForCausalLM:
                     frozen.start_batch(b)
                     _take_slot(hidden, b, _hidden_of(entry.call(block, hidden[b], dev)), cache_dev)
             del frozen
-            if stream is not None and not stream.advanced:  # the unquantized model's next inputs
-                self._advance_full_precision(block, batch_inputs, stream, dev, cache_dev)
+            if stream is not None:
+                if not stream.advanced:  # the unquantized model's next inputs
+                    self._advance_full_precision(block, batch_inputs, stream, dev, cache_dev)
+                # before the swap below: the kept layers would hold their file pages
+                stream.end_block()
             # Calibration ran on the dequantized weights in plain layers (dense matmuls are
             # what a 512-token batch wants); only now do they become packed QuantLinear.
             names, results = [name for name, _ in finished], dict(finished)
             del finished
             self._swap_in_quant_layers(block, names, lambda name: self._from_result(
                 block.get_submodule(name), results.pop(name)), dev)
-            if stream is not None:
-                stream.end_block()
             if store is not None:
                 store.save_block(bi, {name: block.get_submodule(name) for name in names},
                                  [asdict(r) for r in report.layers[layers_before:]], report.skipped[skipped_before:])

@@ -318,3 +318,30 @@ def test_saved_settings_use_gptqmodels_spelling():
     assert theirs.gptaq and theirs.gptaq_alpha == 0.25
     off = QuantizeConfig.from_quantization_config({"quant_method": "gptq", "bits": 4, "meta": {"gptaq": None}})
     assert not off.gptaq
+
+
+def test_replaced_weights_are_gone_when_their_pages_are_released(gptqkit, monkeypatch):
+    """The block's kept original layers must be dropped before the quantized layers are swapped
+    in: a kept layer holds its weight alive, and its file pages would never be given back
+    (measured before the fix: RSS grew by one block's weights per block)."""
+    import weakref
+
+    from gptqkit import model as gm
+
+    noted_refs = []
+    checked = []
+    real_note, real_release = gm.exclusive_file_ranges, gm.release_file_pages
+
+    def note(tensors):
+        noted_refs.append([weakref.ref(t) for t in tensors])
+        return real_note(tensors)
+
+    def release(noted):
+        refs = noted_refs.pop()
+        checked.append(all(r() is None for r in refs))
+        return real_release(noted)
+
+    monkeypatch.setattr(gm, "exclusive_file_ranges", note)
+    monkeypatch.setattr(gm, "release_file_pages", release)
+    _quantize(make_tiny_model("llama"), _tokens(), gptaq=True)
+    assert checked and all(checked), checked
