@@ -973,7 +973,8 @@ class GPTQForCausalLM:
                 with frozen.active(pending):
                     hessians, captured, tokens, crosses = self._collect_hessians(
                         block, [n for n, _, _ in todo], batch_inputs, hidden, dev, frozen, capture=limits,
-                        prefix=f"{prefix}.{bi}.", stream=stream, advance_stream=gi == len(groups) - 1)
+                        prefix=f"{prefix}.{bi}.", stream=stream, advance_stream=gi == len(groups) - 1,
+                        later=frozenset(later))
                 trim_heap()
                 operators: Dict[tuple, torch.Tensor] = {}  # layers sharing an input share M
                 for name, full, settings in todo:
@@ -1216,7 +1217,8 @@ class GPTQForCausalLM:
     def _collect_hessians(self, block: nn.Module, names: List[str], batch_inputs: List[_BlockInputs],
                           hidden: List[torch.Tensor], dev, frozen: Optional[_FrozenOutputs] = None,
                           capture: Optional[Dict[str, int]] = None, prefix: str = "",
-                          stream: Optional[FullPrecisionStream] = None, advance_stream: bool = False) -> tuple:
+                          stream: Optional[FullPrecisionStream] = None, advance_stream: bool = False,
+                          later: frozenset = frozenset()) -> tuple:
         """Accumulates the Hessian of each named layer over all batches.
 
         ``prefix`` (the block's dotted path and a dot) makes error messages
@@ -1244,7 +1246,9 @@ class GPTQForCausalLM:
         unquantized block that ran whole are replayed (``stream.replay``);
         with ``advance_stream`` (the block's last group) that pass runs the
         whole block instead of stopping, and its output becomes the
-        unquantized model's next block input.
+        unquantized model's next block input. ``later``: the layers of the
+        block's later groups (a child holding none of them may run to its end
+        in the unquantized pass, to be replayed afterwards).
 
         Returns ``({name: hessian or None}, {captured name: [input per batch]},
         {name: tokens its Hessian saw}, {name: D})``.
@@ -1255,7 +1259,7 @@ class GPTQForCausalLM:
         routed = routed_layers(block)  # padding is kept from experts by their routing (only_real_tokens)
         seen: set = set()
         state: Dict[str, Any] = {"mask": None, "batch": 0, "inputs": {}, "keep": [], "fp_phase": False,
-                                 "fp_rows": {}, "fp_seen": set(), "fp_wanted": set()}
+                                 "fp_rows": {}, "fp_seen": set(), "fp_wanted": set(), "stop_after": None}
         shifted = {n for n in names if n not in routed} if stream is not None else set()
         cross_accs: Dict[str, InputShiftAccumulator] = {}
         capture = capture or {}
@@ -1272,6 +1276,15 @@ class GPTQForCausalLM:
                 state["fp_rows"][name] = _token_rows(x, state["mask"])
             state["fp_seen"].add(name)
             if state["fp_seen"] >= state["fp_wanted"] and not advance_stream:
+                child = name.split(".", 1)[0] if "." in name else None
+                replay = stream.replay
+                if (replay is not None and child in replay.children and child not in replay.uncachable
+                        and not (replay.layers[child] & later) and state["batch"] not in replay.store.get(child, {})):
+                    # None of the child's layers is in a later group: let it finish so the replay
+                    # records its output, and the next group's unquantized pass skips it
+                    # (attention after o_proj's group) instead of running it again.
+                    state["stop_after"] = child
+                    return
                 raise _Stop
 
         def make_hook(name: str):
@@ -1320,6 +1333,13 @@ class GPTQForCausalLM:
             return hook
 
         handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+        if shifted and stream.replay is not None:
+            def stop_after_hook(child: str):
+                def hook(_mod, _args, _out):
+                    if state["fp_phase"] and state["stop_after"] == child:
+                        raise _Stop
+                return hook
+            handles += [mod.register_forward_hook(stop_after_hook(c)) for c, mod in stream.replay.children.items()]
         owners: set = set()
         try:
             for b, (entry, h) in enumerate(zip(batch_inputs, hidden)):
@@ -1332,7 +1352,7 @@ class GPTQForCausalLM:
                 state.update(mask=mask, batch=b, inputs={}, keep=[])
                 if shifted:
                     wanted = shifted if b == 0 else shifted - set(owner_of)
-                    state.update(fp_phase=True, fp_rows={}, fp_seen=set(), fp_wanted=wanted)
+                    state.update(fp_phase=True, fp_rows={}, fp_seen=set(), fp_wanted=wanted, stop_after=None)
                     replay = stream.replay
                     try:
                         with (frozen.suspended() if frozen is not None else contextlib.nullcontext()), \

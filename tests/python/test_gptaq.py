@@ -345,3 +345,26 @@ def test_replaced_weights_are_gone_when_their_pages_are_released(gptqkit, monkey
     monkeypatch.setattr(gm, "release_file_pages", release)
     _quantize(make_tiny_model("llama"), _tokens(), gptaq=True)
     assert checked and all(checked), checked
+
+
+def test_unquantized_attention_runs_whole_once_per_block_and_batch(gptqkit):
+    """The unquantized model's attention must run to its end once per block and batch (in
+    o_proj's group, where it is recorded) and be replayed in the MLP groups; q_proj's calls count
+    what really ran. Per block and batch: the quantized model runs attention in the q/k/v and
+    o_proj groups (afterwards it is seeded from o_proj), the unquantized model starts it in the
+    q/k/v group (stopped at q_proj) and runs it whole in o_proj's: 4 calls; 5 before attention was
+    recorded there."""
+    fp = make_tiny_model("llama")
+    ids = _tokens()
+    path, _ = EXPECTED["llama"]
+    calls = {}
+    blocks = fp.get_submodule(path)
+    for i, block in enumerate(blocks):
+        calls[i] = 0
+        block.self_attn.q_proj.register_forward_pre_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
+    q = _quantize(fp, ids, gptaq=True)
+    batches = ids.shape[0] // 2
+    # plus one call per block from the probe of its structure (find_tails), and one more in
+    # block 0 from the discovery of its layer groups
+    assert calls == {i: 4 * batches + 1 + (i == 0) for i in range(len(blocks))}, calls
+    assert all(r.target_shift is not None for r in q.report.layers)
