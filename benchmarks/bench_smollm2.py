@@ -342,24 +342,37 @@ def plot(rows, path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.8))
     lo, hi = min(r["kl"] for r in rows), max(r["kl"] for r in rows)
     kl_span = hi - lo or 1.0
-    placed = []  # (seconds, kl) of labelled points: a label near one goes below its point instead
-    for r in sorted(rows, key=lambda r: r["kl"], reverse=True):
+    ax.set_xlim(0, max(r["seconds"] for r in rows) * 1.55)
+    ax.set_ylim(lo - 0.15 * kl_span, hi + 0.12 * kl_span)
+    for r in rows:
         peer = r["config"] in PEER_CONFIGS
         ax.scatter(r["seconds"], r["kl"], s=70, marker="s" if peer else "o",
                    color="C1" if peer else ("C7" if r["config"] == "rtn" else "C0"), zorder=3)
-        crowded = any(abs(kl - r["kl"]) < 0.08 * kl_span for _, kl in placed)
-        ax.annotate(f"{LABELS.get(r['config'], r['config'])}\nppl {r['ppl']:.2f}, {r['peak_rss_mb']:.0f} MB",
-                    (r["seconds"], r["kl"]), textcoords="offset points", xytext=(8, -22 if crowded else 4),
-                    fontsize=7.5)
-        placed.append((r["seconds"], r["kl"]))
+    renderer = fig.canvas.get_renderer()
+    taken = []  # display boxes of the labels placed so far
+    # Each label takes the first of these offsets (points) where it overlaps no earlier label.
+    offsets = [((8, 4), "left"), ((8, -22), "left"), ((-8, 4), "right"), ((-8, -22), "right"),
+               ((8, 18), "left"), ((8, -36), "left"), ((-8, 18), "right"), ((-8, -36), "right")]
+    for r in sorted(rows, key=lambda r: r["kl"], reverse=True):
+        text = f"{LABELS.get(r['config'], r['config'])}\nppl {r['ppl']:.2f}, {r['peak_rss_mb']:.0f} MB"
+        for offset, align in offsets:
+            label = ax.annotate(text, (r["seconds"], r["kl"]), textcoords="offset points", xytext=offset,
+                                ha=align, fontsize=7.5)
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(t) for t in taken) and box.x0 >= ax.bbox.x0:
+                break
+            label.remove()
+        else:
+            label = ax.annotate(text, (r["seconds"], r["kl"]), textcoords="offset points", xytext=offsets[0][0],
+                                fontsize=7.5)
+            box = label.get_window_extent(renderer)
+        taken.append(box)
     ax.set_xlabel("quantization time (s, 2-core CPU)")
     ax.set_ylabel("KL divergence from fp32 (nats/token, lower is better)")
     r0 = rows[0]
     ax.set_title(f"SmolLM2-135M, {r0['bits']}-bit, group {r0['group_size']}: accuracy vs time "
                  f"(fp32 perplexity {r0['ppl_fp32']:.2f})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.set_xlim(0, max(r["seconds"] for r in rows) * 1.55)
-    ax.set_ylim(lo - 0.15 * kl_span, hi + 0.12 * kl_span)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"plot written to {path}")

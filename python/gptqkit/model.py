@@ -1339,7 +1339,15 @@ class GPTQForCausalLM:
                     if state["fp_phase"] and state["stop_after"] == child:
                         raise _Stop
                 return hook
-            handles += [mod.register_forward_hook(stop_after_hook(c)) for c, mod in stream.replay.children.items()]
+
+            def stop_before_hook(child: str):
+                def hook(_mod, _args):  # a block that ran the child without its hooks: stop before the next
+                    if state["fp_phase"] and state["stop_after"] not in (None, child):
+                        raise _Stop
+                return hook
+            for c, mod in stream.replay.children.items():
+                handles += [mod.register_forward_hook(stop_after_hook(c)),
+                            mod.register_forward_pre_hook(stop_before_hook(c))]
         owners: set = set()
         try:
             for b, (entry, h) in enumerate(zip(batch_inputs, hidden)):

@@ -368,3 +368,22 @@ def test_unquantized_attention_runs_whole_once_per_block_and_batch(gptqkit):
     # block 0 from the discovery of its layer groups
     assert calls == {i: 4 * batches + 1 + (i == 0) for i in range(len(blocks))}, calls
     assert all(r.target_shift is not None for r in q.report.layers)
+
+
+def test_a_block_part_called_without_its_hooks_gives_the_same_checkpoint(gptqkit):
+    """A block that runs attention without going through Module.__call__ (no hooks fire on the
+    part itself; remote-code models do this) must not let the unquantized pass run on into the
+    MLP, whose replayed output would hide gate_proj's input: the same codes as the normal run."""
+    fp = make_tiny_model("llama")
+    ids = _tokens()
+    path, _ = EXPECTED["llama"]
+    normal = _quantize(copy.deepcopy(fp), ids, gptaq=True)
+    direct = copy.deepcopy(fp)
+    for block in direct.get_submodule(path):
+        attn = block.self_attn
+        attn.__class__ = type("DirectCall" + type(attn).__name__, (type(attn),),
+                              {"__call__": lambda self, *a, **k: self.forward(*a, **k)})
+    direct = _quantize(direct, ids, gptaq=True)
+    for name, layer in normal.model.named_modules():
+        if hasattr(layer, "qweight"):
+            assert torch.equal(direct.model.get_submodule(name).qweight, layer.qweight), name
