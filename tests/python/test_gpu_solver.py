@@ -317,10 +317,24 @@ def test_quantize_and_pack_on_gpu():
 
 
 @needs_gpu
-@pytest.mark.parametrize("desc_act,clip_steps", [(False, 0), (True, 16)])
-def test_model_quantize_on_gpu_matches_cpu(desc_act, clip_steps):
+def test_shift_operator_on_gpu_matches_cpu():
+    """Asymmetric calibration's M = D (H + λI)⁻¹ from the GPU factor, against the CPU one."""
+    from gptqkit.gptaq import shift_operator
+
+    _, H = make_problem(dead=(5,))
+    D = 0.1 * torch.randn(H.shape, generator=torch.Generator().manual_seed(3)) @ H
+    cpu = shift_operator(D, H)
+    gpu = shift_operator(D.cuda(), H.cuda())
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-4 * float(cpu.abs().max()))
+
+
+@needs_gpu
+@pytest.mark.parametrize("desc_act,clip_steps,gptaq", [(False, 0, False), (True, 16, False), (True, 16, True)])
+def test_model_quantize_on_gpu_matches_cpu(desc_act, clip_steps, gptaq):
     """GPTQForCausalLM.quantize(device="cuda"): activations stay on the GPU, Hessians are
-    accumulated and layers solved there; the packed model matches a CPU run."""
+    accumulated and layers solved there; the packed model matches a CPU run (also with
+    asymmetric calibration: the unquantized model's stream and D on the GPU too)."""
     from tiny_models import make_tiny_model
 
     from gptqkit import GPTQForCausalLM, QuantizeConfig
@@ -329,7 +343,7 @@ def test_model_quantize_on_gpu_matches_cpu(desc_act, clip_steps):
     runs = {}
     for device in ("cpu", "cuda"):
         q = GPTQForCausalLM(make_tiny_model("llama"), QuantizeConfig(bits=4, group_size=32, desc_act=desc_act,
-                                                                     clip_steps=clip_steps))
+                                                                     clip_steps=clip_steps, gptaq=gptaq))
         report = q.quantize(ids, batch_size=2, device=device, progress=False)
         runs[device] = (report, {n: b.detach().cpu() for n, b in q.model.named_buffers() if n.endswith("qweight")})
     (cpu_report, cpu_q), (gpu_report, gpu_q) = runs["cpu"], runs["cuda"]
@@ -342,6 +356,8 @@ def test_model_quantize_on_gpu_matches_cpu(desc_act, clip_steps):
     for a, b in zip(cpu_report.layers, gpu_report.layers):
         assert a.name == b.name
         assert b.loss == pytest.approx(a.loss, rel=0.05, abs=1e-6)
+        if gptaq:
+            assert b.target_shift == pytest.approx(a.target_shift, rel=0.05, abs=1e-6)
 
 
 # ---- CPU-only builds: GPU views are refused clearly ----------------------------------
