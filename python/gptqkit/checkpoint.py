@@ -278,8 +278,22 @@ def _check_layers_against_config(model: nn.Module, qcfg: QuantizeConfig) -> None
                                   f"{qcfg.checkpoint_format!r} ({fmt})")
 
 
+def _block_layers(model: nn.Module, blocks_path: str) -> tuple:
+    """``(quantized, full_precision)``: block-relative layer name -> the block indices where it is a
+    :class:`QuantLinear`, or a linear layer left in full precision."""
+    quantized: Dict[str, List[int]] = {}
+    full_precision: Dict[str, List[int]] = {}
+    for index, block in enumerate(model.get_submodule(blocks_path)):
+        for name, module in block.named_modules():
+            if isinstance(module, QuantLinear):
+                quantized.setdefault(name, []).append(index)
+            elif name and is_linear_like(module):
+                full_precision.setdefault(name, []).append(index)
+    return quantized, full_precision
+
+
 def declare_unquantized_layers(quantization_config: Mapping[str, Any], model: nn.Module,
-                               blocks_path: str) -> Dict[str, Any]:
+                               blocks_path: str, layers: Optional[tuple] = None) -> Dict[str, Any]:
     """``quantization_config`` extended so that other readers leave full-precision block layers alone.
 
     transformers (through optimum) turns *every* Linear layer of the decoder
@@ -301,16 +315,9 @@ def declare_unquantized_layers(quantization_config: Mapping[str, Any], model: nn
       precision (``\\d+`` if in all of them).
 
     A model whose block layers are all quantized gets the config unchanged.
+    ``layers``: :func:`_block_layers` of the model, when the caller has it already.
     """
-    blocks = model.get_submodule(blocks_path)
-    quantized: Dict[str, List[int]] = {}
-    full_precision: Dict[str, List[int]] = {}
-    for index, block in enumerate(blocks):
-        for name, module in block.named_modules():
-            if isinstance(module, QuantLinear):
-                quantized.setdefault(name, []).append(index)
-            elif name and is_linear_like(module):
-                full_precision.setdefault(name, []).append(index)
+    quantized, full_precision = layers if layers is not None else _block_layers(model, blocks_path)
     out = copy.deepcopy(dict(quantization_config))
     if not full_precision:
         return out
@@ -382,8 +389,9 @@ def save_checkpoint(model: nn.Module, out_dir: PathLike, quantize_config_dict: O
         except UnsupportedModelError:
             pass  # no decoder blocks to declare anything about
     if blocks_path is not None:
-        quantization_config_dict = declare_unquantized_layers(quantization_config_dict, model, blocks_path)
-        quantize_config_dict = declare_unquantized_layers(quantize_config_dict, model, blocks_path)
+        layers = _block_layers(model, blocks_path)
+        quantization_config_dict = declare_unquantized_layers(quantization_config_dict, model, blocks_path, layers)
+        quantize_config_dict = declare_unquantized_layers(quantize_config_dict, model, blocks_path, layers)
     quantization_config_dict = copy.deepcopy(dict(quantization_config_dict))
     quantize_config_dict = copy.deepcopy(dict(quantize_config_dict))
     qcfg = QuantizeConfig.from_quantization_config(quantization_config_dict)

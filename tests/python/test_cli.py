@@ -85,6 +85,8 @@ def assert_one_line_error(err: str, *needles: str):
     (["eval-ppl"], ["--text", "--tokens", "--seqlen", "--windows", "--batch-size", "--compare", "KL",
                     "examples:", "(default: 512)"]),
     (["info"], ["--json", "CHECKPOINT", "examples:", "float16"]),
+    (["generate"], ["PROMPT", "--prompt-file", "--chat", "--max-new-tokens", "--temperature", "--top-p", "--top-k",
+                    "--seed", "--device", "--json", "greedy", "examples:", "(default: 64)"]),
 ])
 def test_help_teaches(cli, capsys, command, needles):
     assert cli.main(command + ["--help"]) == 0
@@ -97,7 +99,8 @@ def test_version_and_no_command(cli, capsys, gptqkit):
     assert cli.main(["--version"]) == 0
     assert gptqkit.__version__ in capsys.readouterr().out
     assert cli.main([]) == 2
-    assert "choose a command" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "choose a command" in err and "generate" in err
 
 
 # =========================================================================== quantize -> info -> eval-ppl
@@ -174,13 +177,13 @@ def test_info_rows_group_experts_with_equal_settings(cli):
     layers["m.layers.0.mlp.experts.6.down_proj"] = layer(nbytes=300)   # bytes may differ within a row
     layers["m.layers.0.self_attn.q_proj"] = layer()
     layers["m.layers.10.mlp.experts.0.down_proj"] = layer()            # another block: another row
-    rows = cli._layer_rows(layers, per_expert=False)
+    rows = cli.info._layer_rows(layers, per_expert=False)
     assert [(label, row["bits"], row["bytes"]) for label, row in rows] == [
         ("m.layers.0.mlp.experts.{0-3,5-10}.down_proj (x10)", 4, 10 * 100 + 200),
         ("m.layers.0.mlp.experts.4.down_proj", 8, 100),
         ("m.layers.0.self_attn.q_proj", 4, 100),
         ("m.layers.10.mlp.experts.0.down_proj", 4, 100)]
-    assert [label for label, _ in cli._layer_rows(layers, per_expert=True)][:3] == [
+    assert [label for label, _ in cli.info._layer_rows(layers, per_expert=True)][:3] == [
         f"m.layers.0.mlp.experts.{e}.down_proj" for e in range(3)]
 
 
@@ -231,6 +234,99 @@ def test_eval_ppl_tokens_compare_json(cli, quantized, files, capsys):
     assert cli.main(["eval-ppl", quantized[0]] + argv) == 0                           # quantized alone
     alone = json.loads(capsys.readouterr().out)
     assert alone["perplexity"] == pytest.approx(q["perplexity"], rel=1e-5)
+
+
+# =========================================================================== generate
+
+def _generate_json(cli, capsys, argv):
+    assert cli.main(["generate"] + [str(a) for a in argv] + ["--json", "-q"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_generate_greedy_equals_model_generate(cli, quantized, capsys):
+    """The command's tokens are what the library's own ``generate`` gives (greedy, same prompt)."""
+    import torch
+    from gptqkit import GPTQForCausalLM
+
+    got = _generate_json(cli, capsys, [quantized[0], "hello world", "--max-new-tokens", "12"])
+    q = GPTQForCausalLM.from_quantized(quantized[0])
+    ids = q.tokenizer("hello world", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        want = q.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                          pad_token_id=q.tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+    assert got["new_token_ids"] == want and got["new_tokens"] == len(want) > 0
+    assert got["prompt_tokens"] == ids.shape[1]
+    assert got["text"] == q.tokenizer.decode(want, skip_special_tokens=True)
+    assert got["stopped_at_eos"] == (len(want) < 12)
+    assert got["sampling"] == "greedy" and got["model_kind"].startswith("GPTQ checkpoint, 4-bit")
+    assert got["generate_seconds"] > 0 and got["time_to_first_token_seconds"] > 0
+    if len(want) > 1:
+        assert got["decode_tokens_per_second"] > 0
+
+
+def test_generate_streams_text_to_stdout_and_figures_to_stderr(cli, quantized, capsys):
+    want = _generate_json(cli, capsys, [quantized[0], "abc", "--max-new-tokens", "10"])
+    assert cli.main(["generate", quantized[0], "abc", "--max-new-tokens", "10"]) == 0
+    out, err = capsys.readouterr()
+    assert out == want["text"] + "\n"
+    assert f"[{want['prompt_tokens']} prompt tokens; {want['new_tokens']} new tokens" in err
+    assert "loading" in err                                                            # chatter without -q
+
+
+def test_generate_full_precision_model_and_stdin_prompt(cli, files, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello world"))
+    from_stdin = _generate_json(cli, capsys, [files["model"], "-", "--max-new-tokens", "6"])
+    assert from_stdin["model_kind"].startswith("full-precision") and from_stdin["prompt"] == "hello world"
+    prompt_file = files["root"] / "prompt.txt"
+    prompt_file.write_text("hello world", encoding="utf-8")
+    from_file = _generate_json(cli, capsys, [files["model"], "--prompt-file", prompt_file, "--max-new-tokens", "6"])
+    assert from_file["new_token_ids"] == from_stdin["new_token_ids"]
+
+
+def test_generate_sampling_is_seeded(cli, quantized, capsys):
+    argv = [quantized[0], "the", "--max-new-tokens", "16", "--temperature", "1.5", "--top-k", "50"]
+    runs = [_generate_json(cli, capsys, argv + ["--seed", str(seed)]) for seed in (7, 7, 8)]
+    assert runs[0]["new_token_ids"] == runs[1]["new_token_ids"]
+    assert runs[0]["sampling"] == {"temperature": 1.5, "top_p": 1.0, "top_k": 50, "seed": 7}
+    greedy = _generate_json(cli, capsys, argv[:4])
+    assert greedy["new_token_ids"] not in [r["new_token_ids"] for r in runs]   # a near-uniform model, T 1.5
+
+
+def test_generate_chat_template(cli, quantized, files, capsys, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(quantized[0])
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}" \
+                        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    tok.save_pretrained(tmp_path)
+    got = _generate_json(cli, capsys, [quantized[0], "hi", "--chat", "--tokenizer", tmp_path,
+                                       "--max-new-tokens", "4"])
+    assert got["chat"] is True
+    assert got["prompt_tokens"] == len(tok("<user>hi\n<assistant>", add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize("argv, status, needles", [
+    (["--max-new-tokens", "4"], 2, ["no prompt"]),
+    (["   ", "--max-new-tokens", "4"], 2, ["prompt is empty"]),
+    (["x", "--prompt-file", "p.txt"], 2, ["not both"]),
+    (["--prompt-file", "missing.txt"], 2, ["--prompt-file", "no such file"]),
+    (["x", "--top-p", "0.5"], 2, ["--temperature > 0"]),
+    (["x", "--temperature", "-1"], 2, ["--temperature"]),
+    (["x", "--temperature", "nan"], 2, ["--temperature"]),
+    (["x", "--top-p", "1.5", "--temperature", "1"], 2, ["--top-p"]),
+    (["x", "--max-new-tokens", "0"], 2, ["--max-new-tokens"]),
+    (["x", "--max-new-tokens", "1000"], 2, ["exceed the model's 256 positions"]),
+    (["x", "--chat"], 1, ["no chat template"]),
+    (["x", "--device", "tpu"], 2, ["--device"]),
+    (["x", "y"], 2, ["unrecognized arguments: x y"]),
+])
+def test_generate_errors(cli, quantized, files, capsys, monkeypatch, argv, status, needles):
+    monkeypatch.chdir(files["root"])
+    (files["root"] / "p.txt").write_text("x")
+    assert cli.main(["generate", quantized[0], "-q"] + argv) == status
+    assert_one_line_error(capsys.readouterr().err, *needles)
 
 
 # =========================================================================== errors
@@ -317,7 +413,7 @@ def test_missing_calibration_file(cli, files, capsys):
 
 
 def test_no_default_calibration(cli, files, capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "data_search_paths", lambda name: [tmp_path / "wikitext-2" / name])
+    monkeypatch.setattr(cli._common, "data_search_paths", lambda name: [tmp_path / "wikitext-2" / name])
     assert cli.main(["quantize", files["model"], str(tmp_path / "out")]) == 2
     assert_one_line_error(capsys.readouterr().err, "--calibration")
 
