@@ -474,6 +474,45 @@ def test_quant_linear_shares_qweight_without_act_order(gptqkit):
     assert layer.__dict__["_gpu_layout"].qweight.data_ptr() == layer.qweight.data_ptr()
 
 
+@gpu
+@pytest.mark.parametrize("desc_act", [False, True], ids=["sequential", "act-order"])
+def test_from_quantized_on_cuda_and_generate_command(gptqkit, tmp_path, desc_act):
+    """A saved checkpoint loaded with from_quantized(device="cuda") runs every quantized layer in the
+    GPU kernels and gives the CPU model's logits; ``gptqkit generate --device cuda`` gives the
+    library's own greedy tokens on that model."""
+    import json
+
+    from cli_runner import run_cli
+    from tiny_models import make_tiny_model, make_tiny_tokenizer
+
+    from gptqkit import GPTQForCausalLM, QuantizeConfig
+    from gptqkit.nn import QuantLinear
+
+    q = GPTQForCausalLM(make_tiny_model("llama"), QuantizeConfig(bits=4, group_size=32, desc_act=desc_act),
+                        tokenizer=make_tiny_tokenizer())
+    q.quantize(torch.randint(4, 100, (4, 32), generator=torch.Generator().manual_seed(0)), progress=False)
+    q.save_quantized(tmp_path / "ckpt")
+    ids = torch.randint(4, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+    cpu = GPTQForCausalLM.from_quantized(tmp_path / "ckpt", device="cpu", dtype=torch.float32)
+    gpu = GPTQForCausalLM.from_quantized(tmp_path / "ckpt", device="cuda", dtype=torch.float16)
+    layers = [m for m in gpu.model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all("_gpu_layout" in m.__dict__ and m.qweight.device.type == "cuda" for m in layers)
+    with torch.inference_mode():
+        ref = cpu(ids).logits.double()
+        got = gpu(ids.cuda()).logits.double().cpu()
+    assert float((got - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
+
+    prompt = gpu.tokenizer("hello world", return_tensors="pt")["input_ids"].cuda()
+    with torch.inference_mode():
+        want = gpu.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                            do_sample=False, pad_token_id=gpu.tokenizer.pad_token_id)[0, prompt.shape[1]:].tolist()
+    status, out, err = run_cli(["generate", tmp_path / "ckpt", "hello world", "--device", "cuda", "--dtype",
+                                "float16", "--max-new-tokens", "8", "--json", "-q"])
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["device"] == "cuda" and result["new_token_ids"] == want
+
+
 def test_quant_linear_gpu_forward_compiles_without_graph_breaks(gptqkit):
     """QuantLinear's GPU branch is plain Python around the op; run here on a CPU copy of the layout."""
     from gptqkit.nn import QuantLinear
