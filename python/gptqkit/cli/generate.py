@@ -212,7 +212,9 @@ def cmd_generate(args) -> int:
     t_load = time.perf_counter() - t0
 
     input_ids = _input_ids(tok, prompt, args.chat).to(device)
-    limit = getattr(model.config, "max_position_embeddings", None)
+    from gptqkit.calibration import model_max_length
+
+    limit = model_max_length(model.config)
     if limit is not None and input_ids.shape[1] + args.max_new_tokens > limit:
         raise UsageError(f"the prompt's {input_ids.shape[1]} tokens plus --max-new-tokens {args.max_new_tokens} "
                          f"exceed the model's {limit} positions")
