@@ -22,7 +22,8 @@ __version__ = _C.__version__
 # the core API stays light.
 _LAZY = {
     "GPTQForCausalLM": "gptqkit.model",
-    "QuantizeReport": "gptqkit.model",
+    "QuantizeReport": "gptqkit.report",
+    "LayerReport": "gptqkit.report",
     "QuantizeConfig": "gptqkit.config",
     "QuantLinear": "gptqkit.nn",
     "ModelLayout": "gptqkit.discovery",
@@ -39,6 +40,7 @@ def __getattr__(name):
 __all__ = [
     "GPTQForCausalLM",
     "HessianAccumulator",
+    "LayerReport",
     "ModelLayout",
     "QuantLinear",
     "QuantizeConfig",

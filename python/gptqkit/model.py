@@ -44,29 +44,30 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import resource
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from gptqkit.block_io import (BlockInputs, FrozenOutputs, SlabCache, Stop, hidden_of, hessian_input, in_out_features,
+                              move_to, share_equal, tail_batches, take_slot, token_rows)
 from gptqkit.calibration import model_max_length, prepare_calibration
 from gptqkit.checkpoint import checkpoint_info, load_checkpoint, parse_size, save_checkpoint
 from gptqkit.config import QuantizeConfig
 from gptqkit.discovery import (LayerTracer, ModelLayout, _tensor_key, find_layout, find_linear_layers, get_weight,
-                               is_conv1d, set_weight, validate_groups, weights_outside_linear_layers)
+                               set_weight, validate_groups, weights_outside_linear_layers)
 from gptqkit._memory import available_bytes, exclusive_file_ranges, page_out, release_file_pages, trim_heap
 from gptqkit.gptaq import FullPrecisionStream, InputShiftAccumulator, shift_operator, shifted_target
 from gptqkit.hessian import HessianAccumulator
-from gptqkit.moe import (defuse_experts, fused_experts, merge_expert_groups, only_real_tokens, routed_layers,
+from gptqkit.moe import (defuse_experts, fused_experts, merge_expert_groups, routed_layers,
                          unsupported_reason)
-from gptqkit._gpu import gpu_backend
 from gptqkit._native import NotPositiveDefiniteError
 from gptqkit.nn import QuantLinear
 from gptqkit.packing import PackedLayer
+from gptqkit.report import NOT_LINEAR_WARN_SHARE, LayerReport, QuantizeReport, peak_rss_mb
 from gptqkit.resume import ResumeStore, calibration_fingerprint, model_fingerprint
 from gptqkit.solver import quantize_weight
 from gptqkit.source_formats import dequantizing_kwargs
@@ -74,85 +75,9 @@ from gptqkit.source_formats import dequantizing_kwargs
 __all__ = ["GPTQForCausalLM", "LayerReport", "QuantizeReport"]
 
 
-#: share of a block's parameters outside Linear-like layers above which quantize() warns
-NOT_LINEAR_WARN_SHARE = 0.05
-
 #: layers with fewer outputs stay in full precision: scalar gates (Qwen-MoE's shared_expert_gate,
 #: one output) save nothing quantized, and the GPTQ kernels of vLLM and others need whole packed words
 MIN_OUT_FEATURES = 32
-
-
-class _Stop(Exception):
-    """Ends a forward pass once the inputs it was run for have been seen."""
-
-
-@dataclass
-class LayerReport:
-    """What quantizing one layer did."""
-
-    name: str
-    shape: tuple  # (out_features, in_features)
-    bits: int
-    group_size: int
-    loss: float
-    damp: float
-    damp_attempts: int
-    seconds: float
-    #: calibration tokens its Hessian was built from (an MoE expert sees only those routed to it)
-    tokens: Optional[int] = None
-    #: rounded to nearest: an expert that calibration routed no token to (see gptqkit.moe)
-    rtn_fallback: bool = False
-    #: asymmetric calibration (``gptaq``): ``||W0 - W|| / ||W||`` of the shifted target; None without it
-    target_shift: Optional[float] = None
-
-
-@dataclass
-class QuantizeReport:
-    """Summary of :meth:`GPTQForCausalLM.quantize`."""
-
-    layers: List[LayerReport] = field(default_factory=list)
-    skipped: List[str] = field(default_factory=list)
-    #: matrix-shaped weights of the blocks that are not in Linear-like layers (so stay unquantized),
-    #: named as in one block, and their share of the blocks' parameters
-    not_linear: List[str] = field(default_factory=list)
-    not_linear_share: float = 0.0
-    tokens: int = 0
-    seconds: float = 0.0
-    peak_rss_mb: float = 0.0
-    #: passes over the calibration data added to keep a group's Hessians under ``hessian_memory``
-    extra_passes: int = 0
-
-    def summary(self) -> str:
-        n = len(self.layers)
-        if n == 0:
-            return "no layer was quantized"
-        worst = max(self.layers, key=lambda r: r.loss)
-        retried = [r.name for r in self.layers if r.damp_attempts > 1]
-        lines = [
-            f"quantized {n} layers ({len(self.skipped)} skipped) on {self.tokens} calibration tokens "
-            f"in {self.seconds:.1f} s; peak RSS {self.peak_rss_mb:.0f} MB",
-            f"GPTQ loss: total {sum(r.loss for r in self.layers):.4g}, largest {worst.loss:.4g} ({worst.name})",
-        ]
-        if self.not_linear_share >= NOT_LINEAR_WARN_SHARE:
-            lines.append(f"{self.not_linear_share:.0%} of the blocks' weights are not in Linear layers and stay "
-                         f"unquantized: {', '.join(self.not_linear[:4])}" + (" ..." if len(self.not_linear) > 4 else ""))
-        if self.extra_passes:
-            lines.append(f"{self.extra_passes} extra pass(es) over the calibration data kept the Hessians of a "
-                         f"group under hessian_memory")
-        fallback = [r for r in self.layers if r.rtn_fallback]
-        if fallback:
-            lines.append(f"{len(fallback)} expert layer(s) got no calibration token and were rounded to nearest "
-                         f"(more calibration data reaches more experts): " + ", ".join(r.name for r in fallback[:4])
-                         + (" ..." if len(fallback) > 4 else ""))
-        if retried:
-            lines.append(f"damping was raised for {len(retried)} layer(s): {', '.join(retried[:5])}"
-                         + (" ..." if len(retried) > 5 else ""))
-        return "\n".join(lines)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
@@ -184,290 +109,12 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def _move(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_move(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_move(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _move(v, device) for k, v in obj.items()}
-    return obj
-
-
-def _hidden_of(output: Any) -> torch.Tensor:
-    """The hidden states a decoder block returns (a tensor, or the first item of a tuple)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot find the hidden states in a block output of type {type(output).__name__}")
-
-
-class _BlockInputs:
-    """What one block receives for one batch, besides its hidden states."""
-
-    def __init__(self, rest: tuple, kwargs: dict, mask: Optional[torch.Tensor]):
-        self.rest = rest  # positional arguments after the hidden states
-        self.kwargs = kwargs
-        self.mask = mask  # [b, T] token mask of the batch (1 = real token)
-
-    def call(self, block: nn.Module, hidden: torch.Tensor, dev) -> Any:
-        with only_real_tokens(block, self.mask):  # padding reaches no MoE expert's Hessian
-            return block(hidden.to(dev), *_move(self.rest, dev), **_move(self.kwargs, dev))
-
-
-def _share_equal(obj: Any, prev: Any) -> Any:
-    """``obj`` with every tensor that equals the one at the same place in ``prev`` replaced by
-    ``prev``'s: batches' block arguments are then stored once, not once per batch."""
-    if isinstance(obj, torch.Tensor):
-        if (isinstance(prev, torch.Tensor) and prev.shape == obj.shape and prev.dtype == obj.dtype
-                and prev.device == obj.device and torch.equal(prev, obj)):
-            return prev
-        return obj
-    if isinstance(obj, (tuple, list)) and isinstance(prev, (tuple, list)) and len(obj) == len(prev):
-        return type(obj)(_share_equal(o, p) for o, p in zip(obj, prev))
-    if isinstance(obj, dict) and isinstance(prev, dict):
-        return {k: _share_equal(v, prev.get(k)) for k, v in obj.items()}
-    return obj
-
-
-def _clone(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, tuple):
-        return tuple(_clone(o) for o in obj)
-    if isinstance(obj, list):
-        return [_clone(o) for o in obj]
-    return obj
-
-
-class _SlabCache:
-    """Per-batch tensors of one kind (block inputs, a part's outputs) kept in
-    one allocation of ``[n_batches, *shape]``.
-
-    Why: a cache made of a hundred megabyte-sized tensors, allocated between
-    the temporaries of the forward passes, pins the heap around them: freed
-    temporaries leave holes glibc cannot return, and the peak memory of a
-    run grows by hundreds of megabytes, differently on every run. One large
-    allocation per cache is mapped on its own and returned whole when freed.
-    Tensors of another shape (a shorter last batch) are kept as clones.
-    """
-
-    def __init__(self, n_batches: int):
-        self.n_batches = n_batches
-        self.slab: Optional[torch.Tensor] = None
-
-    def put(self, index: int, t: torch.Tensor) -> torch.Tensor:
-        """A copy of ``t`` to keep for batch ``index``: a view of the slab when the shape fits."""
-        t = t.detach()
-        if self.slab is None and 0 <= index < self.n_batches:
-            self.slab = torch.empty((self.n_batches,) + tuple(t.shape), dtype=t.dtype, device=t.device)
-        if (self.slab is not None and 0 <= index < self.n_batches and self.slab.shape[1:] == t.shape
-                and self.slab.dtype == t.dtype and self.slab.device == t.device):
-            view = self.slab[index]
-            view.copy_(t)
-            return view
-        return t.clone()
-
-
-class _FrozenOutputs:
-    """Replays, batch by batch, the outputs of block parts whose layers are final.
-
-    Why: true-sequential GPTQ runs a block once per layer group, but a child of
-    the block (``self_attn`` once q/k/v/o are quantized) gives the same output
-    on every later pass. Its output is stored the first time it runs with all
-    its layers final and replayed afterwards, so later passes (the MLP
-    groups, the block's output pass) skip attention entirely. Outputs are
-    stored and replayed as copies, so in-place updates downstream cannot
-    corrupt them. A child called more than once per forward is never cached.
-    """
-
-    def __init__(self, block: nn.Module, n_batches: int = 0):
-        self.children = {name: mod for name, mod in block.named_children() if find_linear_layers(mod)}
-        self.layers = {name: {f"{name}.{sub}" for sub in find_linear_layers(mod)}
-                       for name, mod in self.children.items()}
-        self.store: Dict[str, Dict[int, Any]] = {}
-        self.uncachable: set = set()
-        self.batch = 0
-        self._calls: Dict[str, int] = {}
-        self.tails: Dict[str, tuple] = {}
-        self.n_batches = n_batches
-        self._slabs: Dict[str, _SlabCache] = {}
-
-    def _keep(self, name: str, out: Any, index: int) -> Any:
-        """A copy of a part's output for batch ``index``, its main tensor in the part's slab."""
-        slab = self._slabs.setdefault(name, _SlabCache(self.n_batches))
-        if isinstance(out, torch.Tensor):
-            return slab.put(index, out)
-        if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-            return type(out)([slab.put(index, out[0])] + [_clone(o) for o in out[1:]])
-        return _clone(out)
-
-    def find_tails(self, block: nn.Module, entry: "_BlockInputs", hidden: torch.Tensor, dev) -> Dict[str, tuple]:
-        """Finds children whose output *is* the output of one of their layers.
-
-        Why: once such a child's last layer (its "tail", e.g. ``o_proj`` of
-        attention) is quantized, the child's output on every batch is just
-        ``tail(cached input of tail)``; the pass that quantized the tail
-        already saw that input, so the child need not run again at all.
-        Decided on one real forward by tensor identity (the child returns the
-        very tensor the layer produced, as a tensor or as element 0 of a tuple
-        whose other elements are ``None``), never by names.
-
-        Returns ``{child: (tail layer name, output structure, input width / output width)}``.
-        """
-        outputs: Dict[str, List[Any]] = {c: [] for c in self.children}
-        layer_outs: Dict[str, List[torch.Tensor]] = {}
-        handles = []
-        for c, mod in self.children.items():
-            handles.append(mod.register_forward_hook(lambda _m, _a, out, c=c: outputs[c].append(out)))
-            for sub in find_linear_layers(mod):
-                full = f"{c}.{sub}"
-                layer_outs[full] = []
-                handles.append(mod.get_submodule(sub).register_forward_hook(
-                    lambda _m, _a, out, full=full: layer_outs[full].append(out)))
-        try:
-            entry.call(block, hidden, dev)
-        finally:
-            for h in handles:
-                h.remove()
-        tails: Dict[str, tuple] = {}
-        for c, outs in outputs.items():
-            if len(outs) != 1:
-                continue
-            out = outs[0]
-            if isinstance(out, torch.Tensor):
-                main, structure = out, None
-            elif (isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor)
-                  and all(o is None for o in out[1:])):
-                main, structure = out[0], (type(out), len(out))
-            else:
-                continue
-            for full in sorted(self.layers[c]):
-                produced = layer_outs.get(full, [])
-                layer = block.get_submodule(full)
-                k_in, n_out = _in_out_features(layer)
-                if len(produced) == 1 and produced[0] is main and k_in is not None:
-                    tails[c] = (full, structure, k_in / max(n_out, 1))
-                    break
-        self.tails = tails
-        return tails
-
-    def seed(self, child: str, outputs: List[torch.Tensor], kept: bool = False) -> None:
-        """Stores ``child``'s per-batch outputs computed from its tail layer (see
-        :meth:`find_tails`); ``kept``: the tensors are already cache memory (no copy)."""
-        structure = self.tails[child][1]
-        store = self.store.setdefault(child, {})
-        for b, out in enumerate(outputs):
-            out = out if structure is None else structure[0]([out] + [None] * (structure[1] - 1))
-            store[b] = out if kept else self._keep(child, out, b)
-
-    def start_batch(self, index: int) -> None:
-        self.batch = index
-        self._calls = {}
-
-    def active(self, pending: set, record: bool = True):
-        """Context manager: patch every child none of whose layers is in ``pending``."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def patched():
-            names = [c for c in self.children
-                     if c not in self.uncachable and not (self.layers[c] & pending)]
-            for c in names:
-                mod = self.children[c]
-                store = self.store.setdefault(c, {})
-                mod.forward = self._replaying(c, mod.forward, store, record)
-            try:
-                yield
-            finally:
-                for c in names:
-                    del self.children[c].forward  # drop the instance attribute: back to the class's forward
-        return patched()
-
-    @contextlib.contextmanager
-    def suspended(self):
-        """Context manager: every child runs its own forward, nothing replayed or recorded
-        (the unquantized model's pass of asymmetric calibration)."""
-        patched = {c: mod.__dict__.pop("forward") for c, mod in self.children.items() if "forward" in mod.__dict__}
-        try:
-            yield
-        finally:
-            for c, forward in patched.items():
-                self.children[c].forward = forward
-
-    def _replaying(self, name: str, original, store: Dict[int, Any], record: bool):
-        def forward(*args, **kwargs):
-            calls = self._calls.get(name, 0) + 1
-            self._calls[name] = calls
-            if calls > 1:  # used twice in one forward: outputs are not per-batch
-                self.uncachable.add(name)
-                store.clear()
-                self._slabs.pop(name, None)
-                return original(*args, **kwargs)
-            if self.batch in store:
-                return _clone(store[self.batch])
-            out = original(*args, **kwargs)
-            if record:
-                store[self.batch] = self._keep(name, out, self.batch)
-            return out
-        return forward
-
-
-def _hessian_input(x: torch.Tensor) -> torch.Tensor:
-    """Activations as the Hessian accumulator takes them: on their GPU when this
-    gptqkit has a GPU backend (accumulation, and then the solver, run there),
-    else copied to the CPU."""
-    if x.device.type != "cpu" and gpu_backend() is not None:
-        return x.contiguous()
-    return x.to("cpu").contiguous()
-
-
-def _token_rows(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """A layer's input as ``[tokens, K]`` rows for the accumulators, padded tokens
-    (``mask`` 0) dropped; see :func:`_hessian_input` for the device."""
-    if mask is not None and x.dim() >= 2 and tuple(x.shape[:-1]) == tuple(mask.shape):
-        x = x[mask.to(x.device).bool()]
-    elif mask is not None and x.dim() == 2 and x.shape[0] == mask.numel():
-        x = x[mask.reshape(-1).to(x.device).bool()]  # blocks that flatten tokens (OPT)
-    x = x.detach().reshape(-1, x.shape[-1])
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        x = x.float()
-    return _hessian_input(x)
-
-
 def _result_on_cpu(result):
     """A QuantizeResult from the GPU solver with its arrays on the CPU (unchanged if already there)."""
     arrays = {f: getattr(result, f) for f in ("codes", "scales", "zeros", "g_idx", "perm")}
     if all(not isinstance(a, torch.Tensor) or a.device.type == "cpu" for a in arrays.values()):
         return result
     return replace(result, **{f: a.cpu() if isinstance(a, torch.Tensor) else a for f, a in arrays.items()})
-
-
-def _tail_batches(width_ratio: float, hidden: List[torch.Tensor], budget: float) -> int:
-    """How many batches' tail inputs to cache.
-
-    A tail input as wide as the hidden states (attention's o_proj) costs
-    nothing extra: its replayed output would take the same memory, so every
-    batch is cached. A wider one (the MLP's down_proj, ~2.7x) is cached for as
-    many batches as fit in ``budget`` hidden caches; the rest recompute the
-    MLP's input in the output pass, trading compute for memory.
-    """
-    if width_ratio <= 1.0:
-        return len(hidden)
-    return min(len(hidden), int(budget * len(hidden) / width_ratio))
-
-
-def _take_slot(hidden: List[torch.Tensor], b: int, out: torch.Tensor, cache_dev) -> None:
-    """Makes a block's output on batch ``b`` the next block's input: it is copied into the
-    input's cache slot when it fits (the input is no longer needed), so that two full
-    activation caches never coexist."""
-    if out.shape == hidden[b].shape and out.dtype == hidden[b].dtype:
-        hidden[b].copy_(out)
-    else:
-        hidden[b] = out.to(cache_dev)
 
 
 def _from_packed(layer: nn.Module, packed: PackedLayer, group_size: int) -> QuantLinear:
@@ -518,7 +165,7 @@ def split_for_hessian_memory(block: nn.Module, groups: List[List[str]],
     for group in groups:
         units: Dict[tuple, List[str]] = {}
         for name in group:
-            k = _in_out_features(block.get_submodule(name))[0] or 0
+            k = in_out_features(block.get_submodule(name))[0] or 0
             units.setdefault((name.rpartition(".")[0], k), []).append(name)
         # one float32 K x K accumulator (HessianAccumulator's default) per unit
         sized = [(names, 4 * k * k) for (_, k), names in units.items()]
@@ -537,15 +184,6 @@ def split_for_hessian_memory(block: nn.Module, groups: List[List[str]],
         out.extend(slices)
         splits.append((len(group), need, len(slices)))
     return out, splits
-
-
-def _in_out_features(layer: nn.Module) -> tuple:
-    w = getattr(layer, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.dim() != 2:
-        return None, None
-    if is_conv1d(layer):
-        return w.shape[0], w.shape[1]  # transformers' Conv1D stores [in, out]
-    return w.shape[1], w.shape[0]
 
 
 class GPTQForCausalLM:
@@ -762,7 +400,7 @@ class GPTQForCausalLM:
                 hidden, inputs = self._capture_block_inputs(batches, blocks, dev, cache_dev)
                 stream = None
                 if cfg.gptaq:  # the unquantized model's activations, run beside the quantized ones
-                    slab = _SlabCache(len(hidden))
+                    slab = SlabCache(len(hidden))
                     stream = FullPrecisionStream([slab.put(b, h) for b, h in enumerate(hidden)])
                 # The embedding is not read again until the blocks are done: its pages need not stay resident.
                 before_blocks = [model.get_submodule(name) for name in layout.pre_modules or []]
@@ -824,7 +462,7 @@ class GPTQForCausalLM:
         hidden-state input comes from block 0.
 
         Returns ``(hidden states entering block 0 per batch, per-block list of
-        per-batch _BlockInputs)``.
+        per-batch BlockInputs)``.
         """
         layer_types = getattr(getattr(self.model, "config", None), "layer_types", None)
         if not isinstance(layer_types, (list, tuple)) or len(layer_types) != len(blocks):
@@ -844,7 +482,7 @@ class GPTQForCausalLM:
             def hook(_mod, args, kwargs):
                 records[index] = (args, kwargs)
                 if index == last:
-                    raise _Stop
+                    raise Stop
             return hook
 
         for i in first_of_kind:
@@ -854,16 +492,16 @@ class GPTQForCausalLM:
         if last > 0:
             for i in range(last):
                 blocks[i].to(dev)
-        per_block: List[List[_BlockInputs]] = [[] for _ in range(len(blocks))]
+        per_block: List[List[BlockInputs]] = [[] for _ in range(len(blocks))]
         hidden: List[torch.Tensor] = []
-        hidden_slab = _SlabCache(len(batches))
+        hidden_slab = SlabCache(len(batches))
         try:
             for batch in batches:
                 records.clear()
                 try:
                     model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
                           use_cache=False)
-                except _Stop:
+                except Stop:
                     pass
                 else:
                     raise RuntimeError("the model's forward never reached its decoder blocks")
@@ -875,11 +513,11 @@ class GPTQForCausalLM:
                           if k not in ("hidden_states", "past_key_value", "past_key_values")}
                     if "use_cache" in kw:
                         kw["use_cache"] = False
-                    rest, kw = _move(tuple(args[1:]), cache_dev), _move(kw, cache_dev)
+                    rest, kw = move_to(tuple(args[1:]), cache_dev), move_to(kw, cache_dev)
                     if per_block[i]:  # rotary tables, positions, masks: usually equal in every batch
                         prev = per_block[i][-1]
-                        rest, kw = _share_equal(rest, prev.rest), _share_equal(kw, prev.kwargs)
-                    per_block[i].append(_BlockInputs(rest, kw, batch["attention_mask"]))
+                        rest, kw = share_equal(rest, prev.rest), share_equal(kw, prev.kwargs)
+                    per_block[i].append(BlockInputs(rest, kw, batch["attention_mask"]))
         finally:
             for h in handles:
                 h.remove()
@@ -894,7 +532,7 @@ class GPTQForCausalLM:
             self.model.get_submodule(name).to(dev)
         return names
 
-    def _groups_for(self, block: nn.Module, first: _BlockInputs, hidden: torch.Tensor, dev) -> List[List[str]]:
+    def _groups_for(self, block: nn.Module, first: BlockInputs, hidden: torch.Tensor, dev) -> List[List[str]]:
         cfg = self.quantize_config
         if cfg.modules_in_block_to_quantize:
             return validate_groups(block, cfg.modules_in_block_to_quantize, "modules_in_block_to_quantize")
@@ -912,7 +550,7 @@ class GPTQForCausalLM:
                 self.layout.groups = groups  # the first block's, for inspection
         return groups
 
-    def _quantize_blocks(self, blocks: nn.ModuleList, hidden: List[torch.Tensor], inputs: List[List[_BlockInputs]],
+    def _quantize_blocks(self, blocks: nn.ModuleList, hidden: List[torch.Tensor], inputs: List[List[BlockInputs]],
                          dev, cache_dev, report: QuantizeReport, progress: bool,
                          extra_cache: float = 0.0, store: Optional[ResumeStore] = None,
                          hessian_memory: Optional[int] = None,
@@ -946,10 +584,10 @@ class GPTQForCausalLM:
                           f"hessian_memory cap of {hessian_memory / 1e9:.2f} GB: collecting them in {passes} "
                           f"passes over the calibration data (same result, more time)")
             report.extra_passes += sum(passes - 1 for _, _, passes in splits)
-            frozen = _FrozenOutputs(block, n_batches=len(batch_inputs))
+            frozen = FrozenOutputs(block, n_batches=len(batch_inputs))
             tails = frozen.find_tails(block, batch_inputs[0], hidden[0], dev)
             if stream is not None:  # the unquantized block's parts never change: each runs once per batch
-                stream.replay = _FrozenOutputs(block, n_batches=len(batch_inputs))
+                stream.replay = FrozenOutputs(block, n_batches=len(batch_inputs))
             finished = []
             for gi, group in enumerate(groups):
                 pending = {name for g in groups[gi:] for name in g}
@@ -958,7 +596,7 @@ class GPTQForCausalLM:
                 for name in group:
                     full = f"{prefix}.{bi}.{name}"
                     settings = cfg.resolve(full)
-                    if settings is None or _in_out_features(block.get_submodule(name))[1] < MIN_OUT_FEATURES:
+                    if settings is None or in_out_features(block.get_submodule(name))[1] < MIN_OUT_FEATURES:
                         report.skipped.append(full)
                     else:
                         todo.append((name, full, settings))
@@ -968,7 +606,7 @@ class GPTQForCausalLM:
                 # keep their tail's input, and never run them again (see find_tails).
                 capture = {tail: child for child, (tail, _, _) in tails.items()
                            if tail in group and not (frozen.layers[child] & later) and child not in frozen.uncachable}
-                limits = {tail: _tail_batches(tails[child][2], hidden, budget=extra_cache)
+                limits = {tail: tail_batches(tails[child][2], hidden, budget=extra_cache)
                           for tail, child in capture.items()}
                 with frozen.active(pending):
                     hessians, captured, tokens, crosses = self._collect_hessians(
@@ -996,7 +634,7 @@ class GPTQForCausalLM:
             with frozen.active(set(), record=False):
                 for b, entry in enumerate(batch_inputs):
                     frozen.start_batch(b)
-                    _take_slot(hidden, b, _hidden_of(entry.call(block, hidden[b], dev)), cache_dev)
+                    take_slot(hidden, b, hidden_of(entry.call(block, hidden[b], dev)), cache_dev)
             del frozen
             if stream is not None:
                 if not stream.advanced:  # the unquantized model's next inputs
@@ -1018,7 +656,7 @@ class GPTQForCausalLM:
         return hidden
 
     def _restore_block(self, block: nn.Module, bi: int, store: ResumeStore, hidden: List[torch.Tensor],
-                       batch_inputs: List[_BlockInputs], dev, cache_dev, report: QuantizeReport,
+                       batch_inputs: List[BlockInputs], dev, cache_dev, report: QuantizeReport,
                        stream: Optional[FullPrecisionStream] = None) -> None:
         """Puts a stored block back (see :mod:`gptqkit.resume`) and computes the next block's inputs.
 
@@ -1039,14 +677,14 @@ class GPTQForCausalLM:
             layer = block.get_submodule(name)
             set_weight(layer, torch.as_tensor(layer_packed.dequantize()).to(_weight_param(layer).dtype))
         for b, entry in enumerate(batch_inputs):
-            _take_slot(hidden, b, _hidden_of(entry.call(block, hidden[b], dev)), cache_dev)
+            take_slot(hidden, b, hidden_of(entry.call(block, hidden[b], dev)), cache_dev)
         self._swap_in_quant_layers(block, list(packed), lambda name: _from_packed(
             block.get_submodule(name), *packed[name]), dev)
         report.layers.extend(LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in reports)
         report.skipped.extend(skipped)
 
     @staticmethod
-    def _advance_full_precision(block: nn.Module, batch_inputs: List[_BlockInputs], stream: FullPrecisionStream,
+    def _advance_full_precision(block: nn.Module, batch_inputs: List[BlockInputs], stream: FullPrecisionStream,
                                 dev, cache_dev) -> None:
         """Runs the block with its original weights on the unquantized model's inputs: the
         unquantized model's inputs of the next block (asymmetric calibration, :mod:`gptqkit.gptaq`)."""
@@ -1055,7 +693,7 @@ class GPTQForCausalLM:
             for b, entry in enumerate(batch_inputs):
                 if stream.replay is not None:
                     stream.replay.start_batch(b)
-                _take_slot(stream.hidden, b, _hidden_of(entry.call(block, stream.hidden[b], dev)), cache_dev)
+                take_slot(stream.hidden, b, hidden_of(entry.call(block, stream.hidden[b], dev)), cache_dev)
 
     @staticmethod
     def _shift_operator(cross: torch.Tensor, hessian, settings, full: str, block: nn.Module, name: str):
@@ -1066,10 +704,10 @@ class GPTQForCausalLM:
             raise type(exc)(f"{full}: {exc}{_layer_error_hint(exc, block.get_submodule(name))}") from exc
 
     @staticmethod
-    def _seed_from_tail(frozen: _FrozenOutputs, child: str, layer: nn.Module, inputs_of_tail: List[torch.Tensor],
+    def _seed_from_tail(frozen: FrozenOutputs, child: str, layer: nn.Module, inputs_of_tail: List[torch.Tensor],
                         dev) -> None:
         """Stores ``child``'s output on every batch, computed as ``layer(cached input)`` (see
-        :meth:`_FrozenOutputs.find_tails`); inputs cover the first batches only.
+        :meth:`FrozenOutputs.find_tails`); inputs cover the first batches only.
 
         A method of its own so that no loop variable outlives it: a leftover
         view of the cache slab would keep the whole slab alive into the next
@@ -1105,8 +743,8 @@ class GPTQForCausalLM:
         t0 = time.perf_counter()
         fallback = hessian is None
         if fallback:
-            hessian = _hessian_input(torch.eye(_in_out_features(layer)[0], dtype=torch.float32, device=dev))
-        # The solver runs where the Hessian was accumulated (see _hessian_input).
+            hessian = hessian_input(torch.eye(in_out_features(layer)[0], dtype=torch.float32, device=dev))
+        # The solver runs where the Hessian was accumulated (see hessian_input).
         weight = get_weight(layer, torch.float32).detach().to(hessian.device).contiguous()
         target, shift = weight, None
         if operator is not None:
@@ -1185,7 +823,7 @@ class GPTQForCausalLM:
         def head_input(h, mask):
             x = h.to(dev)
             for m in between:
-                x = _hidden_of(m(x))
+                x = hidden_of(m(x))
             if tuple(x.shape[:-1]) == tuple(mask.shape):
                 x = x[mask.to(x.device).bool()]
             return x.reshape(-1, x.shape[-1]).float().to("cpu").contiguous()
@@ -1214,8 +852,8 @@ class GPTQForCausalLM:
         if getattr(model.config, "tie_word_embeddings", False):
             model.config.tie_word_embeddings = False  # the head no longer shares the embedding's weight
 
-    def _collect_hessians(self, block: nn.Module, names: List[str], batch_inputs: List[_BlockInputs],
-                          hidden: List[torch.Tensor], dev, frozen: Optional[_FrozenOutputs] = None,
+    def _collect_hessians(self, block: nn.Module, names: List[str], batch_inputs: List[BlockInputs],
+                          hidden: List[torch.Tensor], dev, frozen: Optional[FrozenOutputs] = None,
                           capture: Optional[Dict[str, int]] = None, prefix: str = "",
                           stream: Optional[FullPrecisionStream] = None, advance_stream: bool = False,
                           later: frozenset = frozenset()) -> tuple:
@@ -1264,7 +902,7 @@ class GPTQForCausalLM:
         cross_accs: Dict[str, InputShiftAccumulator] = {}
         capture = capture or {}
         captured: Dict[str, List[torch.Tensor]] = {n: [] for n in capture}
-        capture_slabs = {n: _SlabCache(k) for n, k in capture.items()}
+        capture_slabs = {n: SlabCache(k) for n, k in capture.items()}
 
         def full_precision_hook(name: str, x: torch.Tensor):
             if name not in shifted:
@@ -1273,7 +911,7 @@ class GPTQForCausalLM:
             if key not in state["inputs"]:  # the first layer to see an input keeps its rows
                 state["inputs"][key] = name
                 state["keep"].append(x)
-                state["fp_rows"][name] = _token_rows(x, state["mask"])
+                state["fp_rows"][name] = token_rows(x, state["mask"])
             state["fp_seen"].add(name)
             if state["fp_seen"] >= state["fp_wanted"] and not advance_stream:
                 child = name.split(".", 1)[0] if "." in name else None
@@ -1285,7 +923,7 @@ class GPTQForCausalLM:
                     # (attention after o_proj's group) instead of running it again.
                     state["stop_after"] = child
                     return
-                raise _Stop
+                raise Stop
 
         def make_hook(name: str):
             def hook(_mod, args):
@@ -1307,7 +945,7 @@ class GPTQForCausalLM:
                 if owner is None:
                     state["inputs"][key] = name
                     state["keep"].append(x)  # held until the batch ends, so its memory is not reused
-                    x = _token_rows(x, None if name in routed else state["mask"])
+                    x = token_rows(x, None if name in routed else state["mask"])
                     if name not in accs:
                         accs[name] = HessianAccumulator(x.shape[-1])
                     try:
@@ -1329,7 +967,7 @@ class GPTQForCausalLM:
                 # After the first batch, the layers sharing an input are known: once every
                 # distinct input is in, stop before those layers even run (q/k, gate).
                 if (len(seen) == len(names) if state["batch"] == 0 else seen >= owners):
-                    raise _Stop
+                    raise Stop
             return hook
 
         handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
@@ -1337,13 +975,13 @@ class GPTQForCausalLM:
             def stop_after_hook(child: str):
                 def hook(_mod, _args, _out):
                     if state["fp_phase"] and state["stop_after"] == child:
-                        raise _Stop
+                        raise Stop
                 return hook
 
             def stop_before_hook(child: str):
                 def hook(_mod, _args):  # a block that ran the child without its hooks: stop before the next
                     if state["fp_phase"] and state["stop_after"] not in (None, child):
-                        raise _Stop
+                        raise Stop
                 return hook
             for c, mod in stream.replay.children.items():
                 handles += [mod.register_forward_hook(stop_after_hook(c)),
@@ -1371,16 +1009,16 @@ class GPTQForCausalLM:
                                 replay.start_batch(b)
                             out = entry.call(block, stream.hidden[b], dev)
                         if advance_stream:
-                            _take_slot(stream.hidden, b, _hidden_of(out), stream.hidden[b].device)
+                            take_slot(stream.hidden, b, hidden_of(out), stream.hidden[b].device)
                         del out
-                    except _Stop:
+                    except Stop:
                         pass
                     state.update(fp_phase=False, inputs={}, keep=[])
                 if frozen is not None:
                     frozen.start_batch(b)
                 try:
                     entry.call(block, h, dev)
-                except _Stop:
+                except Stop:
                     pass
         finally:
             for h in handles:

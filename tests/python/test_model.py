@@ -748,11 +748,12 @@ def test_padded_calibration_matches_unpadded(gptqkit):
 def test_attention_output_comes_from_its_tail_layer(gptqkit):
     """Llama's attention returns o_proj's output as is, and the MLP down_proj's: after those layers are
     quantized, the parts need not run again (their outputs are tail(cached input)). down_proj's input is
-    wider than its output, so it is cached only within a memory budget (model._tail_batches)."""
-    from gptqkit import model as model_mod
+    wider than its output, so it is cached only within a memory budget (block_io.tail_batches)."""
+    from gptqkit import block_io
+    from gptqkit.discovery import find_layout
 
     model = make_tiny_model("llama")
-    layout = model_mod.find_layout(model)
+    layout = find_layout(model)
     block = layout.blocks(model)[0]
     ids = _tokens(2, 16)
     captured = {}
@@ -764,17 +765,17 @@ def test_attention_output_comes_from_its_tail_layer(gptqkit):
         model(input_ids=ids, use_cache=False)
     h.remove()
     kwargs = {k: v for k, v in captured["kwargs"].items() if k != "hidden_states"}
-    entry = model_mod._BlockInputs(tuple(captured["args"][1:]), kwargs, None)
+    entry = block_io.BlockInputs(tuple(captured["args"][1:]), kwargs, None)
     hidden = captured["args"][0] if captured["args"] else captured["kwargs"]["hidden_states"]
-    frozen = model_mod._FrozenOutputs(block)
+    frozen = block_io.FrozenOutputs(block)
     with torch.no_grad():
         tails = frozen.find_tails(block, entry, hidden, torch.device("cpu"))
     assert tails["self_attn"] == ("self_attn.o_proj", (tuple, 2), 1.0)
     assert tails["mlp"][0] == "mlp.down_proj" and tails["mlp"][2] > 1
     hidden8 = [torch.zeros(1)] * 8
-    assert model_mod._tail_batches(1.0, hidden8, budget=1.0) == 8
-    assert model_mod._tail_batches(2.5, hidden8, budget=1.0) == 3  # 3 x 2.5 <= 8 hidden caches' worth
-    assert model_mod._tail_batches(2.5, hidden8, budget=0.0) == 0
+    assert block_io.tail_batches(1.0, hidden8, budget=1.0) == 8
+    assert block_io.tail_batches(2.5, hidden8, budget=1.0) == 3  # 3 x 2.5 <= 8 hidden caches' worth
+    assert block_io.tail_batches(2.5, hidden8, budget=0.0) == 0
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_extra_cache_changes_nothing(gptqkit, arch):
@@ -799,15 +800,15 @@ def test_extra_cache_must_be_a_nonnegative_number(gptqkit, extra):
 
 @pytest.mark.parametrize("arch", ["llama", "opt", "gpt2", "phi", "gpt_neox"])
 def test_replaying_frozen_outputs_changes_nothing(gptqkit, arch, monkeypatch):
-    """Replaying the outputs of finished block parts (model._FrozenOutputs) is an optimisation only: the
+    """Replaying the outputs of finished block parts (block_io.FrozenOutputs) is an optimisation only: the
     codes and the model's outputs must be exactly those of recomputing every pass."""
     import contextlib
 
-    from gptqkit import model as model_mod
+    from gptqkit import block_io
 
     torch.manual_seed(0)
     fast = _quantize(arch, model=make_tiny_model(arch))
-    monkeypatch.setattr(model_mod._FrozenOutputs, "active",
+    monkeypatch.setattr(block_io.FrozenOutputs, "active",
                         lambda self, pending, record=True: contextlib.nullcontext())
     torch.manual_seed(0)
     slow = _quantize(arch, model=make_tiny_model(arch))
@@ -821,6 +822,7 @@ def test_block_caches_die_with_their_block(gptqkit, monkeypatch, extra_cache):
     """Every activation slab a block allocates (captured tail inputs, replayed outputs) is freed when
     the block ends. A leftover reference (say, a loop variable holding a view) keeps a whole
     hidden-state-sized cache alive into the next block and raises the run's peak memory by as much."""
+    from gptqkit import block_io
     from gptqkit import model as model_mod
 
     use_count = getattr(torch._C, "_storage_Use_Count", None)
@@ -828,7 +830,7 @@ def test_block_caches_die_with_their_block(gptqkit, monkeypatch, extra_cache):
         pytest.skip("this torch has no storage use counts")
     slabs = []  # (block index, storage of a slab made while quantizing that block)
     state = {"block": -1, "checked": 0}
-    put = model_mod._SlabCache.put
+    put = block_io.SlabCache.put
 
     def recording_put(self, index, t):
         fresh = self.slab is None
@@ -850,7 +852,7 @@ def test_block_caches_die_with_their_block(gptqkit, monkeypatch, extra_cache):
         check_dead(state["block"])
         return groups_for(self, *args, **kwargs)
 
-    monkeypatch.setattr(model_mod._SlabCache, "put", recording_put)
+    monkeypatch.setattr(block_io.SlabCache, "put", recording_put)
     monkeypatch.setattr(model_mod.GPTQForCausalLM, "_groups_for", checking_groups_for)
     _quantize(extra_cache=extra_cache)
     check_dead(state["block"] + 1)
