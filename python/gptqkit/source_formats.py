@@ -16,9 +16,10 @@ full-precision model they came from is the right input.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
-__all__ = ["DEQUANTIZED_ON_LOAD", "describe", "dequantizing_kwargs", "stored_quantization_method"]
+__all__ = ["DEQUANTIZED_ON_LOAD", "describe", "dequantizing_kwargs", "stored_quantization_method",
+           "upcast_dequantized"]
 
 #: quant_method -> the transformers config class that dequantizes it while loading
 DEQUANTIZED_ON_LOAD = {"mxfp4": "Mxfp4Config", "fp8": "FineGrainedFP8Config"}
@@ -71,3 +72,35 @@ def dequantizing_kwargs(quantization_config: Any, what: str = "model") -> Dict[s
     settings = {k: v for k, v in _as_dict(quantization_config).items() if k != "quant_method"}
     settings["dequantize"] = True
     return {"quantization_config": config_class.from_dict(settings)}
+
+
+def upcast_dequantized(model: Any, dtype: Any = None) -> List[str]:
+    """Casts the parameters a dequantizing load left in a lower precision than the model's up to it.
+
+    Why: transformers 5.20 (measured; 5.24 does not) leaves MXFP4 experts it
+    dequantized in bfloat16 whatever ``dtype`` was asked for, so a float32 model
+    gets bfloat16 experts and its first forward fails with a dtype mismatch
+    (and calibration would run the experts in bfloat16). The target is
+    ``dtype``, or with ``dtype`` None ("auto") the input embeddings' dtype.
+    Only narrower floating-point parameters are cast: modules a model keeps in
+    float32 on purpose (``_keep_in_fp32_modules``) stay as they are. Returns the
+    names of the parameters cast.
+    """
+    import torch
+
+    target = dtype
+    if target is None:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        weight = getattr(embeddings, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            return []
+        target = weight.dtype
+    if not isinstance(target, torch.dtype) or not target.is_floating_point:
+        return []
+    width = torch.finfo(target).bits
+    cast = []
+    for name, param in model.named_parameters():
+        if param.dtype.is_floating_point and param.dtype != target and torch.finfo(param.dtype).bits < width:
+            param.data = param.data.to(target)
+            cast.append(name)
+    return cast

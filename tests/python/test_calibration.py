@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch")
 
 pytest.importorskip("transformers")
 

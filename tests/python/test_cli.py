@@ -18,6 +18,8 @@ import sys
 import numpy as np
 import pytest
 
+pytest.importorskip("torch")
+
 from cli_runner import run_cli
 from tiny_models import make_tiny_model, make_tiny_tokenizer
 

@@ -6,7 +6,7 @@ import copy
 import math
 
 import pytest
-import torch
+torch = pytest.importorskip("torch")
 
 pytest.importorskip("transformers")
 

@@ -10,7 +10,7 @@ errors, and the error of a build without GPU support.
 from __future__ import annotations
 
 import pytest
-import torch
+torch = pytest.importorskip("torch")
 from packed_layers import random_packed_layer
 
 BITS = (2, 3, 4, 8)

@@ -16,7 +16,7 @@ import itertools
 
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch")
 
 import gptqkit
 from gptqkit import _C, ops

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch")
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise/proc maps are Linux-only")
 

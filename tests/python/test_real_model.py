@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
+torch = pytest.importorskip("torch")
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext-2")

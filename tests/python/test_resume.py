@@ -9,7 +9,7 @@ import json
 import os
 
 import pytest
-import torch
+torch = pytest.importorskip("torch")
 
 from cli_runner import run_cli
 from tiny_models import make_tiny_model, make_tiny_tokenizer

@@ -135,6 +135,30 @@ def test_gpt_oss_published_in_mxfp4_is_dequantized_then_quantized(gptqkit, tmp_p
     torch.testing.assert_close(again, ours, rtol=0, atol=0)
 
 
+def test_upcast_dequantized_widens_only_narrower_parameters(gptqkit):
+    """transformers 5.20 leaves MXFP4 experts it dequantized in bfloat16 under dtype=float32 (the
+    model then fails its first forward): loading casts such parameters up to the model's dtype,
+    exactly, and leaves wider ones (modules a model keeps in float32) alone."""
+    from gptqkit.source_formats import upcast_dequantized
+
+    model = make_tiny_model("llama")
+    layer = model.model.layers[0].mlp.down_proj
+    layer.weight.data = layer.weight.data.to(torch.bfloat16)
+    expected = layer.weight.detach().double()
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with pytest.raises(RuntimeError):
+        model(ids)
+    assert upcast_dequantized(model, None) == ["model.layers.0.mlp.down_proj.weight"]  # to the embeddings' dtype
+    assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight.double(), expected)
+    model(ids)
+    assert upcast_dequantized(model, torch.float32) == []
+
+    model = make_tiny_model("llama", dtype=torch.bfloat16)
+    model.model.norm.weight.data = model.model.norm.weight.data.float()
+    assert upcast_dequantized(model, torch.bfloat16) == []
+    assert model.model.norm.weight.dtype == torch.float32
+
+
 def _attention(model):
     return [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj")]
 
