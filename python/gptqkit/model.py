@@ -70,7 +70,7 @@ from gptqkit.packing import PackedLayer
 from gptqkit.report import NOT_LINEAR_WARN_SHARE, LayerReport, QuantizeReport, peak_rss_mb
 from gptqkit.resume import ResumeStore, calibration_fingerprint, model_fingerprint
 from gptqkit.solver import quantize_weight
-from gptqkit.source_formats import dequantizing_kwargs, upcast_dequantized
+from gptqkit.source_formats import load_full_precision
 
 __all__ = ["GPTQForCausalLM", "LayerReport", "QuantizeReport"]
 
@@ -225,21 +225,8 @@ class GPTQForCausalLM:
         dequantized while loading and quantized from those values
         (:mod:`gptqkit.source_formats`); other quantized checkpoints raise ``ValueError``.
         """
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        kwargs = dict(model_kwargs)
-        kwargs["dtype"] = dtype if dtype is not None else "auto"
-        dequantizing = {}
-        if "quantization_config" not in kwargs:
-            config = kwargs.get("config")
-            if config is None:
-                config = AutoConfig.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
-            dequantizing = dequantizing_kwargs(getattr(config, "quantization_config", None),
-                                               what=f"model {str(model_id_or_path)!r}")
-        model = AutoModelForCausalLM.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code,
-                                                     **kwargs, **dequantizing)
-        if dequantizing:
-            upcast_dequantized(model, dtype)
+        model = load_full_precision(model_id_or_path, dtype, what=f"model {str(model_id_or_path)!r}",
+                                    trust_remote_code=trust_remote_code, **model_kwargs)
         model.eval()
         tokenizer = _load_tokenizer(model_id_or_path, trust_remote_code=trust_remote_code)
         return cls(model, quantize_config, tokenizer=tokenizer, layout=layout)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-__all__ = ["DEQUANTIZED_ON_LOAD", "describe", "dequantizing_kwargs", "stored_quantization_method",
-           "upcast_dequantized"]
+__all__ = ["DEQUANTIZED_ON_LOAD", "describe", "dequantizing_kwargs", "load_full_precision",
+           "stored_quantization_method", "upcast_dequantized"]
 
 #: quant_method -> the transformers config class that dequantizes it while loading
 DEQUANTIZED_ON_LOAD = {"mxfp4": "Mxfp4Config", "fp8": "FineGrainedFP8Config"}
@@ -104,3 +104,31 @@ def upcast_dequantized(model: Any, dtype: Any = None) -> List[str]:
             param.data = param.data.to(target)
             cast.append(name)
     return cast
+
+
+def load_full_precision(path: Any, dtype: Any = None, *, what: str = "model", trust_remote_code: bool = False,
+                        **kwargs: Any) -> Any:
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` in full precision.
+
+    A model stored in one of the formats of :data:`DEQUANTIZED_ON_LOAD` is
+    dequantized while loading (:func:`dequantizing_kwargs`) and the parameters
+    the load left narrower are cast up (:func:`upcast_dequantized`), unless
+    ``kwargs`` bring their own ``quantization_config``. ``dtype`` None keeps
+    the stored dtype ("auto"); ``config`` in ``kwargs`` saves reading it.
+
+    Raises:
+        ValueError: the model is stored in another quantized format (``what`` names it).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dequantizing: Dict[str, Any] = {}
+    if "quantization_config" not in kwargs:
+        config = kwargs.get("config")
+        if config is None:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        dequantizing = dequantizing_kwargs(getattr(config, "quantization_config", None), what=what)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto",
+                                                 trust_remote_code=trust_remote_code, **kwargs, **dequantizing)
+    if dequantizing:
+        upcast_dequantized(model, dtype)
+    return model

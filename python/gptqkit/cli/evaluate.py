@@ -13,7 +13,7 @@ from gptqkit.cli._common import (
     _HelpFormatter, _check_input_file, _check_model_arg, _check_tokenizer_arg, _log, _one_line, _positive_int,
     _quantization_method, _torch_dtype, _windows, data_search_paths, find_data_file,
 )
-from gptqkit.source_formats import DEQUANTIZED_ON_LOAD, dequantizing_kwargs, upcast_dequantized
+from gptqkit.source_formats import DEQUANTIZED_ON_LOAD, load_full_precision
 
 EVAL_DESCRIPTION = """\
 Perplexity of a model on a text, the standard GPTQ evaluation.
@@ -88,15 +88,10 @@ def load_model(path_arg: str, dtype_name: str, what: str, device: str = "cpu"):
         raise CLIError(f"{what} {path_arg!r} is quantized with {method!r}; gptqkit evaluates GPTQ checkpoints, "
                        f"full-precision models and models transformers dequantizes on load "
                        f"({', '.join(sorted(DEQUANTIZED_ON_LOAD))})")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     try:
-        extra = {}
-        if method in DEQUANTIZED_ON_LOAD:
-            extra = dequantizing_kwargs(getattr(AutoConfig.from_pretrained(path), "quantization_config", None))
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto", **extra)
-        if extra:
-            upcast_dequantized(model, dtype)
+        model = load_full_precision(path, dtype, what=f"{what} {path_arg!r}")
     except OSError as exc:
         if not os.path.isdir(path):
             raise CLIError(f"{what} {path_arg!r} is not a local folder and could not be loaded from the "
