@@ -8,6 +8,7 @@
 # machine that has one).
 #
 #   bash scripts/gpu_checks.sh prepare                  # here: scipy-openblas32 wheel -> .whl/
+#   PYTHON=python3.12 bash scripts/gpu_checks.sh prepare-wheel   # optional, here: the CUDA wheel
 #   bash scripts/gpu_checks.sh build test               # on the GPU machine
 #   bash scripts/gpu_checks.sh build sanitize
 #   bash scripts/gpu_checks.sh build bench-solver bench-gemm
@@ -16,6 +17,8 @@
 #
 # Stages:
 #   prepare         download the wheels the GPU image lacks into .whl/ (needs PyPI)
+#   prepare-wheel   build gptqkit's CUDA wheel here into .whl/ (PYTHON=python3.12, GPTQKIT_CUDA_ARCH,
+#                   default 90a); `build` installs it instead of compiling when it matches the sources
 #   build           install .whl/*, build + install gptqkit for this GPU's
 #                   architecture (GPTQKIT_CUDA_ARCH, default: asked from torch),
 #                   skipped when the installed build matches the sources
@@ -63,14 +66,31 @@ stage_prepare() {
   ls -l .whl
 }
 
-sources_digest() {
-  cat CMakeLists.txt pyproject.toml $(git ls-files cpp cuda bindings third_party python 2>/dev/null || find cpp cuda bindings python -type f) \
-    2>/dev/null | sha256sum | cut -c1-16
+sources_digest() {  # of everything the wheel is built from; git-independent (the GPU machine may get no .git)
+  { cat CMakeLists.txt pyproject.toml
+    find cpp cuda bindings third_party python -type f -not -path '*/__pycache__/*' -not -name '*.pyc' |
+      LC_ALL=C sort | xargs cat; } 2>/dev/null | sha256sum | cut -c1-16
+}
+
+stage_prepare_wheel() {
+  # Builds the CUDA wheel here, where compiling costs no GPU time, for the GPU
+  # image's Python (3.12; PYTHON names an interpreter of that version with
+  # scikit-build-core, pybind11, cmake, ninja and scipy-openblas32) and
+  # GPTQKIT_CUDA_ARCH (default 90a, Hopper). cudart is linked statically and
+  # torch not at all, so the wheel runs on any driver new enough for this nvcc.
+  local arch="${GPTQKIT_CUDA_ARCH:-90a}"
+  mkdir -p .whl && rm -f .whl/gptqkit-*.whl .whl/gptqkit-wheel.digest
+  GPTQKIT_WITH_CUDA=1 CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=$arch ${CMAKE_ARGS:-}" \
+    "$py" -m pip wheel -q --no-build-isolation --no-deps -w .whl . || return 1
+  echo "$(sources_digest)-sm$arch" >.whl/gptqkit-wheel.digest
+  ls -l .whl
 }
 
 stage_build() {
-  if compgen -G ".whl/*.whl" >/dev/null; then
-    "$py" -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || return 1
+  local deps=()
+  for w in .whl/*.whl; do [[ -e "$w" && "$(basename "$w")" != gptqkit-* ]] && deps+=("$w"); done
+  if [ "${#deps[@]}" -gt 0 ]; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile "${deps[@]}" || return 1
   fi
   local arch="${GPTQKIT_CUDA_ARCH:-}"
   if [ -z "$arch" ]; then
@@ -80,7 +100,11 @@ stage_build() {
   [ "$arch" = 90 ] && arch=90a
   local digest stamp="build/gpu-checks-build.stamp"
   digest="$(sources_digest)-sm$arch"
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] &&
+  if compgen -G ".whl/gptqkit-*.whl" >/dev/null && [ "$(cat .whl/gptqkit-wheel.digest 2>/dev/null)" = "$digest" ]; then
+    echo "installing the prebuilt wheel (prepare-wheel) for sm_$arch: it matches the sources"
+    "$py" -m pip install -q --no-index --no-deps --no-compile --force-reinstall .whl/gptqkit-*.whl || return 1
+    mkdir -p build && echo "$digest" >"$stamp"
+  elif [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] &&
      "$py" -c 'import gptqkit, sys; sys.exit(gptqkit.gpu_backend() != "cuda")' 2>/dev/null; then
     echo "gptqkit with CUDA for sm_$arch is installed and matches the sources"
   else
@@ -136,7 +160,7 @@ stage_sanitize() {
   # The selections of docs/gpu.md and docs/gpu_gemm.md: every test but the
   # big option matrices, of which a few representative cases.
   local solver_sel='not test_gpu_matches_cpu or 4-128-True-False-False-0 or 3-32-False-True-True-8'
-  local gemm_memcheck_sel='(gpu_matches and (1-128-False-4 or 16-32-True-4 or 255-128-False-4 or 1024-128-False-4 or 33--1-False-3)) or (mma_split_k and (16-direct-float16 or 64-act_order-bfloat16)) or (wgmma_on and (65-direct-float16 or 255-act_order-bfloat16)) or kernel_routing or workspace or graph or backward or gpu_bad or gpu_dequantize'
+  local gemm_memcheck_sel='(gpu_matches and (1-128-False-4 or 16-32-True-4 or 255-128-False-4 or 1024-128-False-4 or 33--1-False-3)) or (mma_split_k and (16-direct-float16 or 64-act_order-bfloat16)) or (wgmma_on and (65-direct-float16 or 255-act_order-bfloat16)) or kernel_routing or workspace or backward or gpu_bad or gpu_dequantize'
   local gemm_racecheck_sel='(gpu_matches and (1-128-False-4 or 16-32-True-4 or 255-128-False-4)) or (mma_split_k and 64-act_order-bfloat16) or (wgmma_on and 65-direct-float16)'
   local rc=0
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 240 "$cs" --tool memcheck --leak-check full --error-exitcode 1 \
@@ -147,6 +171,10 @@ stage_sanitize() {
     "$py" -m pytest -q -x -p no:cacheprovider tests/python/test_gpu_gemm.py -k "$gemm_memcheck_sel" || rc=1
   timeout 90 "$cs" --tool racecheck --racecheck-report hazard --error-exitcode 1 \
     "$py" -m pytest -q -x -p no:cacheprovider tests/python/test_gpu_gemm.py -k "$gemm_racecheck_sel" || rc=1
+  # CUDA-graph capture needs torch's caching allocator (a cudaMalloc inside a
+  # capture is refused), so the graph tests run under memcheck with it on.
+  timeout 90 "$cs" --tool memcheck --error-exitcode 1 \
+    "$py" -m pytest -q -x -p no:cacheprovider tests/python/test_gpu_gemm.py -k "graph" || rc=1
   return $rc
 }
 
@@ -162,6 +190,7 @@ stage_quantize_7b() { "$py" benchmarks/bench_gpu_quantize_model.py; }
 for stage in "$@"; do
   case "$stage" in
     prepare) run_stage prepare stage_prepare ;;
+    prepare-wheel) run_stage prepare-wheel stage_prepare_wheel ;;
     build) run_stage build stage_build ;;
     test) run_stage test stage_test ;;
     sanitize) run_stage sanitize stage_sanitize ;;

@@ -208,6 +208,13 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   // .cg: cache in L2 only; streamed operands are read once per block.
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
 }
+// The same, but when `valid` is false nothing is read and the 16 bytes are
+// zero-filled (src-size 0): tiles that overhang a matrix edge load zeros
+// without a branch around the copy. `src` must still be a valid address.
+__device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -215,6 +222,14 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+// Four transposed 8 x 8 matrices: lane l receives elements (rows 2 (l % 4)
+// and 2 (l % 4) + 1, column l / 4) of matrix i in register i. Turns
+// tiles stored k-major (rows of X) into mma fragments that want pairs along k.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
 }

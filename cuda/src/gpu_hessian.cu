@@ -15,19 +15,10 @@
 #include "checks.h"
 #include "gpu_solver_api.h"
 #include "gpu_solver_internal.h"
+#include "hessian_tc_kernel.cuh"
 
 namespace gptqkit::gpu {
 namespace {
-
-// Tile (ti, tj), ti <= tj, of the upper triangle from a linear index that
-// enumerates the triangle column by column: column tj holds tj + 1 tiles.
-__device__ __forceinline__ void upper_tile(int64_t idx, int* ti, int* tj) {
-  int64_t c = static_cast<int64_t>((sqrt(8.0 * static_cast<double>(idx) + 1.0) - 1.0) * 0.5);
-  while (c * (c + 1) / 2 > idx) --c;           // sqrt rounding, either way
-  while ((c + 1) * (c + 2) / 2 <= idx) ++c;
-  *tj = static_cast<int>(c);
-  *ti = static_cast<int>(idx - c * (c + 1) / 2);
-}
 
 int64_t round_up16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 
@@ -37,10 +28,6 @@ unsigned long long* bad_flag_of(void* state, int64_t k) {
   return reinterpret_cast<unsigned long long*>(static_cast<char*>(state) + round_up16(k * k * 4));
 }
 
-__device__ __forceinline__ void store_h(float* h, int64_t idx, float acc, float alpha, float beta) {
-  // beta == 0: the buffer is uninitialised (first batch), never read it.
-  h[idx] = beta == 0.0f ? alpha * acc : beta * h[idx] + alpha * acc;
-}
 
 // ---- portable SIMT path -------------------------------------------------------
 constexpr int kSimtTile = 64;     // output tile edge
@@ -100,7 +87,9 @@ __global__ __launch_bounds__(kSimtThreads) void syrk_simt_kernel(const T* __rest
     }
 }
 
-// ---- NVIDIA tensor-core path --------------------------------------------------
+// ---- NVIDIA tensor-core path for unaligned rows --------------------------------
+// (K not a multiple of 8 or X not 16-byte aligned: no 16-byte copies; the
+// aligned case takes syrk_tc_kernel of hessian_tc_kernel.cuh.)
 #if !GPTQKIT_GPU_IS_HIP
 constexpr int kMmaTile = 128;     // output tile edge
 constexpr int kMmaThreads = 256;  // 8 warps: 2 (i) x 4 (j), each 64 x 32 outputs
@@ -249,9 +238,18 @@ Status hessian_add_batch(const TensorView& x, void* state, int64_t k, double alp
   if (x.dtype != DType::kFloat32) {
     const bool bf16 = x.dtype == DType::kBFloat16;
     if (bf16 ? mma_available<true>() : mma_available<false>()) {
+      const uint16_t* xp = static_cast<const uint16_t*>(x.data);
+      if (k % 8 == 0 && reinterpret_cast<uintptr_t>(xp) % 16 == 0) {
+        const unsigned blocks = static_cast<unsigned>(syrk_tc_blocks(k));
+        if (bf16)
+          GPTQKIT_LAUNCH(blocks, kTcThreads, kTcSmemBytes, stream, syrk_tc_kernel<true>)(xp, rows, ki, a, b, h);
+        else
+          GPTQKIT_LAUNCH(blocks, kTcThreads, kTcSmemBytes, stream, syrk_tc_kernel<false>)(xp, rows, ki, a, b, h);
+        GPTQKIT_GPU_LAUNCHED("syrk_tc_kernel");
+        return Status::Ok();
+      }
       const int64_t nt = ceil_div(k, kMmaTile);
       const int64_t tiles = nt * (nt + 1) / 2;
-      const uint16_t* xp = static_cast<const uint16_t*>(x.data);
       if (bf16)
         GPTQKIT_LAUNCH(static_cast<unsigned>(tiles), kMmaThreads, 0, stream, syrk_mma_kernel<true>)(
             xp, rows, ki, a, b, h);

@@ -141,7 +141,9 @@ TEST_P(EmuHessian, TwoBatchesMatchFloat64Reference) {
 
 INSTANTIATE_TEST_SUITE_P(Emulated, EmuHessian,
                          ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
-                                            ::testing::Values<int64_t>(1, 77, 200)));
+                                            // 77: unaligned rows (the older mma kernel);
+                                            // 200, 256, 264: the pipelined kernel, whole and partial tiles
+                                            ::testing::Values<int64_t>(1, 77, 200, 256, 264)));
 
 TEST(EmuHessianErrors, NonFiniteInputIsReportedWhenRead) {
   const int64_t k = 40, rows = 20;

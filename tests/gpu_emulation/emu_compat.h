@@ -386,6 +386,16 @@ inline void cp_async16(void* dst, const void* src) {
   std::memcpy(c.data, src, 16);
   emu::fibers[static_cast<size_t>(emu::current)].pending.push_back(c);
 }
+inline void cp_async16_zfill(void* dst, const void* src, bool valid) {
+  emu::Copy c;
+  c.dst = dst;
+  if (valid) {
+    std::memcpy(c.data, src, 16);
+  } else {
+    std::memset(c.data, 0, 16);
+  }
+  emu::fibers[static_cast<size_t>(emu::current)].pending.push_back(c);
+}
 inline void cp_async_commit() {
   emu::Fiber& f = emu::fibers[static_cast<size_t>(emu::current)];
   f.groups.push_back(f.pending);
@@ -407,6 +417,22 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   for (int i = 0; i < 4; ++i) {
     const unsigned char* row = static_cast<const unsigned char*>(emu::addr_xchg[base + 8 * i + lane / 4]);
     std::memcpy(&r[i], row + 4 * (lane % 4), 4);
+  }
+  emu::warp_sync();
+}
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  const int t = emu::tid();
+  emu::addr_xchg[t] = p;
+  emu::warp_sync();
+  const int lane = t % 32, base = t - lane;
+  for (int i = 0; i < 4; ++i) {
+    // Matrix i's rows are the addresses of lanes 8 i .. 8 i + 7; this lane
+    // takes column lane / 4 of rows 2 (lane % 4) and 2 (lane % 4) + 1.
+    const int row0 = 2 * (lane % 4), col = lane / 4;
+    uint16_t lo, hi;
+    std::memcpy(&lo, static_cast<const unsigned char*>(emu::addr_xchg[base + 8 * i + row0]) + 2 * col, 2);
+    std::memcpy(&hi, static_cast<const unsigned char*>(emu::addr_xchg[base + 8 * i + row0 + 1]) + 2 * col, 2);
+    r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
   }
   emu::warp_sync();
 }

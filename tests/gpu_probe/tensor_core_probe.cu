@@ -54,6 +54,23 @@ __global__ void probe_ldmatrix_kernel(const uint16_t* __restrict__ a, uint32_t* 
 #endif
 }
 
+// ldmatrix.x4.trans at the same addresses (the Hessian kernel's loads of A
+// and B fragments from k-major tiles); out[lane * 4 + i] = r[i].
+__global__ void probe_ldmatrix_trans_kernel(const uint16_t* __restrict__ a, uint32_t* __restrict__ out) {
+#if GPTQKIT_NV_TENSOR_CORES
+  constexpr int kStride = 24;
+  uint16_t* tile = reinterpret_cast<uint16_t*>(gpu_dynamic_smem());
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 256; i += 32) tile[(i / 16) * kStride + i % 16] = a[i];
+  __syncthreads();
+  uint32_t r[4];
+  ldmatrix_x4_trans(r, tile + (lane % 16) * kStride + (lane / 16) * 8);
+  for (int i = 0; i < 4; ++i) out[lane * 4 + i] = r[i];
+#else
+  (void)a, (void)out;
+#endif
+}
+
 // One warp: d (16 x 8) = a (16 x 16, row-major) * b (16 x 8, b[k * 8 + n]),
 // fragments built from the PTX ISA's m16n8k16 layouts (g = lane / 4,
 // t = lane % 4): a0 (g, 2t..), a1 (g + 8, 2t..), a2 (g, 2t + 8..),
@@ -195,6 +212,27 @@ int probe_ldmatrix(std::mt19937& rng) {
   return report("ldmatrix.x4 (the GEMM and Hessian kernels' A-fragment loads)", bad, first);
 }
 
+int probe_ldmatrix_trans(std::mt19937& rng) {
+  std::vector<double> av;
+  const std::vector<uint16_t> a = small_ints(256, false, rng, &av);
+  Buffer<uint16_t> ad(a);
+  Buffer<uint32_t> out(128);
+  GPTQKIT_LAUNCH(1, 32, 16 * 24 * 2, static_cast<gpuStream_t>(nullptr), probe_ldmatrix_trans_kernel)(ad.ptr, out.ptr);
+  ok(gpuGetLastError(), "launch");
+  const std::vector<uint32_t> r = out.host();
+  int64_t bad = 0;
+  std::string first;
+  for (int lane = 0; lane < 32; ++lane)
+    for (int i = 0; i < 4; ++i) {
+      // Matrix i (rows 8 (i % 2) .., columns 8 (i / 2) ..), transposed: column lane / 4, rows 2 (lane % 4), +1.
+      const int row = (i % 2) * 8 + 2 * (lane % 4), col = (i / 2) * 8 + lane / 4;
+      const uint32_t want = static_cast<uint32_t>(a[row * 16 + col]) | (static_cast<uint32_t>(a[(row + 1) * 16 + col]) << 16);
+      if (r[lane * 4 + i] != want && bad++ == 0)
+        first = "lane " + std::to_string(lane) + " register " + std::to_string(i);
+    }
+  return report("ldmatrix.x4.trans (the Hessian kernel's fragment loads)", bad, first);
+}
+
 template <bool BF16>
 int probe_mma(std::mt19937& rng) {
   std::vector<double> av, bv;
@@ -260,6 +298,7 @@ int main() {
     std::printf("SKIP  mma / ldmatrix: compute capability %d.%d (needs 8.0+ NVIDIA)\n", major, minor);
   } else {
     take(probe_ldmatrix(rng));
+    take(probe_ldmatrix_trans(rng));
     take(probe_mma<false>(rng));
     take(probe_mma<true>(rng));
   }

@@ -339,7 +339,8 @@ def test_model_quantize_on_gpu_matches_cpu(desc_act, clip_steps, gptaq):
 
     from gptqkit import GPTQForCausalLM, QuantizeConfig
 
-    ids = torch.randint(4, 200, (4, 32), generator=torch.Generator().manual_seed(0))
+    from tiny_models import VOCAB
+    ids = torch.randint(4, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
     runs = {}
     for device in ("cpu", "cuda"):
         q = GPTQForCausalLM(make_tiny_model("llama"), QuantizeConfig(bits=4, group_size=32, desc_act=desc_act,
