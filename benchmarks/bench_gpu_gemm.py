@@ -120,6 +120,9 @@ class env_vars:
                 os.environ[name] = value
 
 
+TUNE_BLOCKS_PER_SM = (1, 2, 4, 8)
+
+
 def bench_shape(k, n, ms, args, gen, l2):
     dev = torch.device("cuda")
     lay0 = make_layout(k, n, args.act_order, dev, gen)
@@ -159,6 +162,16 @@ def bench_shape(k, n, ms, args, gen, l2):
         row = {"K": k, "N": n, "M": m, "kernel": matmul_kernel(x, lay0), "gptqkit_us": t_ours, "fp16_us": t_fp16,
                "tinygemm_us": t_tiny, "speedup_vs_fp16": t_fp16 / t_ours,
                "speedup_vs_tinygemm": (t_tiny / t_ours) if t_tiny else None}
+        if m <= 8 and row["kernel"] != "gemv":
+            # The GEMV kernel the tensor-core kernel replaces at these rows:
+            # where GPTQKIT_GPU_MMA_MIN_ROWS should be.
+            with env_vars(GPTQKIT_GPU_MMA_MIN_ROWS=9):
+                row["gemv_us"] = time_graph(ours, x, args.calls, args.reps)
+        if args.tune and row["kernel"] == "mma":
+            # The split-K plan's target occupancy (GPTQKIT_GPU_MMA_BLOCKS_PER_SM).
+            for bps in TUNE_BLOCKS_PER_SM:
+                with env_vars(GPTQKIT_GPU_MMA_BLOCKS_PER_SM=bps):
+                    row[f"blocks_per_sm_{bps}_us"] = time_graph(ours, x, args.calls, args.reps)
         if m > 8:
             # The same kernels without the op's workspace: no split-K (and the
             # tiled kernel for act-order layers, whose x gather needs scratch),
@@ -183,6 +196,9 @@ def bench_shape(k, n, ms, args, gen, l2):
         print(f"K={k:6d} N={n:6d} M={m:5d}  gptqkit ({row['kernel']}) {t_ours:9.2f} us  fp16 {t_fp16:9.2f} us  "
               f"tinygemm {t_tiny if t_tiny else float('nan'):9.2f} us  x{row['speedup_vs_fp16']:.2f} vs fp16"
               + (f"  {row['gptqkit_GBps']:.0f} GB/s" if m == 1 else "")
+              + (f"  [GEMV kernel {row['gemv_us']:.2f} us]" if "gemv_us" in row else "")
+              + "".join(f"  [{bps} blocks/SM {row[f'blocks_per_sm_{bps}_us']:.2f} us]" for bps in TUNE_BLOCKS_PER_SM
+                        if f"blocks_per_sm_{bps}_us" in row)
               + (f"  [no workspace {row['unsplit_us']:.2f} us]" if "unsplit_us" in row else "")
               + (f"  [native kernel {row['kernel_us']:.2f} us, dequantize + cuBLAS {row['dense_us']:.2f} us]"
                  if "kernel_us" in row else "")
@@ -232,18 +248,20 @@ def write_table(rows, path, meta):
              f"{meta['calls']} calls; weights rotated over > 2x L2 ({meta['l2_mib']:.0f} MiB); int4 g128"
              f"{' act-order' if meta['act_order'] else ''}; fp16 activations (tinygemm: bf16).", ""]
     lines.append("| K x N | M | kernel | fp16 (us) | tinygemm (us) | gptqkit (us) | vs fp16 | vs tinygemm | M=1 GB/s "
-                 "| no workspace (us) | native kernel (us) | mma.sync (us) | dequantize + cuBLAS (us) |")
-    lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                 "| GEMV kernel (us) | no workspace (us) | native kernel (us) | mma.sync (us) "
+                 "| dequantize + cuBLAS (us) |")
+    lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         tiny = f"{r['tinygemm_us']:.1f}" if r["tinygemm_us"] else "n/a"
         vt = f"{r['speedup_vs_tinygemm']:.2f}x" if r["speedup_vs_tinygemm"] else "n/a"
         bw = f"{r['gptqkit_GBps']:.0f}" if "gptqkit_GBps" in r else ""
         unsplit = f"{r['unsplit_us']:.1f}" if "unsplit_us" in r else ""
+        gemv = f"{r['gemv_us']:.1f}" if "gemv_us" in r else ""
         mma = f"{r['mma_us']:.1f}" if "mma_us" in r else ""
         paths = (f"{r['kernel_us']:.1f} | {mma} | {r['dense_us']:.1f}" if "kernel_us" in r else " | | ")
         lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['kernel']} | {r['fp16_us']:.1f} | {tiny} | "
                      f"{r['gptqkit_us']:.1f} | "
-                     f"{r['speedup_vs_fp16']:.2f}x | {vt} | {bw} | {unsplit} | {paths} |")
+                     f"{r['speedup_vs_fp16']:.2f}x | {vt} | {bw} | {gemv} | {unsplit} | {paths} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"table written to {path}")
@@ -283,6 +301,8 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "gpu_gemm.md"))
     p.add_argument("--plot", default=os.path.join("benchmarks", "results", "gpu_gemm.png"))
     p.add_argument("--json", default=None, help="also write the raw rows as JSON")
+    p.add_argument("--tune", action="store_true",
+                   help=f"also time the mma kernel's split-K plan at {TUNE_BLOCKS_PER_SM} blocks per SM")
     p.add_argument("--paths-from", type=int, default=128,
                    help="from this M, also time the native kernels and dequantize + cuBLAS separately (default 128)")
     args = p.parse_args(argv)

@@ -92,7 +92,7 @@ void register_gpu_gemm(py::module_& m) {
       "Repacks a layer's checkpoint tensors (CPU arrays) into the GPU kernels' layout (out_*: CPU arrays, or\n"
       "GPU arrays in GPU builds). Load-time work.");
 
-  m.attr("GPU_GEMV_MAX_ROWS") = py::int_(kGpuGemvMaxRows);  // rows up to which no workspace is ever needed
+  m.attr("GPU_GEMV_MAX_ROWS") = py::int_(kGpuGemvMaxRows);  // rows up to which the GEMV kernel can run
 
   m.def(
       "gpu_matmul_workspace_bytes",

@@ -181,7 +181,10 @@ stage_sanitize() {
 stage_bench_solver() { "$py" benchmarks/bench_gpu_solver.py; }
 stage_solver_7b() { "$py" benchmarks/bench_gpu_solver.py --model llama-7b --skip-torch; }
 stage_bench_gemm() {
-  "$py" benchmarks/bench_gpu_gemm.py --out "$out/gpu_gemm.md" --plot "$out/gpu_gemm.png" --json "$out/gpu_gemm.json"
+  # GPTQKIT_BENCH_GEMM_ARGS: extra options (e.g. --tune)
+  # shellcheck disable=SC2086
+  "$py" benchmarks/bench_gpu_gemm.py --out "$out/gpu_gemm.md" --plot "$out/gpu_gemm.png" --json "$out/gpu_gemm.json" \
+    ${GPTQKIT_BENCH_GEMM_ARGS:-}
 }
 stage_bench_generate() { "$py" benchmarks/bench_gpu_generate.py; }
 stage_quantize_7b() { "$py" benchmarks/bench_gpu_quantize_model.py; }

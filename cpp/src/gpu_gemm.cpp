@@ -472,15 +472,11 @@ Status gpu_matmul_kernel(const TensorView& x, const GpuPreparedView& w, bool wit
     ValidatedLayer layer;
     GPTQKIT_RETURN_IF_ERROR(validate_prepared(w, &layer));
     GPTQKIT_RETURN_IF_ERROR(validate_x(x, w, layer.device, layer.act));
-    if (x.shape[0] <= gpu::kGemvMaxRows) {
-      *kernel = "gemv";
-      return Status::Ok();
-    }
     gpu::GemmArgs a = layer_args(w, layer, nullptr);
     a.x = x.data;
     a.m = x.shape[0];
     const gpu::MmaPlan plan = gpu::plan_mma(a, with_workspace ? SIZE_MAX : 0);
-    *kernel = !plan.usable ? "tiled" : plan.wgmma ? "wgmma" : "mma";
+    *kernel = plan.usable ? (plan.wgmma ? "wgmma" : "mma") : a.m <= gpu::kGemvMaxRows ? "gemv" : "tiled";
     return Status::Ok();
 #endif
   } catch (const std::exception& e) {
@@ -540,12 +536,11 @@ Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const
     a.y = y.data;
     a.m = m_dim;
     std::string err;
-    if (m_dim <= gpu::kGemvMaxRows) {
-      err = gpu::launch_gemv(a);
+    const gpu::MmaPlan plan = gpu::plan_mma(a, workspace_bytes);
+    if (plan.usable) {
+      err = gpu::launch_mma(a, plan, workspace_bytes > 0 ? workspace->data : nullptr);
     } else {
-      const gpu::MmaPlan plan = gpu::plan_mma(a, workspace_bytes);
-      err = plan.usable ? gpu::launch_mma(a, plan, workspace_bytes > 0 ? workspace->data : nullptr)
-                        : gpu::launch_tiled(a);
+      err = m_dim <= gpu::kGemvMaxRows ? gpu::launch_gemv(a) : gpu::launch_tiled(a);
     }
     if (!err.empty()) return Status::Internal("gpu_quantized_matmul: " + err);
     return Status::Ok();

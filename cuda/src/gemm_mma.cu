@@ -23,7 +23,15 @@ constexpr int kMaxSplits = 16;
 // Blocks per SM the plan aims for: each holds a 3-4 stage ring of weights in
 // flight, and two of them keep an SM's share of DRAM bandwidth busy (a
 // first guess until benchmarks/bench_gpu_gemm.py has run on the target GPU).
+// (env GPTQKIT_GPU_MMA_BLOCKS_PER_SM overrides it, for tuning.)
 constexpr int64_t kBlocksPerSm = 2;
+
+// Rows from which the mma kernel takes 4-bit calls of up to kGemvMaxRows rows
+// (env GPTQKIT_GPU_MMA_MIN_ROWS; 9 or more leaves them all to the GEMV
+// kernel). Measured on an H100 (docs/gpu_gemm.md): the GEMV kernel's fp32
+// FMAs grow with M (x0.13-0.19 of fp16 at M = 8), while the mma kernel
+// streams the weight at M = 16 at least as fast as the GEMV kernel at M = 1.
+constexpr int64_t kMmaMinRows = 1;
 
 // Rows from which the wgmma kernel takes a call where it can (env
 // GPTQKIT_GPU_WGMMA_MIN_ROWS; 0 turns it off). A first guess until
@@ -33,14 +41,20 @@ constexpr int64_t kWgmmaMinRows = 128;
 
 size_t round_up(size_t v, size_t to) { return (v + to - 1) / to * to; }
 
-int64_t wgmma_min_rows() {
-  const char* env = std::getenv("GPTQKIT_GPU_WGMMA_MIN_ROWS");
-  if (env == nullptr || *env == '\0') return kWgmmaMinRows;
+// A non-negative integer from the environment, or `fallback` (unset or
+// malformed: the Python layer rejects a malformed value with an error before
+// a call gets here).
+int64_t env_rows(const char* name, int64_t fallback) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return fallback;
   char* end = nullptr;
   const long long v = std::strtoll(env, &end, 10);
-  // The Python layer rejects a malformed value with an error before it gets here.
-  return (*end == '\0' && v >= 0) ? static_cast<int64_t>(v) : kWgmmaMinRows;
+  return (*end == '\0' && v >= 0) ? static_cast<int64_t>(v) : fallback;
 }
+
+int64_t wgmma_min_rows() { return env_rows("GPTQKIT_GPU_WGMMA_MIN_ROWS", kWgmmaMinRows); }
+int64_t mma_min_rows() { return std::max<int64_t>(1, env_rows("GPTQKIT_GPU_MMA_MIN_ROWS", kMmaMinRows)); }
+int64_t blocks_per_sm() { return std::clamp<int64_t>(env_rows("GPTQKIT_GPU_MMA_BLOCKS_PER_SM", kBlocksPerSm), 1, 16); }
 
 // Whether the wgmma kernel can run on `device`: the library was built with
 // sm_90a code (which the runtime then picks for compute capability 9.0, the
@@ -169,7 +183,9 @@ std::string launch_act(const GemmArgs& a, const MmaPlan& plan, void* workspace) 
 
 MmaPlan plan_mma(const GemmArgs& a, size_t workspace_bytes) {
   MmaPlan plan;
-  if (a.bits != 4 || a.m <= kGemvMaxRows || a.np % kMmaBN != 0 || a.chunks <= 0) return plan;
+  if (a.bits != 4 || a.m < 1 || (a.m <= kGemvMaxRows && a.m < mma_min_rows()) || a.np % kMmaBN != 0 ||
+      a.chunks <= 0)
+    return plan;
   if (!mma_compiled_for(a.device)) return plan;
   plan.mf = a.m <= 16 ? 1 : a.m <= 32 ? 2 : 4;
   const int64_t wgmma_rows = wgmma_min_rows();
@@ -189,7 +205,7 @@ MmaPlan plan_mma(const GemmArgs& a, size_t workspace_bytes) {
   // would make a second, mostly idle wave). mma.sync blocks are bound by
   // the weight stream: about kBlocksPerSm per SM.
   const int64_t sms = multiprocessor_count(a.device);
-  const int64_t want = plan.wgmma ? std::max<int64_t>(1, sms / blocks) : ceil_div(kBlocksPerSm * sms, blocks);
+  const int64_t want = plan.wgmma ? std::max<int64_t>(1, sms / blocks) : ceil_div(blocks_per_sm() * sms, blocks);
   const int64_t most = std::max<int64_t>(1, std::min<int64_t>(kMaxSplits, stages / kMinStagesPerSplit));
   int64_t splits = std::clamp<int64_t>(want, 1, most);
   // Whole stages per split, then as few splits as that spacing needs.

@@ -28,12 +28,14 @@ struct GemmArgs {
   void* stream = nullptr;
 };
 
-// M <= 8 (kGemvMaxRows): the weight streamed once.
+// M <= 8 (kGemvMaxRows): the weight streamed once, CUDA-core FMAs. For 4-bit
+// layers the mma kernel takes these rows too from GPTQKIT_GPU_MMA_MIN_ROWS
+// rows (default kMmaMinRows; see gemm_mma.cu), where it can run.
 constexpr int64_t kGemvMaxRows = 8;
 std::string launch_gemv(const GemmArgs& a);
 // Any M: tiles of 16 or 64 rows x 64 columns.
 std::string launch_tiled(const GemmArgs& a);
-// The 4-bit tensor-core kernels (M > 8, sm_80+ NVIDIA; wgmma on sm_90a from
+// The 4-bit tensor-core kernels (M >= GPTQKIT_GPU_MMA_MIN_ROWS, sm_80+ NVIDIA; wgmma on sm_90a from
 // GPTQKIT_GPU_WGMMA_MIN_ROWS rows): how they would take a call. Not usable (the tiled kernel runs instead) for other bit widths,
 // binaries without sm_80 code, ROCm, or when x must be gathered and there is
 // no workspace for it.

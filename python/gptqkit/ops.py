@@ -14,11 +14,12 @@ layer at load time by :func:`prepare_layout`:
   ``chunk_group`` int32 ``[C]`` and ``perm`` int32 ``[32 C]`` (or ``None``).
 
 Routing by the number of rows ``M`` of ``x`` (:func:`matmul_kernel` tells which):
-``M <= 8`` a bandwidth-bound GEMV kernel; larger ``M`` the 4-bit tensor-core
-kernel with K split across blocks (mma.sync on sm_80+ NVIDIA; on Hopper from
-``GPTQKIT_GPU_WGMMA_MIN_ROWS`` rows, default 128, a warpgroup-MMA kernel that
-reaches the tensor rate cuBLAS does) or, for other bit widths and GPUs, a
-tiled kernel; and from ``GPTQKIT_GPU_DENSE_MIN_ROWS`` rows (default 1024)
+4-bit layers on sm_80+ NVIDIA GPUs take the tensor-core kernel with K split
+across blocks at every ``M`` from ``GPTQKIT_GPU_MMA_MIN_ROWS`` rows (default 1:
+it streams the weight at least as fast as the GEMV kernel even at ``M = 1``;
+mma.sync, and on Hopper from ``GPTQKIT_GPU_WGMMA_MIN_ROWS`` rows, default 128,
+a warpgroup-MMA kernel); other bit widths and GPUs take a bandwidth-bound GEMV
+kernel for ``M <= 8`` and a tiled kernel above; and from ``GPTQKIT_GPU_DENSE_MIN_ROWS`` rows (default 1024)
 dequantization to a dense fp16/bf16 weight followed by torch's GEMM (cuBLAS /
 hipBLAS).
 
@@ -99,6 +100,23 @@ def wgmma_min_rows() -> int:
     return rows
 
 
+def mma_min_rows() -> int:
+    """Rows of ``x`` from which 4-bit layers take the tensor-core kernel instead of the GEMV kernel
+    (env ``GPTQKIT_GPU_MMA_MIN_ROWS``, default 1; 9 or more: the GEMV kernel up to 8 rows).
+
+    The native library reads the variable itself; this checks it, so that a
+    malformed value is an error instead of the default.
+    """
+    value = os.environ.get("GPTQKIT_GPU_MMA_MIN_ROWS", "1")
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = 0
+    if rows < 1:
+        raise ValueError(f"GPTQKIT_GPU_MMA_MIN_ROWS: expected an integer >= 1, got {value!r}")
+    return rows
+
+
 def matmul_kernel(x: torch.Tensor, layout: "GpuLayout") -> str:
     """The kernel :func:`quantized_matmul` runs for ``x`` (a GPU tensor) and ``layout``:
     ``"gemv"``, ``"wgmma"``, ``"mma"``, ``"tiled"`` or ``"dense"`` (dequantize + torch's GEMM)."""
@@ -106,6 +124,7 @@ def matmul_kernel(x: torch.Tensor, layout: "GpuLayout") -> str:
     if x.shape[0] >= dense_min_rows():
         return "dense"
     wgmma_min_rows()
+    mma_min_rows()
     return str(_C.gpu_matmul_kernel(x.contiguous(), layout.qweight, layout.sz, layout.chunk_group, layout.perm,
                                     layout.bits, layout.in_features, layout.out_features, True))
 
@@ -248,8 +267,9 @@ def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, c
             return torch.nn.functional.linear(x, w, bias)
         y = torch.empty((x.shape[0], out_features), dtype=x.dtype, device=x.device)
         workspace = None
-        if x.shape[0] > _C.GPU_GEMV_MAX_ROWS:
-            wgmma_min_rows()  # a malformed GPTQKIT_GPU_WGMMA_MIN_ROWS is an error
+        if bits == 4:  # only the 4-bit tensor-core kernels use scratch
+            wgmma_min_rows()  # a malformed GPTQKIT_GPU_WGMMA_MIN_ROWS / _MMA_MIN_ROWS is an error
+            mma_min_rows()
             # Scratch for split-K partial sums / act-order x, from torch's caching
             # allocator (reused across layers, and recorded by CUDA graphs).
             nbytes = _C.gpu_matmul_workspace_bytes(x, qweight, sz, chunk_group, perm, bits, in_features,

@@ -653,8 +653,9 @@ TEST(EmuPublicApi, QuantizeWeightRunsWhereTheTensorsLive) {
 
 // ---------------------------------------------------------------- the GEMM
 // gpu_gemm_shape + prepare_gpu_weight (host staging, copy to the device) +
-// gpu_quantized_matmul (GEMV for M <= 8; above, the 4-bit mma kernel on the
-// tensor-core target, with and without a workspace, else the tiled kernel)
+// gpu_quantized_matmul (the 4-bit mma kernel on the tensor-core target at
+// any M, with and without a workspace; else GEMV for M <= 8 and the tiled
+// kernel above)
 // and gpu_dequantize_prepared, against gptqkit::dequantize's dense weight.
 struct EmuPreparedLayer {
   gptqkit_test::RandomPackedLayer layer;
@@ -757,7 +758,7 @@ TEST_P(EmuGemm, MatmulAndDequantizeMatchTheOracle) {
   EXPECT_EQ(p.shape.reordered, act_order);
   for (const int64_t m : {1, 3, 8, 9, 33}) {
     p.check_matmul(m, false, static_cast<uint32_t>(m));
-    if (m > 8) p.check_matmul(m, true, static_cast<uint32_t>(m));
+    p.check_matmul(m, true, static_cast<uint32_t>(m));
   }
 
   DeviceArray<uint16_t> dense(static_cast<size_t>(n * k));
@@ -812,10 +813,10 @@ TEST_P(EmuGemmMma, SplitAndGatheredCallsMatchTheOracle) {
 
 INSTANTIATE_TEST_SUITE_P(
     Emulated, EmuGemmMma,
-    ::testing::Values(MmaCase{256, 1024, 128, false, DType::kFloat16, {9, 16, 17, 40, 64, 65}},
+    ::testing::Values(MmaCase{256, 1024, 128, false, DType::kFloat16, {1, 5, 9, 16, 17, 40, 64, 65}},
                       MmaCase{130, 928, 64, false, DType::kBFloat16, {12, 33}},   // 29 chunks: a split ends mid-stage
                       MmaCase{128, 1000, 128, false, DType::kFloat16, {20}},     // K % 32 != 0: x gathered
-                      MmaCase{256, 640, 32, true, DType::kFloat16, {16, 48}},     // act-order: x gathered through perm
+                      MmaCase{256, 640, 32, true, DType::kFloat16, {2, 16, 48}},  // act-order: x gathered through perm
                       MmaCase{200, 480, 96, true, DType::kBFloat16, {24}}));
 
 // The sm_90a wgmma kernel: the emulated tensor-core target is a

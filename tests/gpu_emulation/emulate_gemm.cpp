@@ -61,11 +61,19 @@ void tiled(const Job& j, uint16_t* y) {
 
 template <bool BF16, int BITS>
 void dequant(const Job& j, uint16_t* out) {
+  // The launcher's choice (gemm_dequant.cu): the tiled kernel for aligned rows without perm.
+  if (!j.has_perm && j.k % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0) {
+    const dim3 grid(static_cast<unsigned>(ceil_div(j.n, kTileCols)), static_cast<unsigned>(ceil_div(j.chunks, kTileChunks)));
+    emu::launch(grid, dim3(kDequantThreads), 0, "dequant_tile_kernel", [&] {
+      dequant_tile_kernel<BF16, BITS>(j.qweight.data(), j.sz.data(), j.chunk_group.data(), out, int(j.k), int(j.n),
+                                      int(j.np), int(j.chunks), int(j.groups));
+    });
+    return;
+  }
   emu::launch(dim3(static_cast<unsigned>(ceil_div(j.n * j.chunks, kDequantThreads))), dim3(kDequantThreads), 0, "dequant_kernel", [&] {
     dequant_kernel<BF16, BITS>(j.qweight.data(), j.sz.data(), j.chunk_group.data(),
                                j.has_perm ? j.perm.data() : nullptr, out, int(j.k), int(j.n), int(j.np),
-                               int(j.chunks), int(j.groups),
-                               !j.has_perm && j.k % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0);
+                               int(j.chunks), int(j.groups));
   });
 }
 

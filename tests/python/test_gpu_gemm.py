@@ -213,9 +213,12 @@ def test_gpu_matches_oracle(gptqkit, monkeypatch, dtype, bits, group_size, act_o
     x = torch.randn(m, k, generator=gen).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype) if m % 2 else None
     ref = x.double() @ w.T + (bias.double() if bias is not None else 0)
-    paths = ["kernel"] + (["dense"] if m >= 255 else [])
-    for path in paths:  # the native kernels, and dequantize + torch GEMM
+    # The native kernels; for 4-bit and M <= 8 also the GEMV kernel (the
+    # tensor-core kernel takes those rows by default); dequantize + torch GEMM.
+    paths = ["kernel"] + (["gemv"] if bits == 4 and m <= 8 else []) + (["dense"] if m >= 255 else [])
+    for path in paths:
         monkeypatch.setenv("GPTQKIT_GPU_DENSE_MIN_ROWS", "1" if path == "dense" else "1000000000")
+        monkeypatch.setenv("GPTQKIT_GPU_MMA_MIN_ROWS", "9" if path == "gemv" else "1")
         y = _call(lay, x.cuda(), None if bias is None else bias.cuda())
         torch.cuda.synchronize()
         assert y.shape == (m, n) and y.dtype == dtype
@@ -304,6 +307,7 @@ def test_gpu_kernel_routing(gptqkit, monkeypatch):
 
     monkeypatch.delenv("GPTQKIT_GPU_WGMMA_MIN_ROWS", raising=False)
     monkeypatch.delenv("GPTQKIT_GPU_DENSE_MIN_ROWS", raising=False)
+    monkeypatch.delenv("GPTQKIT_GPU_MMA_MIN_ROWS", raising=False)
     packed = random_packed_layer(gptqkit, 512, 1024, 4, 128)
     lay = _layout(gptqkit, packed, device="cuda")
 
@@ -311,7 +315,17 @@ def test_gpu_kernel_routing(gptqkit, monkeypatch):
         return ops.matmul_kernel(torch.randn(m, 1024, device="cuda").half(), lay)
 
     tensor_cores = ops.gpu_backend() == "cuda" and torch.cuda.get_device_capability()[0] >= 8
-    assert kernel(1) == kernel(8) == "gemv"
+    assert kernel(1) == kernel(8) == ("mma" if tensor_cores else "gemv")
+    monkeypatch.setenv("GPTQKIT_GPU_MMA_MIN_ROWS", "4")
+    assert kernel(3) == "gemv"
+    assert kernel(4) == ("mma" if tensor_cores else "gemv")
+    monkeypatch.setenv("GPTQKIT_GPU_MMA_MIN_ROWS", "9")
+    assert kernel(8) == "gemv"
+    assert kernel(9) == ("mma" if tensor_cores else "tiled")
+    monkeypatch.setenv("GPTQKIT_GPU_MMA_MIN_ROWS", "none")
+    with pytest.raises(ValueError, match="GPTQKIT_GPU_MMA_MIN_ROWS"):
+        kernel(1)
+    monkeypatch.delenv("GPTQKIT_GPU_MMA_MIN_ROWS")
     assert kernel(16) == ("mma" if tensor_cores else "tiled")
     assert kernel(127) == ("mma" if tensor_cores else "tiled")
     assert kernel(128) == ("wgmma" if _wgmma_expected() else "mma" if tensor_cores else "tiled")

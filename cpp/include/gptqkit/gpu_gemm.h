@@ -40,8 +40,9 @@ const char* gpu_backend_name();
 constexpr int64_t kGpuChunk = 32;
 // Output columns are padded to a multiple of this (zero codes, scale 0).
 constexpr int64_t kGpuColumnAlign = 128;
-// Rows of x up to which gpu_quantized_matmul runs the GEMV kernel (and
-// never needs a workspace).
+// Rows of x up to which gpu_quantized_matmul can run the GEMV kernel (it
+// does for 2/3/8-bit layers, and for 4-bit ones below
+// GPTQKIT_GPU_MMA_MIN_ROWS rows or where the tensor-core kernel cannot run).
 constexpr int64_t kGpuGemvMaxRows = 8;
 
 // Extents of the kernel layout of one layer.
@@ -96,17 +97,18 @@ Status prepare_gpu_weight(const TensorView& qweight, const TensorView& qzeros, c
 // y[M, N] = x[M, K] · Wᵀ (+ bias[N]) on the GPU, enqueued on `stream`.
 // x, y (and bias) float16 or bfloat16, all the dtype of w.sz, C-contiguous,
 // on w's device; y must not overlap x or bias. Accumulation is in float32.
-// Kernel choice: M <= 8 a bandwidth-bound GEMV kernel (the weight streamed
-// once, up to 8 rows of x at a time); larger M, 4-bit, sm_80+ NVIDIA: a
-// tensor-core kernel (mma.sync; from 128 rows on Hopper, wgmma) that splits
-// K across blocks when the output alone has too few tiles to fill the GPU;
-// otherwise a tiled kernel (tensor cores on sm_80+, a SIMT path on other
+// Kernel choice: 4-bit, sm_80+ NVIDIA, any M (from GPTQKIT_GPU_MMA_MIN_ROWS
+// rows, default 1): a tensor-core kernel (mma.sync; from 128 rows on Hopper,
+// wgmma) that splits K across blocks when the output alone has too few tiles
+// to fill the GPU; other bit widths and GPUs: M <= 8 a bandwidth-bound GEMV
+// kernel (the weight streamed once, up to 8 rows of x at a time), otherwise
+// a tiled kernel (tensor cores on sm_80+, a SIMT path on other
 // GPUs and ROCm). gpu_matmul_kernel tells which.
 // `workspace` (may be nullptr): device scratch of at least
 // gpu_matmul_workspace_bytes(x, w) bytes (any dtype, C-contiguous, 16-byte
 // aligned, on w's device, overlapping nothing else), for the split-K
 // partial sums and for gathering act-order x; without it the call still
-// runs, unsplit, or on the tiled kernel. No allocation, no host
+// runs, unsplit, or on the GEMV / tiled kernel. No allocation, no host
 // synchronisation; results are deterministic (fixed summation order).
 Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const TensorView* bias, const TensorView& y,
                             const TensorView* workspace, void* stream);
@@ -115,14 +117,14 @@ Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const
                             void* stream);
 
 // Bytes of workspace gpu_quantized_matmul would use for this x (validated
-// like the matmul's); 0 when it needs none (M <= 8, other bit widths, GPUs
+// like the matmul's); 0 when it needs none (the GEMV kernel, other bit widths, GPUs
 // without the tensor-core kernel). Depends on x's rows and alignment, the
 // layer and the device's SM count.
 Status gpu_matmul_workspace_bytes(const TensorView& x, const GpuPreparedView& w, size_t* bytes);
 
 // Which kernel gpu_quantized_matmul runs for this x (validated like the
 // matmul's), given a workspace of gpu_matmul_workspace_bytes or none:
-// "gemv" (M <= 8), "wgmma" (4-bit, Hopper with sm_90a code, from
+// "gemv" (M <= 8, see gpu_quantized_matmul), "wgmma" (4-bit, Hopper with sm_90a code, from
 // GPTQKIT_GPU_WGMMA_MIN_ROWS rows, default 128; 0 turns it off), "mma"
 // (4-bit, sm_80+ NVIDIA) or "tiled". For benchmarks, tests and diagnostics.
 Status gpu_matmul_kernel(const TensorView& x, const GpuPreparedView& w, bool with_workspace, const char** kernel);
