@@ -163,7 +163,11 @@ stage_sanitize() {
   local gemm_memcheck_sel='(gpu_matches and (1-128-False-4 or 16-32-True-4 or 255-128-False-4 or 1024-128-False-4 or 33--1-False-3)) or (mma_split_k and (16-direct-float16 or 64-act_order-bfloat16)) or (wgmma_on and (65-direct-float16 or 255-act_order-bfloat16)) or kernel_routing or workspace or backward or gpu_bad or gpu_dequantize'
   local gemm_racecheck_sel='(gpu_matches and (1-128-False-4 or 16-32-True-4 or 255-128-False-4)) or (mma_split_k and 64-act_order-bfloat16) or (wgmma_on and 65-direct-float16)'
   local rc=0
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 240 "$cs" --tool memcheck --leak-check full --error-exitcode 1 \
+  # No --leak-check: in a Python + torch process what is still allocated at
+  # exit is mostly the interpreter's and torch's (objects never collected);
+  # the native solver's own buffers are counted exactly instead
+  # (gpu_solver_memory, asserted back to zero in test_model_quantize_on_gpu_matches_cpu).
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 240 "$cs" --tool memcheck --error-exitcode 1 \
     "$py" -m pytest -q -x -p no:cacheprovider tests/python/test_gpu_solver.py -k "$solver_sel" || rc=1
   timeout 150 "$cs" --tool racecheck --racecheck-report hazard --error-exitcode 1 \
     "$py" -m pytest -q -x -p no:cacheprovider tests/python/test_gpu_solver.py -k "hessian or inverse or odd_shapes" || rc=1

@@ -14,9 +14,9 @@ constexpr int kThreads = kDequantThreads;
 template <bool BF16, int BITS>
 void launch_one(const GemmArgs& a, void* out) {
   if (a.perm == nullptr && a.k % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
-      ceil_div(a.chunks, kTileChunks) <= 65535) {
-    const dim3 grid(static_cast<unsigned>(ceil_div(a.n, kTileCols)),
-                    static_cast<unsigned>(ceil_div(a.chunks, kTileChunks)));
+      ceil_div(a.chunks, kDequantTileChunks) <= 65535) {
+    const dim3 grid(static_cast<unsigned>(ceil_div(a.n, kDequantTileCols)),
+                    static_cast<unsigned>(ceil_div(a.chunks, kDequantTileChunks)));
     GPTQKIT_LAUNCH(grid, kThreads, 0, static_cast<gpuStream_t>(a.stream), dequant_tile_kernel<BF16, BITS>)(
         a.qweight, static_cast<const uint16_t*>(a.sz), a.chunk_group, static_cast<uint16_t*>(out),
         static_cast<int>(a.k), static_cast<int>(a.n), static_cast<int>(a.np), static_cast<int>(a.chunks),

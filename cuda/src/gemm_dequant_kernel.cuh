@@ -42,26 +42,26 @@ __global__ void __launch_bounds__(kDequantThreads)
 // The same for layouts without perm whose rows are 16-byte aligned (K a
 // multiple of 8): the dense path's common case, where the weight written
 // (4x the bytes read for 4-bit) decides the time. One block per tile of
-// kTileCols columns x kTileChunks chunks: each thread decodes one (chunk,
+// kDequantTileCols columns x kDequantTileChunks chunks: each thread decodes one (chunk,
 // column) into a shared tile, then each warp writes whole row segments
 // (512 contiguous bytes) instead of 32 scattered 16-byte pieces.
-constexpr int kTileCols = 32;
-constexpr int kTileChunks = kDequantThreads / kTileCols;  // 8: 256 positions of K
+constexpr int kDequantTileCols = 32;
+constexpr int kDequantTileChunks = kDequantThreads / kDequantTileCols;  // 8: 256 positions of K
 // Row stride of the shared tile in 16-bit elements: 256 + 8 makes it 132
 // words, so the 8 threads of a quarter warp that store 16 bytes into 8
 // different rows cover all 32 banks.
-constexpr int kTileStride = kTileChunks * kChunk + 8;
+constexpr int kDequantTileStride = kDequantTileChunks * kChunk + 8;
 
 template <bool BF16, int BITS>
 __global__ void __launch_bounds__(kDequantThreads)
     dequant_tile_kernel(const uint32_t* __restrict__ qweight, const uint16_t* __restrict__ sz,
                         const int32_t* __restrict__ chunk_group, uint16_t* __restrict__ out, int k_dim, int n_dim,
                         int np, int chunks, int groups) {
-  __shared__ __align__(16) uint16_t tile[kTileCols * kTileStride];
+  __shared__ __align__(16) uint16_t tile[kDequantTileCols * kDequantTileStride];
   const int t = threadIdx.x;
-  const int col = t % kTileCols, cl = t / kTileCols;
-  const int n = blockIdx.x * kTileCols + col;   // < np: np is a multiple of 128
-  const int c = blockIdx.y * kTileChunks + cl;
+  const int col = t % kDequantTileCols, cl = t / kDequantTileCols;
+  const int n = blockIdx.x * kDequantTileCols + col;   // < np: np is a multiple of 128
+  const int c = blockIdx.y * kDequantTileChunks + cl;
   uint32_t two[kChunk / 2];
   if (c < chunks && n < np) {
     uint32_t w[BITS];
@@ -81,22 +81,22 @@ __global__ void __launch_bounds__(kDequantThreads)
 #pragma unroll
     for (int j = 0; j < kChunk / 2; ++j) two[j] = 0u;
   }
-  uint4* dst = reinterpret_cast<uint4*>(tile + col * kTileStride + cl * kChunk);
+  uint4* dst = reinterpret_cast<uint4*>(tile + col * kDequantTileStride + cl * kChunk);
 #pragma unroll
   for (int q = 0; q < kChunk / 8; ++q) dst[q] = make_uint4(two[4 * q], two[4 * q + 1], two[4 * q + 2], two[4 * q + 3]);
   __syncthreads();
   // Warp w writes rows w, w + 8, ...: lane l the 8 positions [8 l, 8 l + 8).
   const int warps = kDequantThreads / kWarpSize;
   const int lane = t % kWarpSize, warp = t / kWarpSize;
-  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kTileChunks * kChunk;
-  for (int r = warp; r < kTileCols; r += warps) {
-    const int nr = blockIdx.x * kTileCols + r;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kDequantTileChunks * kChunk;
+  for (int r = warp; r < kDequantTileCols; r += warps) {
+    const int nr = blockIdx.x * kDequantTileCols + r;
     if (nr >= n_dim) break;  // rows only grow with r
-    for (int seg = lane; seg < kTileChunks * kChunk / 8; seg += kWarpSize) {
+    for (int seg = lane; seg < kDequantTileChunks * kChunk / 8; seg += kWarpSize) {
       const int64_t k = k0 + 8 * seg;
       if (k >= k_dim) break;
       *reinterpret_cast<uint4*>(out + static_cast<int64_t>(nr) * k_dim + k) =
-          *reinterpret_cast<const uint4*>(tile + r * kTileStride + 8 * seg);
+          *reinterpret_cast<const uint4*>(tile + r * kDequantTileStride + 8 * seg);
     }
   }
 }

@@ -11,7 +11,7 @@
 //     blocks (blockIdx.z, chunks_per_split chunks each) until there are about
 //     two blocks per SM; each split writes float32 partial sums that
 //     splitk_reduce_kernel adds in a fixed order (deterministic, no atomics);
-//   * a 3- to 6-deep cp.async ring of stages of 2 chunks (64 positions):
+//   * a 3- or 4-deep cp.async ring of stages of 2 chunks (64 positions):
 //     the x tile, the packed words and the (scale, zero) pairs of the stage,
 //     one barrier per stage;
 //   * weights are dequantized in registers straight into mma B fragments
@@ -45,14 +45,14 @@ constexpr int kMmaStageChunks = 2;   // chunks (32 positions each) per pipeline 
 constexpr int kMmaAStride = kMmaStageChunks * kChunk + 8;
 
 // Bytes of one pipeline stage and of the whole ring (dynamic shared memory),
-// and the ring's depth, as deep as the 48 KB a block gets without an opt-in
-// allows: 16-row tiles (decode-sized M, bound by the weight stream) keep 5
-// stages of weights in flight while one is multiplied, 32-row tiles 3, and
-// 64-row tiles 2 (4 and 3 stages).
+// and the ring's depth: 4 stages (3 loading while 1 is multiplied), 3 for
+// 64-row tiles, which keeps every variant under the 48 KB a block gets
+// without an opt-in. (A 6-stage ring for 16-row tiles measured 5-25 %
+// slower on an H100 at M <= 16, at 1 to 8 blocks per SM: docs/gpu_gemm.md.)
 template <int MF>
 struct MmaSmem {
   static constexpr int kBM = 16 * MF;
-  static constexpr int kStages = MF >= 4 ? 3 : MF == 2 ? 4 : 6;
+  static constexpr int kStages = MF >= 4 ? 3 : 4;
   static constexpr size_t kX = static_cast<size_t>(kBM) * kMmaAStride * sizeof(uint16_t);
   static constexpr size_t kWords = static_cast<size_t>(kMmaStageChunks) * 4 * kMmaBN * sizeof(uint32_t);
   static constexpr size_t kSz = static_cast<size_t>(kMmaStageChunks) * kMmaBN * sizeof(uint32_t);

@@ -63,7 +63,7 @@ template <bool BF16, int BITS>
 void dequant(const Job& j, uint16_t* out) {
   // The launcher's choice (gemm_dequant.cu): the tiled kernel for aligned rows without perm.
   if (!j.has_perm && j.k % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0) {
-    const dim3 grid(static_cast<unsigned>(ceil_div(j.n, kTileCols)), static_cast<unsigned>(ceil_div(j.chunks, kTileChunks)));
+    const dim3 grid(static_cast<unsigned>(ceil_div(j.n, kDequantTileCols)), static_cast<unsigned>(ceil_div(j.chunks, kDequantTileChunks)));
     emu::launch(grid, dim3(kDequantThreads), 0, "dequant_tile_kernel", [&] {
       dequant_tile_kernel<BF16, BITS>(j.qweight.data(), j.sz.data(), j.chunk_group.data(), out, int(j.k), int(j.n),
                                       int(j.np), int(j.chunks), int(j.groups));

@@ -340,13 +340,26 @@ def test_model_quantize_on_gpu_matches_cpu(desc_act, clip_steps, gptaq):
     from gptqkit import GPTQForCausalLM, QuantizeConfig
 
     from tiny_models import VOCAB
+    import gc
+
+    from gptqkit._native import _C
+
     ids = torch.randint(4, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    gc.collect()
+    native_before = _C.gpu_solver_memory()["current_bytes"]
     runs = {}
     for device in ("cpu", "cuda"):
         q = GPTQForCausalLM(make_tiny_model("llama"), QuantizeConfig(bits=4, group_size=32, desc_act=desc_act,
                                                                      clip_steps=clip_steps, gptaq=gptaq))
         report = q.quantize(ids, batch_size=2, device=device, progress=False)
         runs[device] = (report, {n: b.detach().cpu() for n, b in q.model.named_buffers() if n.endswith("qweight")})
+    # Once the model is gone, so is every GPU buffer the native solver allocated
+    # (Hessian accumulators, scratch): nothing outlives the run. (The collection
+    # also lets compute-sanitizer's leak check see torch's tensors freed.)
+    del q
+    gc.collect()
+    torch.cuda.synchronize()
+    assert _C.gpu_solver_memory()["current_bytes"] == native_before
     (cpu_report, cpu_q), (gpu_report, gpu_q) = runs["cpu"], runs["cuda"]
     assert cpu_q.keys() == gpu_q.keys() and cpu_q
     same = sum(int((cpu_q[n] == gpu_q[n]).sum()) for n in cpu_q)
