@@ -1,4 +1,4 @@
-// The 4-bit tensor-core kernel for M > 8 on sm_80+ (device code only;
+// The 4-bit tensor-core kernel for any M on sm_80+ (device code only;
 // launched from gemm_mma.cu, which also holds the split-K plan).
 //
 // Why a second tensor-core kernel next to the tiled one: the tiled kernel

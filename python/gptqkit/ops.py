@@ -19,7 +19,7 @@ across blocks at every ``M`` from ``GPTQKIT_GPU_MMA_MIN_ROWS`` rows (default 1:
 it streams the weight at least as fast as the GEMV kernel even at ``M = 1``;
 mma.sync, and on Hopper from ``GPTQKIT_GPU_WGMMA_MIN_ROWS`` rows, default 128,
 a warpgroup-MMA kernel); other bit widths and GPUs take a bandwidth-bound GEMV
-kernel for ``M <= 8`` and a tiled kernel above; and from ``GPTQKIT_GPU_DENSE_MIN_ROWS`` rows (default 1024)
+kernel for ``M <= 8`` and a tiled kernel above; and from ``GPTQKIT_GPU_DENSE_MIN_ROWS`` rows (default 256)
 dequantization to a dense fp16/bf16 weight followed by torch's GEMM (cuBLAS /
 hipBLAS).
 
@@ -38,7 +38,8 @@ import torch
 from gptqkit._native import _C
 
 __all__ = ["GpuLayout", "prepare_layout", "quantized_matmul", "dequantize_layout", "gpu_backend",
-           "require_gpu_backend", "gpu_unavailable_reason", "dense_min_rows", "wgmma_min_rows", "matmul_kernel"]
+           "require_gpu_backend", "gpu_unavailable_reason", "dense_min_rows", "wgmma_min_rows", "mma_min_rows",
+           "matmul_kernel"]
 
 _GPU_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -76,7 +77,9 @@ def gpu_unavailable_reason() -> Optional[str]:
 
 def dense_min_rows() -> int:
     """Rows of ``x`` from which the op dequantizes and calls torch's GEMM (env ``GPTQKIT_GPU_DENSE_MIN_ROWS``)."""
-    value = os.environ.get("GPTQKIT_GPU_DENSE_MIN_ROWS", "1024")
+    # 256: on an H100 dequantize + cuBLAS beat the wgmma kernel at M = 256 on 5
+    # of the 6 Llama shapes of benchmarks/bench_gpu_gemm.py (docs/gpu_gemm.md).
+    value = os.environ.get("GPTQKIT_GPU_DENSE_MIN_ROWS", "256")
     try:
         return int(value)
     except ValueError:

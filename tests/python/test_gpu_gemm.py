@@ -329,7 +329,9 @@ def test_gpu_kernel_routing(gptqkit, monkeypatch):
     assert kernel(16) == ("mma" if tensor_cores else "tiled")
     assert kernel(127) == ("mma" if tensor_cores else "tiled")
     assert kernel(128) == ("wgmma" if _wgmma_expected() else "mma" if tensor_cores else "tiled")
-    assert kernel(1024) == "dense"
+    assert kernel(255) == ("wgmma" if _wgmma_expected() else "mma" if tensor_cores else "tiled")
+    assert kernel(256) == kernel(1024) == "dense"
+    monkeypatch.setenv("GPTQKIT_GPU_DENSE_MIN_ROWS", "1000000")
     monkeypatch.setenv("GPTQKIT_GPU_WGMMA_MIN_ROWS", "0")
     assert kernel(512) == ("mma" if tensor_cores else "tiled")
     monkeypatch.setenv("GPTQKIT_GPU_WGMMA_MIN_ROWS", "many")
