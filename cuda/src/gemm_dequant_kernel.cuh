@@ -9,6 +9,29 @@ namespace {
 
 constexpr int kDequantThreads = 256;
 
+// One (chunk c, column n) of the layout, ready to decode: its BITS packed
+// words and the group's scale and 2^23 + zero (see magic_code).
+template <bool BF16, int BITS>
+struct ChunkColumn {
+  uint32_t w[BITS];
+  float scale, zb;
+
+  __device__ __forceinline__ ChunkColumn(const uint32_t* __restrict__ qweight, const uint16_t* __restrict__ sz,
+                                         const int32_t* __restrict__ chunk_group, int c, int n, int np, int groups) {
+#pragma unroll
+    for (int b = 0; b < BITS; ++b) w[b] = qweight[(static_cast<int64_t>(c) * BITS + b) * np + n];
+    const int g = group_of(chunk_group, c, groups);
+    const uint32_t pair = *reinterpret_cast<const uint32_t*>(sz + (static_cast<int64_t>(g) * np + n) * 2);
+    scale = lo_float<BF16>(pair);
+    zb = bias_of_zero(hi_float<BF16>(pair));
+  }
+
+  // The weight at position j of the chunk, scale * (q - zero) rounded once.
+  __device__ __forceinline__ uint16_t value(int j) const {
+    return float_to_raw<BF16>(scale * (magic_code(chunk_code_rt<BITS>(w, j)) - zb));
+  }
+};
+
 // One thread per (chunk c, column n), columns fastest: a warp reads one row
 // of packed words (consecutive columns are consecutive words) in full
 // sectors, and each thread scatters its chunk's 32 outputs of row n through
@@ -23,19 +46,13 @@ __global__ void __launch_bounds__(kDequantThreads)
   if (idx >= static_cast<int64_t>(n_dim) * chunks) return;
   const int c = static_cast<int>(idx / n_dim);
   const int n = static_cast<int>(idx % n_dim);
-  uint32_t w[BITS];
-#pragma unroll
-  for (int b = 0; b < BITS; ++b) w[b] = qweight[(static_cast<int64_t>(c) * BITS + b) * np + n];
-  const int g = group_of(chunk_group, c, groups);
-  const uint32_t pair = *reinterpret_cast<const uint32_t*>(sz + (static_cast<int64_t>(g) * np + n) * 2);
-  const float scale = lo_float<BF16>(pair);
-  const float zb = bias_of_zero(hi_float<BF16>(pair));
+  const ChunkColumn<BF16, BITS> cc(qweight, sz, chunk_group, c, n, np, groups);
   uint16_t* row = out + static_cast<int64_t>(n) * k_dim;
   const int k0 = c * kChunk;
 #pragma unroll
   for (int j = 0; j < kChunk; ++j) {
     const int k = column_of(perm, static_cast<int64_t>(k0) + j, k_dim);
-    if (k >= 0) row[k] = float_to_raw<BF16>(scale * (magic_code(chunk_code_rt<BITS>(w, j)) - zb));
+    if (k >= 0) row[k] = cc.value(j);
   }
 }
 
@@ -64,19 +81,10 @@ __global__ void __launch_bounds__(kDequantThreads)
   const int c = blockIdx.y * kDequantTileChunks + cl;
   uint32_t two[kChunk / 2];
   if (c < chunks && n < np) {
-    uint32_t w[BITS];
+    const ChunkColumn<BF16, BITS> cc(qweight, sz, chunk_group, c, n, np, groups);
 #pragma unroll
-    for (int b = 0; b < BITS; ++b) w[b] = qweight[(static_cast<int64_t>(c) * BITS + b) * np + n];
-    const int g = group_of(chunk_group, c, groups);
-    const uint32_t pair = *reinterpret_cast<const uint32_t*>(sz + (static_cast<int64_t>(g) * np + n) * 2);
-    const float scale = lo_float<BF16>(pair);
-    const float zb = bias_of_zero(hi_float<BF16>(pair));
-#pragma unroll
-    for (int j = 0; j < kChunk; j += 2) {
-      const uint32_t lo = float_to_raw<BF16>(scale * (magic_code(chunk_code_rt<BITS>(w, j)) - zb));
-      const uint32_t hi = float_to_raw<BF16>(scale * (magic_code(chunk_code_rt<BITS>(w, j + 1)) - zb));
-      two[j / 2] = lo | (hi << 16);
-    }
+    for (int j = 0; j < kChunk; j += 2)
+      two[j / 2] = static_cast<uint32_t>(cc.value(j)) | (static_cast<uint32_t>(cc.value(j + 1)) << 16);
   } else {
 #pragma unroll
     for (int j = 0; j < kChunk / 2; ++j) two[j] = 0u;

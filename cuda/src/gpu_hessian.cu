@@ -112,12 +112,7 @@ __global__ __launch_bounds__(kMmaThreads) void syrk_mma_kernel(const uint16_t* _
   const int wm = (warp / 4) * 64, wn = (warp % 4) * 32;
   const int g = lane >> 2, tq = lane & 3;
   float acc[4][4][4];
-#pragma unroll
-  for (int a = 0; a < 4; ++a)
-#pragma unroll
-    for (int b = 0; b < 4; ++b)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.0f;
+  zero_warp_tile(acc);
 
   for (int64_t r0 = 0; r0 < rows; r0 += kMmaRows) {
     // Coalesced along the feature index; out-of-range elements are zeros
@@ -157,17 +152,7 @@ __global__ __launch_bounds__(kMmaThreads) void syrk_mma_kernel(const uint16_t* _
     }
     __syncthreads();
   }
-  // Accumulator fragment: c0, c1 at (row g, cols 2tq, 2tq+1), c2, c3 at row g + 8.
-#pragma unroll
-  for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int i = i0 + wm + mt * 16 + g + (q >= 2 ? 8 : 0);
-        const int j = j0 + wn + nt * 8 + tq * 2 + (q & 1);
-        if (i < k && j < k && i <= j) store_h(h, static_cast<int64_t>(i) * k + j, acc[mt][nt][q], alpha, beta);
-      }
+  store_warp_tile(h, acc, i0 + wm, j0 + wn, lane, k, alpha, beta);
 #endif  // GPTQKIT_NV_TENSOR_CORES
 }
 

@@ -45,6 +45,36 @@ __device__ __forceinline__ void store_h(float* h, int64_t idx, float acc, float 
 }
 
 #if !GPTQKIT_GPU_IS_HIP
+// Both tensor-core Hessian kernels split a 128 x 128 output tile over 8
+// warps (2 along i x 4 along j); a warp holds 64 x 32 outputs as 4 x 4
+// m16n8 accumulator fragments.
+__device__ __forceinline__ void zero_warp_tile(float (&acc)[4][4][4]) {
+#pragma unroll
+  for (int a = 0; a < 4; ++a)
+#pragma unroll
+    for (int b = 0; b < 4; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.0f;
+}
+
+// Writes a warp's outputs at rows i0.., columns j0.. into the upper triangle
+// of H (elements past K or below the diagonal are skipped). Accumulator
+// fragment: c0, c1 at (row g, cols 2tq, 2tq+1), c2, c3 at row g + 8.
+__device__ __forceinline__ void store_warp_tile(float* h, const float (&acc)[4][4][4], int i0, int j0, int lane, int k,
+                                                float alpha, float beta) {
+  const int g = lane >> 2, tq = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int n8 = 0; n8 < 4; ++n8)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = i0 + mt * 16 + g + (e >= 2 ? 8 : 0);
+        const int j = j0 + n8 * 8 + tq * 2 + (e & 1);
+        if (i < k && j < k && i <= j) store_h(h, static_cast<int64_t>(i) * k + j, acc[mt][n8][e], alpha, beta);
+      }
+}
+
 constexpr int kTcTile = 128;        // output tile edge
 constexpr int kTcRows = 32;         // rows of X per pipeline stage (two k16 steps)
 constexpr int kTcStages = 3;
@@ -109,12 +139,7 @@ __global__ __launch_bounds__(kTcThreads) void syrk_tc_kernel(const uint16_t* __r
   };
 
   float acc[4][4][4];
-#pragma unroll
-  for (int a = 0; a < 4; ++a)
-#pragma unroll
-    for (int b = 0; b < 4; ++b)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.0f;
+  zero_warp_tile(acc);
 
 #pragma unroll
   for (int s = 0; s < kTcStages - 1; ++s) {
@@ -161,19 +186,7 @@ __global__ __launch_bounds__(kTcThreads) void syrk_tc_kernel(const uint16_t* __r
     }
   }
   // Every group still pending is empty (nothing is issued past `steps`).
-
-  // Accumulator fragment: c0, c1 at (row g, cols 2tq, 2tq+1), c2, c3 at row g + 8.
-  const int g = lane >> 2, tq = lane & 3;
-#pragma unroll
-  for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-    for (int n8 = 0; n8 < 4; ++n8)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = i0 + wm + mt * 16 + g + (e >= 2 ? 8 : 0);
-        const int j = j0 + wn + n8 * 8 + tq * 2 + (e & 1);
-        if (i < k && j < k && i <= j) store_h(h, static_cast<int64_t>(i) * k + j, acc[mt][n8][e], alpha, beta);
-      }
+  store_warp_tile(h, acc, i0 + wm, j0 + wn, lane, k, alpha, beta);
 #else
   (void)x, (void)rows, (void)k, (void)alpha, (void)beta, (void)h;
 #endif  // GPTQKIT_NV_TENSOR_CORES

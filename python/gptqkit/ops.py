@@ -86,38 +86,29 @@ def dense_min_rows() -> int:
         raise ValueError(f"GPTQKIT_GPU_DENSE_MIN_ROWS: expected an integer, got {value!r}") from None
 
 
-def wgmma_min_rows() -> int:
-    """Rows of ``x`` from which Hopper GPUs run the wgmma kernel (env ``GPTQKIT_GPU_WGMMA_MIN_ROWS``, 0: never).
-
-    The native library reads the variable itself; this checks it, so that a
-    malformed value is an error instead of the default.
-    """
-    value = os.environ.get("GPTQKIT_GPU_WGMMA_MIN_ROWS", "128")
+def _rows_from_env(name: str, default: int, minimum: int, expected: str) -> int:
+    """A row threshold from the environment, checked: the native library reads the
+    variable itself, so a malformed value must be an error here instead of its default."""
+    value = os.environ.get(name, str(default))
     try:
         rows = int(value)
     except ValueError:
-        rows = -1
-    if rows < 0:
-        raise ValueError(f"GPTQKIT_GPU_WGMMA_MIN_ROWS: expected an integer >= 0 (0 turns the wgmma kernel off), "
-                         f"got {value!r}")
+        rows = minimum - 1
+    if rows < minimum:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
     return rows
+
+
+def wgmma_min_rows() -> int:
+    """Rows of ``x`` from which Hopper GPUs run the wgmma kernel (env ``GPTQKIT_GPU_WGMMA_MIN_ROWS``, 0: never)."""
+    return _rows_from_env("GPTQKIT_GPU_WGMMA_MIN_ROWS", 128, 0,
+                          "an integer >= 0 (0 turns the wgmma kernel off)")
 
 
 def mma_min_rows() -> int:
     """Rows of ``x`` from which 4-bit layers take the tensor-core kernel instead of the GEMV kernel
-    (env ``GPTQKIT_GPU_MMA_MIN_ROWS``, default 1; 9 or more: the GEMV kernel up to 8 rows).
-
-    The native library reads the variable itself; this checks it, so that a
-    malformed value is an error instead of the default.
-    """
-    value = os.environ.get("GPTQKIT_GPU_MMA_MIN_ROWS", "1")
-    try:
-        rows = int(value)
-    except ValueError:
-        rows = 0
-    if rows < 1:
-        raise ValueError(f"GPTQKIT_GPU_MMA_MIN_ROWS: expected an integer >= 1, got {value!r}")
-    return rows
+    (env ``GPTQKIT_GPU_MMA_MIN_ROWS``, default 1; 9 or more: the GEMV kernel up to 8 rows)."""
+    return _rows_from_env("GPTQKIT_GPU_MMA_MIN_ROWS", 1, 1, "an integer >= 1")
 
 
 def matmul_kernel(x: torch.Tensor, layout: "GpuLayout") -> str:

@@ -38,7 +38,10 @@ __device__ __forceinline__ uint32_t pack2(const uint16_t* m, int i0, int i1) {
 }
 
 // One warp: a 16 x 16 row-major tile (row stride 24 elements) through
-// ldmatrix.x4 at the GEMM kernels' per-lane addresses; out[lane * 4 + i] = r[i].
+// ldmatrix.x4 (kTrans: .x4.trans, the Hessian kernel's loads of A and B
+// fragments from k-major tiles) at the GEMM kernels' per-lane addresses;
+// out[lane * 4 + i] = r[i].
+template <bool kTrans>
 __global__ void probe_ldmatrix_kernel(const uint16_t* __restrict__ a, uint32_t* __restrict__ out) {
 #if GPTQKIT_NV_TENSOR_CORES
   constexpr int kStride = 24;
@@ -47,24 +50,12 @@ __global__ void probe_ldmatrix_kernel(const uint16_t* __restrict__ a, uint32_t* 
   for (int i = lane; i < 256; i += 32) tile[(i / 16) * kStride + i % 16] = a[i];
   __syncthreads();
   uint32_t r[4];
-  ldmatrix_x4(r, tile + (lane % 16) * kStride + (lane / 16) * 8);
-  for (int i = 0; i < 4; ++i) out[lane * 4 + i] = r[i];
-#else
-  (void)a, (void)out;
-#endif
-}
-
-// ldmatrix.x4.trans at the same addresses (the Hessian kernel's loads of A
-// and B fragments from k-major tiles); out[lane * 4 + i] = r[i].
-__global__ void probe_ldmatrix_trans_kernel(const uint16_t* __restrict__ a, uint32_t* __restrict__ out) {
-#if GPTQKIT_NV_TENSOR_CORES
-  constexpr int kStride = 24;
-  uint16_t* tile = reinterpret_cast<uint16_t*>(gpu_dynamic_smem());
-  const int lane = threadIdx.x;
-  for (int i = lane; i < 256; i += 32) tile[(i / 16) * kStride + i % 16] = a[i];
-  __syncthreads();
-  uint32_t r[4];
-  ldmatrix_x4_trans(r, tile + (lane % 16) * kStride + (lane / 16) * 8);
+  const uint16_t* p = tile + (lane % 16) * kStride + (lane / 16) * 8;
+  if constexpr (kTrans) {
+    ldmatrix_x4_trans(r, p);
+  } else {
+    ldmatrix_x4(r, p);
+  }
   for (int i = 0; i < 4; ++i) out[lane * 4 + i] = r[i];
 #else
   (void)a, (void)out;
@@ -191,46 +182,31 @@ int report(const std::string& name, int64_t mismatches, const std::string& first
   return 1;
 }
 
+template <bool kTrans>
 int probe_ldmatrix(std::mt19937& rng) {
   std::vector<double> av;
   const std::vector<uint16_t> a = small_ints(256, false, rng, &av);
   Buffer<uint16_t> ad(a);
   Buffer<uint32_t> out(128);
-  GPTQKIT_LAUNCH(1, 32, 16 * 24 * 2, static_cast<gpuStream_t>(nullptr), probe_ldmatrix_kernel)(ad.ptr, out.ptr);
+  GPTQKIT_LAUNCH(1, 32, 16 * 24 * 2, static_cast<gpuStream_t>(nullptr), probe_ldmatrix_kernel<kTrans>)(ad.ptr, out.ptr);
   ok(gpuGetLastError(), "launch");
   const std::vector<uint32_t> r = out.host();
   int64_t bad = 0;
   std::string first;
   for (int lane = 0; lane < 32; ++lane)
     for (int i = 0; i < 4; ++i) {
-      // Register i holds matrix i (rows 8 (i % 2) .., columns 8 (i / 2) ..): row lane / 4, elements 2 (lane % 4), +1.
-      const int row = (i % 2) * 8 + lane / 4, col = (i / 2) * 8 + 2 * (lane % 4);
-      const uint32_t want = static_cast<uint32_t>(a[row * 16 + col]) | (static_cast<uint32_t>(a[row * 16 + col + 1]) << 16);
+      // Register i holds matrix i (rows 8 (i % 2) .., columns 8 (i / 2) ..): row lane / 4, elements
+      // 2 (lane % 4), +1; transposed: column lane / 4, rows 2 (lane % 4), +1.
+      const int row = (i % 2) * 8 + (kTrans ? 2 * (lane % 4) : lane / 4);
+      const int col = (i / 2) * 8 + (kTrans ? lane / 4 : 2 * (lane % 4));
+      const int next = kTrans ? (row + 1) * 16 + col : row * 16 + col + 1;
+      const uint32_t want = static_cast<uint32_t>(a[row * 16 + col]) | (static_cast<uint32_t>(a[next]) << 16);
       if (r[lane * 4 + i] != want && bad++ == 0)
         first = "lane " + std::to_string(lane) + " register " + std::to_string(i);
     }
-  return report("ldmatrix.x4 (the GEMM and Hessian kernels' A-fragment loads)", bad, first);
-}
-
-int probe_ldmatrix_trans(std::mt19937& rng) {
-  std::vector<double> av;
-  const std::vector<uint16_t> a = small_ints(256, false, rng, &av);
-  Buffer<uint16_t> ad(a);
-  Buffer<uint32_t> out(128);
-  GPTQKIT_LAUNCH(1, 32, 16 * 24 * 2, static_cast<gpuStream_t>(nullptr), probe_ldmatrix_trans_kernel)(ad.ptr, out.ptr);
-  ok(gpuGetLastError(), "launch");
-  const std::vector<uint32_t> r = out.host();
-  int64_t bad = 0;
-  std::string first;
-  for (int lane = 0; lane < 32; ++lane)
-    for (int i = 0; i < 4; ++i) {
-      // Matrix i (rows 8 (i % 2) .., columns 8 (i / 2) ..), transposed: column lane / 4, rows 2 (lane % 4), +1.
-      const int row = (i % 2) * 8 + 2 * (lane % 4), col = (i / 2) * 8 + lane / 4;
-      const uint32_t want = static_cast<uint32_t>(a[row * 16 + col]) | (static_cast<uint32_t>(a[(row + 1) * 16 + col]) << 16);
-      if (r[lane * 4 + i] != want && bad++ == 0)
-        first = "lane " + std::to_string(lane) + " register " + std::to_string(i);
-    }
-  return report("ldmatrix.x4.trans (the Hessian kernel's fragment loads)", bad, first);
+  return report(kTrans ? "ldmatrix.x4.trans (the Hessian kernel's fragment loads)"
+                       : "ldmatrix.x4 (the GEMM and Hessian kernels' A-fragment loads)",
+                bad, first);
 }
 
 template <bool BF16>
@@ -297,8 +273,8 @@ int main() {
   if (GPTQKIT_GPU_IS_HIP || major < 8) {
     std::printf("SKIP  mma / ldmatrix: compute capability %d.%d (needs 8.0+ NVIDIA)\n", major, minor);
   } else {
-    take(probe_ldmatrix(rng));
-    take(probe_ldmatrix_trans(rng));
+    take(probe_ldmatrix<false>(rng));
+    take(probe_ldmatrix<true>(rng));
     take(probe_mma<false>(rng));
     take(probe_mma<true>(rng));
   }
