@@ -476,7 +476,11 @@ Status gpu_matmul_kernel(const TensorView& x, const GpuPreparedView& w, bool wit
     a.x = x.data;
     a.m = x.shape[0];
     const gpu::MmaPlan plan = gpu::plan_mma(a, with_workspace ? SIZE_MAX : 0);
-    *kernel = plan.usable ? (plan.wgmma ? "wgmma" : "mma") : a.m <= gpu::kGemvMaxRows ? "gemv" : "tiled";
+    if (plan.usable) {
+      *kernel = plan.wgmma ? "wgmma" : plan.skinny ? "skinny" : "mma";
+    } else {
+      *kernel = a.m <= gpu::kGemvMaxRows ? "gemv" : "tiled";
+    }
     return Status::Ok();
 #endif
   } catch (const std::exception& e) {

@@ -53,6 +53,14 @@ __device__ __forceinline__ uint32_t chunk_code_rt(const uint32_t* w, int j) {
 __device__ __forceinline__ float magic_code(uint32_t q) { return __uint_as_float(0x4B000000u | q); }
 __device__ __forceinline__ float bias_of_zero(float zero) { return 8388608.0f + zero; }
 
+// The magic number of the tensor-core kernels' 16-bit dequantization, twice
+// (one per half of a 32-bit pair): 1024.0 in fp16, 128.0 in bf16. A code
+// q < 16 OR-ed into its low mantissa bits is the value magic + q, exactly.
+template <bool BF16>
+constexpr uint32_t mma_magic2() {
+  return BF16 ? 0x43004300u : 0x64006400u;
+}
+
 // The original column of position p, or -1 (padding). Out-of-range entries
 // of a corrupt perm read as padding instead of reading outside x.
 __device__ __forceinline__ int column_of(const int32_t* perm, int64_t p, int64_t k_dim) {

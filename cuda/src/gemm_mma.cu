@@ -7,6 +7,7 @@
 #include <cstdlib>
 
 #include "gemm_mma_kernel.cuh"
+#include "gemm_mma_skinny_kernel.cuh"
 #include "gemm_wgmma_kernel.cuh"
 
 namespace gptqkit::gpu {
@@ -39,6 +40,12 @@ constexpr int64_t kMmaMinRows = 1;
 // the weight stream, not the tensor rate, bounds both kernels.
 constexpr int64_t kWgmmaMinRows = 128;
 
+// Rows up to which the skinny variant of the mma kernel takes a call instead
+// of it (env GPTQKIT_GPU_SKINNY_MAX_ROWS, at most 16; 0: never). Off until
+// benchmarks/bench_gpu_gemm.py has timed both on a GPU: it prints the
+// skinny kernel's time next to the mma kernel's for M <= 16.
+constexpr int64_t kSkinnyMaxRows = 0;
+
 size_t round_up(size_t v, size_t to) { return (v + to - 1) / to * to; }
 
 // A non-negative integer from the environment, or `fallback` (unset or
@@ -54,6 +61,9 @@ int64_t env_rows(const char* name, int64_t fallback) {
 
 int64_t wgmma_min_rows() { return env_rows("GPTQKIT_GPU_WGMMA_MIN_ROWS", kWgmmaMinRows); }
 int64_t mma_min_rows() { return std::max<int64_t>(1, env_rows("GPTQKIT_GPU_MMA_MIN_ROWS", kMmaMinRows)); }
+int64_t skinny_max_rows() {
+  return std::min<int64_t>(kSkinnyRows, env_rows("GPTQKIT_GPU_SKINNY_MAX_ROWS", kSkinnyMaxRows));
+}
 int64_t blocks_per_sm() { return std::clamp<int64_t>(env_rows("GPTQKIT_GPU_MMA_BLOCKS_PER_SM", kBlocksPerSm), 1, 16); }
 
 // Whether the wgmma kernel can run on `device`: the library was built with
@@ -103,6 +113,18 @@ bool mma_compiled_for(int device) {
   if (device >= 0 && device < 64) cache[device].store(yes ? 1 : 2, std::memory_order_relaxed);
   return yes;
 #endif
+}
+
+template <bool BF16>
+std::string launch_skinny(const GemmArgs& a, const MmaPlan& plan, const uint16_t* x, int x_stride, float* partial) {
+  const dim3 grid(static_cast<unsigned>(a.np / kMmaBN), static_cast<unsigned>(ceil_div(a.m, kSkinnyRows)),
+                  static_cast<unsigned>(plan.splits));
+  GPTQKIT_LAUNCH(grid, kMmaThreads, SkinnySmem::kTotal, static_cast<gpuStream_t>(a.stream), mma_skinny_kernel<BF16>)(
+      x, x_stride, a.qweight, static_cast<const uint16_t*>(a.sz), a.chunk_group,
+      static_cast<const uint16_t*>(a.bias), static_cast<uint16_t*>(a.y), partial, static_cast<int>(a.m),
+      static_cast<int>(a.n), static_cast<int>(a.np), static_cast<int>(a.chunks), static_cast<int>(a.groups),
+      plan.chunks_per_split);
+  return launch_error("mma_skinny_kernel");
 }
 
 template <bool BF16, int MF>
@@ -163,6 +185,8 @@ std::string launch_act(const GemmArgs& a, const MmaPlan& plan, void* workspace) 
   if (plan.wgmma) {
     err = plan.rows_per_tile == 64 ? launch_wgmma_tile<BF16, 64>(a, plan, x, x_stride, partial)
                                    : launch_wgmma_tile<BF16, 128>(a, plan, x, x_stride, partial);
+  } else if (plan.skinny) {
+    err = launch_skinny<BF16>(a, plan, x, x_stride, partial);
   } else {
     switch (plan.mf) {
       case 1: err = launch_tile<BF16, 1>(a, plan, x, x_stride, partial); break;
@@ -190,6 +214,7 @@ MmaPlan plan_mma(const GemmArgs& a, size_t workspace_bytes) {
   plan.mf = a.m <= 16 ? 1 : a.m <= 32 ? 2 : 4;
   const int64_t wgmma_rows = wgmma_min_rows();
   plan.wgmma = wgmma_rows > 0 && a.m >= wgmma_rows && wgmma_runs_on(a.device);
+  plan.skinny = !plan.wgmma && a.m <= skinny_max_rows();  // one 16-row tile, like mf == 1
   plan.rows_per_tile = plan.wgmma ? (a.m <= 64 ? 64 : 128) : 16 * plan.mf;
   const int64_t bm = plan.rows_per_tile;
   // The kernel reads x as [M, Kp] with positions == columns, 16-byte rows.

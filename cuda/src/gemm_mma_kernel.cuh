@@ -73,9 +73,7 @@ __global__ void __launch_bounds__(kMmaThreads)
   using Smem = MmaSmem<MF>;
   constexpr int kMmaStages = Smem::kStages;
   constexpr int kPiecesPerWordRow = kMmaBN / 4;  // 16-byte pieces of one word row of the tile
-  // 16-bit pattern of the magic number whose low mantissa bits take a code.
-  constexpr uint32_t kMagic = BF16 ? 0x4300u : 0x6400u;  // 128.0 (bf16), 1024.0 (fp16)
-  constexpr uint32_t kMagic2 = kMagic | (kMagic << 16);
+  constexpr uint32_t kMagic2 = mma_magic2<BF16>();
 
   unsigned char* smem = gpu_dynamic_smem();
   const int t = threadIdx.x;

@@ -78,8 +78,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
 #if GPTQKIT_NV_WGMMA
   static_assert(kWarpSize == 32, "warpgroups of four 32-lane warps");
   using Smem = WgmmaSmem<BT>;
-  constexpr uint32_t kMagic = BF16 ? 0x4300u : 0x6400u;  // 128.0 (bf16), 1024.0 (fp16)
-  constexpr uint32_t kMagic2 = kMagic | (kMagic << 16);
+  constexpr uint32_t kMagic2 = mma_magic2<BF16>();
   constexpr int kPiecesPerRow = kWgmmaStageChunks * kChunk * 2 / 16;  // 16-byte pieces per token row: 8
   constexpr int kWordPieces = kWgmmaBN / 4;                           // per word row of the tile
 

@@ -273,6 +273,15 @@ template <bool BF16>
 __device__ __forceinline__ uint32_t hmul2_raw(uint32_t a, uint32_t b) {
   return half2_raw_op<BF16>(a, b, [](auto x, auto y) { return __hmul2(x, y); });
 }
+// (a & mask) | bits in one LOP3. Written as C++ with two immediate
+// constants, ptxas emits two logic operations (LOP3 takes one immediate);
+// here the constants become operands it keeps in registers across a loop.
+template <uint32_t kMask, uint32_t kBits>
+__device__ __forceinline__ uint32_t and_or_u32(uint32_t a) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(a), "n"(kMask), "n"(kBits));
+  return r;
+}
 #endif  // GPTQKIT_NV_TENSOR_CORES
 
 // ---- NVIDIA Hopper warpgroup MMA guard ------------------------------------------

@@ -42,6 +42,7 @@ std::string launch_tiled(const GemmArgs& a);
 struct MmaPlan {
   bool usable = false;
   bool wgmma = false;         // the sm_90a wgmma kernel (many rows, H100/H200) instead of mma.sync
+  bool skinny = false;        // the mma.sync variant for M <= 16 (GPTQKIT_GPU_SKINNY_MAX_ROWS; gemm_mma_skinny_kernel.cuh)
   int mf = 1;                 // mma.sync: tiles of 16 * mf rows
   int rows_per_tile = 16;     // rows of x per block (16 * mf, or 64 / 128 for wgmma)
   int splits = 1;             // K split across blocks: float32 partial sums, then a reduction

@@ -865,6 +865,64 @@ INSTANTIATE_TEST_SUITE_P(
                       MmaCase{128, 1000, 128, false, DType::kBFloat16, {70}},    // K % 32 != 0: x gathered
                       MmaCase{256, 640, 32, true, DType::kFloat16, {40}}));       // act-order: x gathered through perm
 
+// The skinny variant of the mma kernel (M <= 16, GPTQKIT_GPU_SKINNY_MAX_ROWS):
+// its own K order inside a chunk, column order inside a warp and
+// per-group scaling, against the same oracle. Group runs of 1 chunk
+// (group 32), 2 (64), 4 (128) and the whole of K (-1), runs that a split
+// or a stage boundary cuts, act-order (chunk groups out of order, x
+// gathered), K % 32 != 0, N past the last column, rows 9..16 (the upper
+// half of the fragment), and no workspace (unsplit: 16-bit stores).
+class EmuGemmSkinny : public ::testing::TestWithParam<MmaCase> {};
+
+TEST_P(EmuGemmSkinny, SplitAndGatheredCallsMatchTheOracle) {
+  const MmaCase c = GetParam();
+  EmuPreparedLayer p(c.n, c.k, c.group_size, 4, c.act_order, c.dtype, 97);
+  const ScopedEnv env("GPTQKIT_GPU_SKINNY_MAX_ROWS", "16");
+  const bool gathered = c.act_order || c.k % 32 != 0;
+  const int64_t before = emu_device::launches("mma_skinny_kernel");
+  int64_t expected = 0;
+  for (const int64_t m : c.rows) {
+    p.check_matmul(m, true, static_cast<uint32_t>(m) + 5000);
+    p.check_matmul(m, false, static_cast<uint32_t>(m) + 6000);  // gathered x needs a workspace: tiled instead
+    if (m <= 16) expected += gathered ? 1 : 2;
+  }
+  if (!emu_device::tensor_cores()) expected = 0;
+  EXPECT_EQ(emu_device::launches("mma_skinny_kernel") - before, expected) << target();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Emulated, EmuGemmSkinny,
+    ::testing::Values(MmaCase{256, 1024, 128, false, DType::kFloat16, {1, 2, 8, 9, 16, 17}},
+                      MmaCase{130, 928, 64, false, DType::kBFloat16, {1, 12}},  // 29 chunks: a split ends mid-stage
+                      MmaCase{256, 640, 32, false, DType::kFloat16, {3}},      // a group per chunk
+                      MmaCase{128, 768, -1, false, DType::kBFloat16, {5}},     // one group for all of K
+                      MmaCase{128, 1000, 128, false, DType::kFloat16, {4}},    // K % 32 != 0: x gathered
+                      MmaCase{256, 640, 32, true, DType::kFloat16, {2, 16}},   // act-order: x gathered through perm
+                      MmaCase{200, 480, 96, true, DType::kBFloat16, {7}}));
+
+TEST(EmuGemmSkinnyRouting, OnlyUpToItsRowsAndOffByDefault) {
+  EmuPreparedLayer p(128, 256, 128, 4, false, DType::kFloat16, 6);
+  auto skinny_ran = [&](int64_t m) {
+    const int64_t before = emu_device::launches("mma_skinny_kernel");
+    p.check_matmul(m, true, static_cast<uint32_t>(m));
+    return emu_device::launches("mma_skinny_kernel") > before;
+  };
+  {
+    const ScopedEnv env("GPTQKIT_GPU_SKINNY_MAX_ROWS", nullptr);  // default: off
+    EXPECT_FALSE(skinny_ran(1));
+  }
+  {
+    const ScopedEnv env("GPTQKIT_GPU_SKINNY_MAX_ROWS", "4");
+    EXPECT_EQ(skinny_ran(4), emu_device::tensor_cores());
+    EXPECT_FALSE(skinny_ran(5));
+  }
+  {
+    const ScopedEnv env("GPTQKIT_GPU_SKINNY_MAX_ROWS", "100");  // capped at one 16-row tile
+    EXPECT_EQ(skinny_ran(16), emu_device::tensor_cores());
+    EXPECT_FALSE(skinny_ran(17));
+  }
+}
+
 TEST(EmuGemmWgmmaRouting, FromTheRowThresholdAndNeverWhenTurnedOff) {
   EmuPreparedLayer p(128, 256, 128, 4, false, DType::kFloat16, 5);
   auto wgmma_ran = [&](int64_t m) {

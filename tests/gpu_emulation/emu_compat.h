@@ -80,6 +80,10 @@ struct float2 {
   float x, y;
 };
 inline float2 make_float2(float x, float y) { return {x, y}; }
+struct float4 {
+  float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
 constexpr int kWarpSize = EMU_WARP;
 constexpr int kMaxWarpSize = 64;
@@ -577,6 +581,7 @@ inline void wgmma_wait() {
 template <bool BF16> inline uint32_t hadd2_raw(uint32_t a, uint32_t b) { return emu_half2_op<BF16>(a, b, 0); }
 template <bool BF16> inline uint32_t hsub2_raw(uint32_t a, uint32_t b) { return emu_half2_op<BF16>(a, b, 1); }
 template <bool BF16> inline uint32_t hmul2_raw(uint32_t a, uint32_t b) { return emu_half2_op<BF16>(a, b, 2); }
+template <uint32_t kMask, uint32_t kBits> inline uint32_t and_or_u32(uint32_t a) { return (a & kMask) | kBits; }
 #endif
 
 // Byte i of the result is byte (selector nibble i) of the 8-byte value b:a.

@@ -99,8 +99,9 @@ Status prepare_gpu_weight(const TensorView& qweight, const TensorView& qzeros, c
 // on w's device; y must not overlap x or bias. Accumulation is in float32.
 // Kernel choice: 4-bit, sm_80+ NVIDIA, any M (from GPTQKIT_GPU_MMA_MIN_ROWS
 // rows, default 1): a tensor-core kernel (mma.sync; from 128 rows on Hopper,
-// wgmma) that splits K across blocks when the output alone has too few tiles
-// to fill the GPU; other bit widths and GPUs: M <= 8 a bandwidth-bound GEMV
+// wgmma; up to GPTQKIT_GPU_SKINNY_MAX_ROWS rows, default 0 = off, at most
+// 16, its "skinny" variant) that splits K across blocks when the output
+// alone has too few tiles to fill the GPU; other bit widths and GPUs: M <= 8 a bandwidth-bound GEMV
 // kernel (the weight streamed once, up to 8 rows of x at a time), otherwise
 // a tiled kernel (tensor cores on sm_80+, a SIMT path on other
 // GPUs and ROCm). gpu_matmul_kernel tells which.
@@ -125,7 +126,8 @@ Status gpu_matmul_workspace_bytes(const TensorView& x, const GpuPreparedView& w,
 // Which kernel gpu_quantized_matmul runs for this x (validated like the
 // matmul's), given a workspace of gpu_matmul_workspace_bytes or none:
 // "gemv" (M <= 8, see gpu_quantized_matmul), "wgmma" (4-bit, Hopper with sm_90a code, from
-// GPTQKIT_GPU_WGMMA_MIN_ROWS rows, default 128; 0 turns it off), "mma"
+// GPTQKIT_GPU_WGMMA_MIN_ROWS rows, default 128; 0 turns it off), "skinny"
+// (4-bit, sm_80+ NVIDIA, up to GPTQKIT_GPU_SKINNY_MAX_ROWS rows), "mma"
 // (4-bit, sm_80+ NVIDIA) or "tiled". For benchmarks, tests and diagnostics.
 Status gpu_matmul_kernel(const TensorView& x, const GpuPreparedView& w, bool with_workspace, const char** kernel);
 
