@@ -10,8 +10,11 @@ For each weight shape K x N (issue 6) and each batch M it times, per call:
   type it takes), weight from ``torch.ops.aten._convert_weight_to_int4pack``
   (uint8 ``[N, K/2]``, innerKTiles 8) and bf16 ``scales_and_zeros [G, N, 2]``.
 
-The ``kernel`` column names what the op ran (``gemv``, ``mma``, ``wgmma``,
-``tiled`` or ``dense`` = dequantize + cuBLAS); from ``--paths-from`` rows the
+The ``kernel`` column names what the op ran (``gemv``, ``skinny``, ``mma``, ``wgmma``,
+``tiled`` or ``dense`` = dequantize + cuBLAS); up to M = 16 the other one of
+the two small-M tensor-core kernels is timed too (the skinny variant,
+``GPTQKIT_GPU_SKINNY_MAX_ROWS``, or the mma kernel): where that threshold
+should be; from ``--paths-from`` rows the
 native kernel and dequantize + cuBLAS are timed apart, and on Hopper also the
 mma.sync kernel where wgmma runs (``GPTQKIT_GPU_WGMMA_MIN_ROWS=0``): where the
 two routing thresholds should be.
@@ -167,7 +170,12 @@ def bench_shape(k, n, ms, args, gen, l2):
             # where GPTQKIT_GPU_MMA_MIN_ROWS should be.
             with env_vars(GPTQKIT_GPU_MMA_MIN_ROWS=9):
                 row["gemv_us"] = time_graph(ours, x, args.calls, args.reps)
-        if args.tune and row["kernel"] == "mma":
+        if m <= 16 and row["kernel"] in ("mma", "skinny"):
+            # The other small-M tensor-core kernel: where GPTQKIT_GPU_SKINNY_MAX_ROWS should be.
+            key = "mma_small_us" if row["kernel"] == "skinny" else "skinny_us"
+            with env_vars(GPTQKIT_GPU_SKINNY_MAX_ROWS=0 if row["kernel"] == "skinny" else 16):
+                row[key] = time_graph(ours, x, args.calls, args.reps)
+        if args.tune and row["kernel"] in ("mma", "skinny"):
             # The split-K plan's target occupancy (GPTQKIT_GPU_MMA_BLOCKS_PER_SM).
             for bps in TUNE_BLOCKS_PER_SM:
                 with env_vars(GPTQKIT_GPU_MMA_BLOCKS_PER_SM=bps):
@@ -197,6 +205,8 @@ def bench_shape(k, n, ms, args, gen, l2):
               f"tinygemm {t_tiny if t_tiny else float('nan'):9.2f} us  x{row['speedup_vs_fp16']:.2f} vs fp16"
               + (f"  {row['gptqkit_GBps']:.0f} GB/s" if m == 1 else "")
               + (f"  [GEMV kernel {row['gemv_us']:.2f} us]" if "gemv_us" in row else "")
+              + (f"  [skinny kernel {row['skinny_us']:.2f} us]" if "skinny_us" in row else "")
+              + (f"  [mma kernel {row['mma_small_us']:.2f} us]" if "mma_small_us" in row else "")
               + "".join(f"  [{bps} blocks/SM {row[f'blocks_per_sm_{bps}_us']:.2f} us]" for bps in TUNE_BLOCKS_PER_SM
                         if f"blocks_per_sm_{bps}_us" in row)
               + (f"  [no workspace {row['unsplit_us']:.2f} us]" if "unsplit_us" in row else "")
@@ -231,8 +241,9 @@ def check_correctness(gen):
     w = torch.ops.gptqkit.dequantize_layout(lay.qweight, lay.sz, lay.chunk_group, lay.perm, 4, 1024, 768).double()
     for m in (1, 7, 16, 40, 200, 300):
         x = torch.randn(m, 1024, device=dev, dtype=torch.float16, generator=gen)
-        for wgmma_rows in (128, 0):  # the default routing, and mma.sync where wgmma would run
-            with env_vars(GPTQKIT_GPU_WGMMA_MIN_ROWS=wgmma_rows):
+        # The default routing, mma.sync where wgmma would run, and the skinny kernel where it can.
+        for wgmma_rows, skinny_rows in ((128, 0), (0, 0), (128, 16)):
+            with env_vars(GPTQKIT_GPU_WGMMA_MIN_ROWS=wgmma_rows, GPTQKIT_GPU_SKINNY_MAX_ROWS=skinny_rows):
                 kernel = matmul_kernel(x, lay)
                 y = torch.ops.gptqkit.quantized_matmul(x, lay.qweight, lay.sz, lay.chunk_group, lay.perm, None, 4,
                                                        1024, 768)
@@ -248,20 +259,22 @@ def write_table(rows, path, meta):
              f"{meta['calls']} calls; weights rotated over > 2x L2 ({meta['l2_mib']:.0f} MiB); int4 g128"
              f"{' act-order' if meta['act_order'] else ''}; fp16 activations (tinygemm: bf16).", ""]
     lines.append("| K x N | M | kernel | fp16 (us) | tinygemm (us) | gptqkit (us) | vs fp16 | vs tinygemm | M=1 GB/s "
-                 "| GEMV kernel (us) | no workspace (us) | native kernel (us) | mma.sync (us) "
-                 "| dequantize + cuBLAS (us) |")
-    lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                 "| GEMV kernel (us) | skinny / mma kernel (us) | no workspace (us) | native kernel (us) "
+                 "| mma.sync (us) | dequantize + cuBLAS (us) |")
+    lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         tiny = f"{r['tinygemm_us']:.1f}" if r["tinygemm_us"] else "n/a"
         vt = f"{r['speedup_vs_tinygemm']:.2f}x" if r["speedup_vs_tinygemm"] else "n/a"
         bw = f"{r['gptqkit_GBps']:.0f}" if "gptqkit_GBps" in r else ""
         unsplit = f"{r['unsplit_us']:.1f}" if "unsplit_us" in r else ""
         gemv = f"{r['gemv_us']:.1f}" if "gemv_us" in r else ""
+        small = r.get("skinny_us", r.get("mma_small_us"))
+        small = f"{small:.1f}" if small is not None else ""
         mma = f"{r['mma_us']:.1f}" if "mma_us" in r else ""
         paths = (f"{r['kernel_us']:.1f} | {mma} | {r['dense_us']:.1f}" if "kernel_us" in r else " | | ")
         lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['kernel']} | {r['fp16_us']:.1f} | {tiny} | "
                      f"{r['gptqkit_us']:.1f} | "
-                     f"{r['speedup_vs_fp16']:.2f}x | {vt} | {bw} | {gemv} | {unsplit} | {paths} |")
+                     f"{r['speedup_vs_fp16']:.2f}x | {vt} | {bw} | {gemv} | {small} | {unsplit} | {paths} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"table written to {path}")

@@ -18,7 +18,8 @@ Routing by the number of rows ``M`` of ``x`` (:func:`matmul_kernel` tells which)
 across blocks at every ``M`` from ``GPTQKIT_GPU_MMA_MIN_ROWS`` rows (default 1:
 it streams the weight at least as fast as the GEMV kernel even at ``M = 1``;
 mma.sync, and on Hopper from ``GPTQKIT_GPU_WGMMA_MIN_ROWS`` rows, default 128,
-a warpgroup-MMA kernel); other bit widths and GPUs take a bandwidth-bound GEMV
+a warpgroup-MMA kernel; up to ``GPTQKIT_GPU_SKINNY_MAX_ROWS`` rows, default 0 = off,
+its "skinny" variant for decode-sized batches); other bit widths and GPUs take a bandwidth-bound GEMV
 kernel for ``M <= 8`` and a tiled kernel above; and from ``GPTQKIT_GPU_DENSE_MIN_ROWS`` rows (default 256)
 dequantization to a dense fp16/bf16 weight followed by torch's GEMM (cuBLAS /
 hipBLAS).
@@ -111,14 +112,26 @@ def mma_min_rows() -> int:
     return _rows_from_env("GPTQKIT_GPU_MMA_MIN_ROWS", 1, 1, "an integer >= 1")
 
 
+def skinny_max_rows() -> int:
+    """Rows of ``x`` up to which 4-bit layers take the skinny variant of the tensor-core kernel (env
+    ``GPTQKIT_GPU_SKINNY_MAX_ROWS``, default 0: off; at most 16 count). See ``docs/gpu_gemm.md``."""
+    return _rows_from_env("GPTQKIT_GPU_SKINNY_MAX_ROWS", 0, 0, "an integer >= 0 (0 turns the skinny kernel off)")
+
+
+def _check_routing_env() -> None:
+    """Raises ValueError for a malformed routing variable, which the native library would silently ignore."""
+    wgmma_min_rows()
+    mma_min_rows()
+    skinny_max_rows()
+
+
 def matmul_kernel(x: torch.Tensor, layout: "GpuLayout") -> str:
     """The kernel :func:`quantized_matmul` runs for ``x`` (a GPU tensor) and ``layout``:
-    ``"gemv"``, ``"wgmma"``, ``"mma"``, ``"tiled"`` or ``"dense"`` (dequantize + torch's GEMM)."""
+    ``"gemv"``, ``"wgmma"``, ``"skinny"``, ``"mma"``, ``"tiled"`` or ``"dense"`` (dequantize + torch's GEMM)."""
     require_gpu_backend()
     if x.shape[0] >= dense_min_rows():
         return "dense"
-    wgmma_min_rows()
-    mma_min_rows()
+    _check_routing_env()
     return str(_C.gpu_matmul_kernel(x.contiguous(), layout.qweight, layout.sz, layout.chunk_group, layout.perm,
                                     layout.bits, layout.in_features, layout.out_features, True))
 
@@ -262,8 +275,7 @@ def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, c
         y = torch.empty((x.shape[0], out_features), dtype=x.dtype, device=x.device)
         workspace = None
         if bits == 4:  # only the 4-bit tensor-core kernels use scratch
-            wgmma_min_rows()  # a malformed GPTQKIT_GPU_WGMMA_MIN_ROWS / _MMA_MIN_ROWS is an error
-            mma_min_rows()
+            _check_routing_env()
             # Scratch for split-K partial sums / act-order x, from torch's caching
             # allocator (reused across layers, and recorded by CUDA graphs).
             nbytes = _C.gpu_matmul_workspace_bytes(x, qweight, sz, chunk_group, perm, bits, in_features,

@@ -169,6 +169,19 @@ def test_wgmma_min_rows_is_checked(gptqkit, monkeypatch):
             ops.wgmma_min_rows()
 
 
+def test_skinny_max_rows_is_checked(gptqkit, monkeypatch):
+    from gptqkit import ops
+
+    monkeypatch.delenv("GPTQKIT_GPU_SKINNY_MAX_ROWS", raising=False)
+    assert ops.skinny_max_rows() == 0
+    monkeypatch.setenv("GPTQKIT_GPU_SKINNY_MAX_ROWS", "16")
+    assert ops.skinny_max_rows() == 16
+    for bad in ("-1", "all", "8.0"):
+        monkeypatch.setenv("GPTQKIT_GPU_SKINNY_MAX_ROWS", bad)
+        with pytest.raises(ValueError, match="GPTQKIT_GPU_SKINNY_MAX_ROWS: expected an integer >= 0"):
+            ops.skinny_max_rows()
+
+
 def test_build_without_gpu_says_how_to_rebuild(gptqkit):
     from gptqkit import ops
     from gptqkit._native import _C
@@ -214,11 +227,14 @@ def test_gpu_matches_oracle(gptqkit, monkeypatch, dtype, bits, group_size, act_o
     bias = torch.randn(n, generator=gen).to(dtype) if m % 2 else None
     ref = x.double() @ w.T + (bias.double() if bias is not None else 0)
     # The native kernels; for 4-bit and M <= 8 also the GEMV kernel (the
-    # tensor-core kernel takes those rows by default); dequantize + torch GEMM.
-    paths = ["kernel"] + (["gemv"] if bits == 4 and m <= 8 else []) + (["dense"] if m >= 255 else [])
+    # tensor-core kernel takes those rows by default) and for M <= 16 the
+    # skinny tensor-core kernel (opt-in); dequantize + torch GEMM.
+    paths = (["kernel"] + (["gemv"] if bits == 4 and m <= 8 else []) + (["skinny"] if bits == 4 and m <= 16 else [])
+             + (["dense"] if m >= 255 else []))
     for path in paths:
         monkeypatch.setenv("GPTQKIT_GPU_DENSE_MIN_ROWS", "1" if path == "dense" else "1000000000")
         monkeypatch.setenv("GPTQKIT_GPU_MMA_MIN_ROWS", "9" if path == "gemv" else "1")
+        monkeypatch.setenv("GPTQKIT_GPU_SKINNY_MAX_ROWS", "16" if path == "skinny" else "0")
         y = _call(lay, x.cuda(), None if bias is None else bias.cuda())
         torch.cuda.synchronize()
         assert y.shape == (m, n) and y.dtype == dtype
@@ -259,6 +275,42 @@ def test_gpu_mma_split_k_on_a_real_shape(gptqkit, monkeypatch, dtype, act_order,
     torch.cuda.synchronize()
     for name, y in (("workspace", y_split), ("no workspace", y_plain)):
         err = (y.cpu().double() - ref).abs()
+        assert (err <= bound).all(), f"{name}: max error {err.max():.3g}, worst ratio {(err / bound).max():.3g}"
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("group_size,act_order", [(128, False), (128, True), (32, False), (-1, False)])
+@pytest.mark.parametrize("m", [1, 4, 9, 16])
+def test_gpu_skinny_on_a_real_shape(gptqkit, monkeypatch, dtype, group_size, act_order, m):
+    """The skinny tensor-core kernel (M <= 16, opt-in) at a 7B layer's width with split K: really the kernel
+    that ran on sm_80+, within the oracle's bound, deterministic, and with or without the workspace."""
+    from gptqkit import ops
+    from gptqkit._native import _C
+
+    monkeypatch.setenv("GPTQKIT_GPU_DENSE_MIN_ROWS", "1000000000")
+    monkeypatch.setenv("GPTQKIT_GPU_SKINNY_MAX_ROWS", "16")
+    n, k = 4000, 4096  # N not a multiple of the 128-column tile
+    packed = random_packed_layer(gptqkit, n, k, 4, group_size, act_order=act_order, seed=m + 11)
+    lay = _layout(gptqkit, packed, dtype=dtype, device="cuda")
+    w = _oracle(packed).double()
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    ref = x.double() @ w.T + bias.double()
+    bound = _bound(x, w, ref, dtype)
+    xc = x.cuda()
+    kernel = ops.matmul_kernel(xc, lay)
+    if ops.gpu_backend() == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
+        assert kernel == "skinny", f"sm_80+ with GPTQKIT_GPU_SKINNY_MAX_ROWS=16 should run the skinny kernel, got {kernel!r}"
+    y = _call(lay, xc, bias.cuda())
+    assert torch.equal(_call(lay, xc, bias.cuda()), y), "repeated calls must give identical bits"
+    y_plain = torch.empty_like(y)  # no workspace: unsplit (or, for act-order x, the tiled kernel)
+    _C.gpu_quantized_matmul(xc, lay.qweight, lay.sz, lay.chunk_group, lay.perm, bias.cuda(), y_plain, 4, k, n,
+                            torch.cuda.current_stream().cuda_stream, None)
+    torch.cuda.synchronize()
+    for name, out in (("workspace", y), ("no workspace", y_plain)):
+        err = (out.cpu().double() - ref).abs()
         assert (err <= bound).all(), f"{name}: max error {err.max():.3g}, worst ratio {(err / bound).max():.3g}"
 
 
@@ -308,6 +360,7 @@ def test_gpu_kernel_routing(gptqkit, monkeypatch):
     monkeypatch.delenv("GPTQKIT_GPU_WGMMA_MIN_ROWS", raising=False)
     monkeypatch.delenv("GPTQKIT_GPU_DENSE_MIN_ROWS", raising=False)
     monkeypatch.delenv("GPTQKIT_GPU_MMA_MIN_ROWS", raising=False)
+    monkeypatch.delenv("GPTQKIT_GPU_SKINNY_MAX_ROWS", raising=False)
     packed = random_packed_layer(gptqkit, 512, 1024, 4, 128)
     lay = _layout(gptqkit, packed, device="cuda")
 
@@ -326,6 +379,16 @@ def test_gpu_kernel_routing(gptqkit, monkeypatch):
     with pytest.raises(ValueError, match="GPTQKIT_GPU_MMA_MIN_ROWS"):
         kernel(1)
     monkeypatch.delenv("GPTQKIT_GPU_MMA_MIN_ROWS")
+    monkeypatch.setenv("GPTQKIT_GPU_SKINNY_MAX_ROWS", "8")
+    assert kernel(1) == kernel(8) == ("skinny" if tensor_cores else "gemv")
+    assert kernel(9) == ("mma" if tensor_cores else "tiled")
+    monkeypatch.setenv("GPTQKIT_GPU_SKINNY_MAX_ROWS", "64")  # one 16-row tile at most
+    assert kernel(16) == ("skinny" if tensor_cores else "tiled")
+    assert kernel(17) == ("mma" if tensor_cores else "tiled")
+    monkeypatch.setenv("GPTQKIT_GPU_SKINNY_MAX_ROWS", "some")
+    with pytest.raises(ValueError, match="GPTQKIT_GPU_SKINNY_MAX_ROWS"):
+        kernel(1)
+    monkeypatch.delenv("GPTQKIT_GPU_SKINNY_MAX_ROWS")
     assert kernel(16) == ("mma" if tensor_cores else "tiled")
     assert kernel(127) == ("mma" if tensor_cores else "tiled")
     assert kernel(128) == ("wgmma" if _wgmma_expected() else "mma" if tensor_cores else "tiled")
