@@ -32,6 +32,7 @@
 // unaligned x into that form first (gather_x_kernel).
 #pragma once
 
+#include "cp_async_ring.cuh"
 #include "gemm_common.cuh"
 
 namespace gptqkit::gpu {
@@ -139,20 +140,8 @@ __global__ void __launch_bounds__(kMmaThreads)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mf][nt][e] = 0.0f;
 
-#pragma unroll
-  for (int s = 0; s < kMmaStages - 1; ++s) {
-    if (s < steps) issue(s);
-    cp_async_commit();  // possibly empty: keeps one group per stage
-  }
-
   const int byte_shift = 8 * (lane % 4);  // this lane's byte (two codes) of every word
-  for (int step = 0; step < steps; ++step) {
-    cp_async_wait<kMmaStages - 2>();  // stage `step` has landed (later ones may be in flight)
-    __syncthreads();                  // ... for every thread; and everyone is done with stage step - 1
-    if (step + kMmaStages - 1 < steps) issue(step + kMmaStages - 1);  // into stage step - 1's buffer
-    cp_async_commit();
-
-    const int buf = step % kMmaStages;
+  run_cp_async_ring<kMmaStages>(steps, issue, [&](int step, int buf) {
     const uint16_t* xs = x_tile(buf);
     const uint32_t* ws = word_tile(buf);
     const uint32_t* zs = sz_tile(buf);
@@ -189,8 +178,7 @@ __global__ void __launch_bounds__(kMmaThreads)
         }
       }
     }
-  }
-  // Every group still pending is empty (nothing is issued past `steps`).
+  });
 
   // mma C fragment: c0, c1 at (row lane / 4, columns 2 * (lane % 4) + {0, 1}); c2, c3 at row + 8.
 #pragma unroll
@@ -215,8 +203,8 @@ __global__ void __launch_bounds__(kMmaThreads)
 #else
   // Compiled for targets without mma.sync: the launcher never runs it there
   // (it asks the binary's architecture first).
-  (void)x, (void)x_stride, (void)qweight, (void)sz, (void)chunk_group, (void)bias, (void)y, (void)partial;
-  (void)m_dim, (void)n_dim, (void)np, (void)chunks, (void)groups, (void)chunks_per_split;
+  unused_args(x, x_stride, qweight, sz, chunk_group, bias, y, partial, m_dim, n_dim, np, chunks, groups,
+              chunks_per_split);
 #endif
 }
 

@@ -197,19 +197,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4)
   const int scale_col = warp * 32 + 8 * tq;
 
   if (t < kMmaStageChunks * kPieces) look_up_groups(0);
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) issue(s);
-    cp_async_commit();  // possibly empty: keeps one group per stage
-  }
-
-  for (int step = 0; step < steps; ++step) {
-    cp_async_wait<kStages - 2>();  // stage `step` has landed (later ones may be in flight)
-    __syncthreads();               // ... for every thread; and everyone is done with stage step - 1
-    if (step + kStages - 1 < steps) issue(step + kStages - 1);  // into stage step - 1's buffer
-    cp_async_commit();
-
-    const int buf = step % kStages;
+  run_cp_async_ring<kStages>(steps, issue, [&](int step, int buf) {
     const uint16_t* xs = x_tile(buf);
     const uint32_t* ws = word_tile(buf);
     const uint32_t* zs = sz_tile(buf);
@@ -264,8 +252,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4)
         mma_16816<BF16>(part[nt], a[1], b[2], b[3]);
       }
     }
-  }
-  // Every group still pending is empty (nothing is issued past `steps`).
+  });
   if (steps > 0) fold_group();
 
 #pragma unroll
@@ -290,8 +277,8 @@ __global__ void __launch_bounds__(kMmaThreads, 4)
   }
 #else
   // Compiled for targets without mma.sync: the launcher never runs it there.
-  (void)x, (void)x_stride, (void)qweight, (void)sz, (void)chunk_group, (void)bias, (void)y, (void)partial;
-  (void)m_dim, (void)n_dim, (void)np, (void)chunks, (void)groups, (void)chunks_per_split;
+  unused_args(x, x_stride, qweight, sz, chunk_group, bias, y, partial, m_dim, n_dim, np, chunks, groups,
+              chunks_per_split);
 #endif
 }
 

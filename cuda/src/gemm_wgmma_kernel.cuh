@@ -213,8 +213,8 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
 #else
   // Compiled for targets without wgmma: the launcher never runs it there
   // (GPTQKIT_CUDA_HAS_SM90A and compute capability 9.0).
-  (void)x, (void)x_stride, (void)qweight, (void)sz, (void)chunk_group, (void)bias, (void)y, (void)partial;
-  (void)m_dim, (void)n_dim, (void)np, (void)chunks, (void)groups, (void)chunks_per_split;
+  unused_args(x, x_stride, qweight, sz, chunk_group, bias, y, partial, m_dim, n_dim, np, chunks, groups,
+              chunks_per_split);
 #endif
 }
 

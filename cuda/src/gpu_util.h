@@ -16,6 +16,11 @@ namespace gptqkit::gpu {
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Marks the parameters of a kernel whose body is compiled out for some
+// targets (tensor-core kernels on sm_75 / ROCm) as used.
+template <typename... Args>
+__host__ __device__ inline void unused_args(const Args&...) {}
+
 // Makes `index` the calling thread's current device and restores the
 // previous one on exit, so callers (torch) keep their device; streams belong
 // to a device, so launches happen inside one.

@@ -22,6 +22,7 @@
 // 16-bit values are exact in the fp32 accumulators.
 #pragma once
 
+#include "cp_async_ring.cuh"
 #include "gpu_solver_internal.h"
 
 namespace gptqkit::gpu {
@@ -141,12 +142,6 @@ __global__ __launch_bounds__(kTcThreads) void syrk_tc_kernel(const uint16_t* __r
   float acc[4][4][4];
   zero_warp_tile(acc);
 
-#pragma unroll
-  for (int s = 0; s < kTcStages - 1; ++s) {
-    if (s < steps) issue(s);
-    cp_async_commit();  // possibly empty: one group per stage
-  }
-
   // ldmatrix.x4.trans lane addresses: lane l addresses row l % 8 of matrix
   // q = l / 8. A (16 x 16 of X^T at features i, rows k): matrices
   // (k +0, i +0), (k +0, i +8), (k +8, i +0), (k +8, i +8) are a0..a3.
@@ -156,12 +151,7 @@ __global__ __launch_bounds__(kTcThreads) void syrk_tc_kernel(const uint16_t* __r
   const int a_k = (q >> 1) * 8 + rr, a_i = (q & 1) * 8;
   const int b_k = (q & 1) * 8 + rr, b_j = (q >> 1) * 8;
 
-  for (int64_t step = 0; step < steps; ++step) {
-    cp_async_wait<kTcStages - 2>();  // stage `step` has landed for this thread ...
-    __syncthreads();                 // ... and for all; stage step - 1's buffer is free
-    if (step + kTcStages - 1 < steps) issue(step + kTcStages - 1);
-    cp_async_commit();
-    const int buf = static_cast<int>(step % kTcStages);
+  run_cp_async_ring<kTcStages>(steps, issue, [&](int64_t, int buf) {
     const uint16_t* as = a_tile(buf);
     const uint16_t* bs = b_tile(buf);
 #pragma unroll
@@ -184,8 +174,7 @@ __global__ __launch_bounds__(kTcThreads) void syrk_tc_kernel(const uint16_t* __r
         for (int n8 = 0; n8 < 4; ++n8) mma_16816<kBf16>(acc[mt][n8], af, bf[n8][0], bf[n8][1]);
       }
     }
-  }
-  // Every group still pending is empty (nothing is issued past `steps`).
+  });
   store_warp_tile(h, acc, i0 + wm, j0 + wn, lane, k, alpha, beta);
 #else
   (void)x, (void)rows, (void)k, (void)alpha, (void)beta, (void)h;

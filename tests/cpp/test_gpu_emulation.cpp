@@ -842,20 +842,27 @@ class ScopedEnv {
   std::string old_;
 };
 
+// Checks every row count of `c` with and without a workspace (seeds from
+// `seed`) and returns how often `kernel` was launched meanwhile.
+int64_t check_rows_counting(EmuPreparedLayer& p, const MmaCase& c, uint32_t seed, const char* kernel) {
+  const int64_t before = emu_device::launches(kernel);
+  for (const int64_t m : c.rows) {
+    p.check_matmul(m, true, static_cast<uint32_t>(m) + seed);
+    p.check_matmul(m, false, static_cast<uint32_t>(m) + seed + 1000);
+  }
+  return emu_device::launches(kernel) - before;
+}
+
 class EmuGemmWgmma : public ::testing::TestWithParam<MmaCase> {};
 
 TEST_P(EmuGemmWgmma, TokenTilesSplitsAndGatheredCallsMatchTheOracle) {
   const MmaCase c = GetParam();
   EmuPreparedLayer p(c.n, c.k, c.group_size, 4, c.act_order, c.dtype, 93);
   const ScopedEnv env("GPTQKIT_GPU_WGMMA_MIN_ROWS", "9");
+  // Gathered x needs a workspace: the call without one runs the mma kernel.
   const bool gathered = c.act_order || c.k % 32 != 0;
-  const int64_t before = emu_device::launches("wgmma_kernel");
-  for (const int64_t m : c.rows) {
-    p.check_matmul(m, true, static_cast<uint32_t>(m) + 3000);
-    p.check_matmul(m, false, static_cast<uint32_t>(m) + 4000);  // gathered x needs a workspace: mma elsewhere
-  }
   const int64_t expected = emu_device::tensor_cores() ? static_cast<int64_t>(c.rows.size()) * (gathered ? 1 : 2) : 0;
-  EXPECT_EQ(emu_device::launches("wgmma_kernel") - before, expected) << target();
+  EXPECT_EQ(check_rows_counting(p, c, 3000, "wgmma_kernel"), expected) << target();
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -878,16 +885,11 @@ TEST_P(EmuGemmSkinny, SplitAndGatheredCallsMatchTheOracle) {
   const MmaCase c = GetParam();
   EmuPreparedLayer p(c.n, c.k, c.group_size, 4, c.act_order, c.dtype, 97);
   const ScopedEnv env("GPTQKIT_GPU_SKINNY_MAX_ROWS", "16");
+  // Gathered x needs a workspace: the call without one runs the tiled kernel.
   const bool gathered = c.act_order || c.k % 32 != 0;
-  const int64_t before = emu_device::launches("mma_skinny_kernel");
   int64_t expected = 0;
-  for (const int64_t m : c.rows) {
-    p.check_matmul(m, true, static_cast<uint32_t>(m) + 5000);
-    p.check_matmul(m, false, static_cast<uint32_t>(m) + 6000);  // gathered x needs a workspace: tiled instead
-    if (m <= 16) expected += gathered ? 1 : 2;
-  }
-  if (!emu_device::tensor_cores()) expected = 0;
-  EXPECT_EQ(emu_device::launches("mma_skinny_kernel") - before, expected) << target();
+  for (const int64_t m : c.rows) expected += m <= 16 && emu_device::tensor_cores() ? (gathered ? 1 : 2) : 0;
+  EXPECT_EQ(check_rows_counting(p, c, 5000, "mma_skinny_kernel"), expected) << target();
 }
 
 INSTANTIATE_TEST_SUITE_P(

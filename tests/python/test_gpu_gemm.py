@@ -156,30 +156,23 @@ def test_native_prepare_validates_outputs(gptqkit):
         _C.gpu_gemm_shape(torch.full((64,), 5, dtype=torch.int32), 24, 2, 4)
 
 
-def test_wgmma_min_rows_is_checked(gptqkit, monkeypatch):
+@pytest.mark.parametrize("name,getter,default,good,bads", [
+    ("GPTQKIT_GPU_WGMMA_MIN_ROWS", "wgmma_min_rows", 128, "0", ("-1", "lots", "1.5")),
+    ("GPTQKIT_GPU_SKINNY_MAX_ROWS", "skinny_max_rows", 0, "16", ("-1", "all", "8.0")),
+])
+def test_routing_variables_are_checked(gptqkit, monkeypatch, name, getter, default, good, bads):
+    """The native library ignores a malformed routing variable; the op must refuse it instead."""
     from gptqkit import ops
 
-    monkeypatch.delenv("GPTQKIT_GPU_WGMMA_MIN_ROWS", raising=False)
-    assert ops.wgmma_min_rows() == 128
-    monkeypatch.setenv("GPTQKIT_GPU_WGMMA_MIN_ROWS", "0")
-    assert ops.wgmma_min_rows() == 0
-    for bad in ("-1", "lots", "1.5"):
-        monkeypatch.setenv("GPTQKIT_GPU_WGMMA_MIN_ROWS", bad)
-        with pytest.raises(ValueError, match="expected an integer >= 0"):
-            ops.wgmma_min_rows()
-
-
-def test_skinny_max_rows_is_checked(gptqkit, monkeypatch):
-    from gptqkit import ops
-
-    monkeypatch.delenv("GPTQKIT_GPU_SKINNY_MAX_ROWS", raising=False)
-    assert ops.skinny_max_rows() == 0
-    monkeypatch.setenv("GPTQKIT_GPU_SKINNY_MAX_ROWS", "16")
-    assert ops.skinny_max_rows() == 16
-    for bad in ("-1", "all", "8.0"):
-        monkeypatch.setenv("GPTQKIT_GPU_SKINNY_MAX_ROWS", bad)
-        with pytest.raises(ValueError, match="GPTQKIT_GPU_SKINNY_MAX_ROWS: expected an integer >= 0"):
-            ops.skinny_max_rows()
+    rows = getattr(ops, getter)
+    monkeypatch.delenv(name, raising=False)
+    assert rows() == default
+    monkeypatch.setenv(name, good)
+    assert rows() == int(good)
+    for bad in bads:
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=f"{name}: expected an integer >= 0"):
+            rows()
 
 
 def test_build_without_gpu_says_how_to_rebuild(gptqkit):
