@@ -257,7 +257,8 @@ def write_table(rows, path, meta):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     lines = [f"GPU: {meta['gpu']}; torch {meta['torch']}; CUDA graphs, best of {meta['reps']} replays of "
              f"{meta['calls']} calls; weights rotated over > 2x L2 ({meta['l2_mib']:.0f} MiB); int4 g128"
-             f"{' act-order' if meta['act_order'] else ''}; fp16 activations (tinygemm: bf16).", ""]
+             f"{' act-order' if meta['act_order'] else ''}; fp16 activations (tinygemm: bf16)."
+             + ("".join(f" {k}={v}." for k, v in meta.get("routing_env", {}).items())), ""]
     lines.append("| K x N | M | kernel | fp16 (us) | tinygemm (us) | gptqkit (us) | vs fp16 | vs tinygemm | M=1 GB/s "
                  "| GEMV kernel (us) | skinny / mma kernel (us) | no workspace (us) | native kernel (us) "
                  "| mma.sync (us) | dequantize + cuBLAS (us) |")
@@ -342,7 +343,8 @@ def main(argv=None):
         if err:
             notes.append(f"tinygemm unavailable for {k}x{n}: {err}")
     meta = {"gpu": props.name, "torch": torch.__version__, "reps": args.reps, "calls": args.calls,
-            "l2_mib": l2 / 2 ** 20, "act_order": args.act_order}
+            "l2_mib": l2 / 2 ** 20, "act_order": args.act_order,
+            "routing_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("GPTQKIT_GPU_")}}
     write_table(rows, args.out, meta)
     for note in notes:
         print(note)

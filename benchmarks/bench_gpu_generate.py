@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import time
 
@@ -161,6 +162,8 @@ def main(argv=None):
     print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; {args.layers} Llama-7B-shape blocks, "
           f"random weights; prompt {args.prompt}, {args.new_tokens} new tokens, greedy; "
           f"{'eager' if args.eager else 'static KV cache, decode step compiled by transformers (CompileConfig(fullgraph=True, mode=reduce-overhead): CUDA graphs)'}")
+    routing = {k: v for k, v in sorted(os.environ.items()) if k.startswith("GPTQKIT_GPU_")}
+    print("kernel routing: " + (", ".join(f"{k}={v}" for k, v in routing.items()) or "defaults"))
     print("| batch | fp16 tokens/s | gptqkit 4-bit tokens/s | speed-up |")
     print("|---:|---:|---:|---:|")
     for batch in args.batches:
