@@ -60,6 +60,8 @@ struct SkinnySmem {
   static_assert(kTotal <= 48 * 1024, "more than a block gets without an opt-in");
   static_assert(kXRow == 64, "the x swizzle swaps the two chunks of a 64-position stage");
   static_assert(kMmaStageChunks * sizeof(int32_t) <= kFlags, "a flag per chunk of a stage");
+  static_assert(kSkinnyRows * kXRow * sizeof(uint16_t) / 16 == kMmaThreads, "one 16-byte x piece per thread");
+  static_assert(4 * (kMmaBN / 4) == kMmaThreads, "one 16-byte word piece per thread and chunk");
 };
 
 // 16-byte piece `piece` (8 positions) of x row `row` in a stage: odd rows
