@@ -28,7 +28,6 @@ unsigned long long* bad_flag_of(void* state, int64_t k) {
   return reinterpret_cast<unsigned long long*>(static_cast<char*>(state) + round_up16(k * k * 4));
 }
 
-
 // ---- portable SIMT path -------------------------------------------------------
 constexpr int kSimtTile = 64;     // output tile edge
 constexpr int kSimtRows = 16;     // rows of X per shared-memory stage

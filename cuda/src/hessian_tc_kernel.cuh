@@ -177,7 +177,7 @@ __global__ __launch_bounds__(kTcThreads) void syrk_tc_kernel(const uint16_t* __r
   });
   store_warp_tile(h, acc, i0 + wm, j0 + wn, lane, k, alpha, beta);
 #else
-  (void)x, (void)rows, (void)k, (void)alpha, (void)beta, (void)h;
+  unused_args(x, rows, k, alpha, beta, h);
 #endif  // GPTQKIT_NV_TENSOR_CORES
 }
 

@@ -40,7 +40,7 @@ from gptqkit._native import _C
 
 __all__ = ["GpuLayout", "prepare_layout", "quantized_matmul", "dequantize_layout", "gpu_backend",
            "require_gpu_backend", "gpu_unavailable_reason", "dense_min_rows", "wgmma_min_rows", "mma_min_rows",
-           "matmul_kernel"]
+           "skinny_max_rows", "matmul_kernel"]
 
 _GPU_DTYPES = (torch.float16, torch.bfloat16)
 

@@ -384,12 +384,6 @@ inline unsigned char* gpu_dynamic_smem() { return emu::dynamic_smem; }
 // The sm_80 primitives of gpu_compat.h, with the PTX ISA's lane semantics.
 // cp.async copies land as late as the ISA allows: when a cp.async.wait_group
 // leaves fewer groups pending, never earlier.
-inline void cp_async16(void* dst, const void* src) {
-  emu::Copy c;
-  c.dst = dst;
-  std::memcpy(c.data, src, 16);
-  emu::fibers[static_cast<size_t>(emu::current)].pending.push_back(c);
-}
 inline void cp_async16_zfill(void* dst, const void* src, bool valid) {
   emu::Copy c;
   c.dst = dst;
@@ -400,6 +394,7 @@ inline void cp_async16_zfill(void* dst, const void* src, bool valid) {
   }
   emu::fibers[static_cast<size_t>(emu::current)].pending.push_back(c);
 }
+inline void cp_async16(void* dst, const void* src) { cp_async16_zfill(dst, src, true); }
 inline void cp_async_commit() {
   emu::Fiber& f = emu::fibers[static_cast<size_t>(emu::current)];
   f.groups.push_back(f.pending);
