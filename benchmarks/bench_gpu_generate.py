@@ -5,7 +5,9 @@ shapes (hidden 4096, MLP 11008, 32 layers, 32 heads, vocabulary 32000) and
 random weights. The gptqkit model replaces every linear layer of the decoder
 blocks (q/k/v/o, gate/up/down; not the output head, as GPTQ checkpoints do)
 by a :class:`gptqkit.nn.QuantLinear` with random 4-bit codes, group size 128,
-prepared for the GPU kernels once.
+prepared for the GPU kernels once. A third contender is that model with its
+sibling layers fused (``gptqkit.nn.fuse_projections``: q/k/v and gate/up run
+as one GEMM each, 4 quantized GEMM calls per block instead of 7).
 
 Method: greedy decoding with transformers' static KV cache
 (``cache_implementation="static"``) and transformers' own compilation of the
@@ -22,6 +24,7 @@ compile and capture), times the batch size.
     python benchmarks/bench_gpu_generate.py                  # batch 1 and 16, 128 new tokens
     python benchmarks/bench_gpu_generate.py --layers 4       # a quick check with fewer blocks
     python benchmarks/bench_gpu_generate.py --eager          # no torch.compile / CUDA graphs
+    python benchmarks/bench_gpu_generate.py --kinds fp16 gptqkit-fused
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ import time
 
 import torch
 
+
+
+KINDS = ("fp16", "gptqkit", "gptqkit-fused")
 
 
 def llama_7b_config(layers):
@@ -128,6 +134,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                   help="contenders (default: all; fp16 is the reference of the speed-ups)")
     args = p.parse_args(argv)
 
     from gptqkit.ops import gpu_unavailable_reason
@@ -141,17 +149,22 @@ def main(argv=None):
     gen = torch.Generator(device="cuda").manual_seed(0)
     config = llama_7b_config(args.layers)
     results = {}
-    for kind in ("fp16", "gptqkit"):
+    for kind in args.kinds:
         model = build_fp16(config)
-        if kind == "gptqkit":
+        if kind != "fp16":
             model = quantize_randomly(model, gen)
+        if kind == "gptqkit-fused":
+            from gptqkit.nn import fuse_projections
+
+            groups = fuse_projections(model)
+            print(f"fused {sum(len(g.members) for g in groups)} layers into {len(groups)} GEMMs", flush=True)
         gc.collect()
         torch.cuda.empty_cache()
         wb = weight_bytes(model)
         for batch in args.batches:
             tps = decode_tokens_per_s(model, batch, args.prompt, args.new_tokens, args.repeats, not args.eager)
             results[(kind, batch)] = tps
-            print(f"{kind:8s} batch {batch:3d}: {tps:9.1f} decode tokens/s  (decoder linear weights "
+            print(f"{kind:13s} batch {batch:3d}: {tps:9.1f} decode tokens/s  (decoder linear weights "
                   f"{wb / 2 ** 30:.2f} GiB)", flush=True)
         del model
         gc.collect()
@@ -164,11 +177,15 @@ def main(argv=None):
           f"{'eager' if args.eager else 'static KV cache, decode step compiled by transformers (CompileConfig(fullgraph=True, mode=reduce-overhead): CUDA graphs)'}")
     routing = {k: v for k, v in sorted(os.environ.items()) if k.startswith("GPTQKIT_GPU_")}
     print("kernel routing: " + (", ".join(f"{k}={v}" for k, v in routing.items()) or "defaults"))
-    print("| batch | fp16 tokens/s | gptqkit 4-bit tokens/s | speed-up |")
-    print("|---:|---:|---:|---:|")
+    names = {"fp16": "fp16", "gptqkit": "gptqkit 4-bit", "gptqkit-fused": "gptqkit 4-bit fused"}
+    print("| batch | " + " | ".join(f"{names[k]} tokens/s" for k in args.kinds)
+          + "".join(f" | {names[k]} speed-up" for k in args.kinds if k != "fp16" and "fp16" in args.kinds) + " |")
+    print("|---:|" + "---:|" * (len(args.kinds) + (len(args.kinds) - 1 if "fp16" in args.kinds else 0)))
     for batch in args.batches:
-        f, q = results[("fp16", batch)], results[("gptqkit", batch)]
-        print(f"| {batch} | {f:.1f} | {q:.1f} | {q / f:.2f}x |")
+        row = [f"{results[(k, batch)]:.1f}" for k in args.kinds]
+        if "fp16" in args.kinds:
+            row += [f"{results[(k, batch)] / results[('fp16', batch)]:.2f}x" for k in args.kinds if k != "fp16"]
+        print(f"| {batch} | " + " | ".join(row) + " |")
     return 0
 
 

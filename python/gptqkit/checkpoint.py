@@ -403,6 +403,12 @@ def save_checkpoint(model: nn.Module, out_dir: PathLike, quantize_config_dict: O
     max_bytes = parse_size(max_shard_size)
     if not any(isinstance(m, QuantLinear) for m in model.modules()):
         raise CheckpointError("save_checkpoint: the model has no QuantLinear layer (quantize it first)")
+    from gptqkit.nn.fusion import fused_groups
+
+    if fused_groups(model):
+        raise CheckpointError("save_checkpoint: the model has fused projections (gptqkit.nn.fuse_projections); call "
+                              "gptqkit.nn.unfuse_projections(model) first (GPTQForCausalLM.save_quantized does it "
+                              "by itself)")
     _check_layers_against_config(model, qcfg)
 
     out = Path(os.path.realpath(os.fspath(out_dir)))

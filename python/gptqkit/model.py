@@ -233,15 +233,24 @@ class GPTQForCausalLM:
 
     @classmethod
     def from_quantized(cls, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
-                       dtype: Optional[torch.dtype] = None) -> "GPTQForCausalLM":
+                       dtype: Optional[torch.dtype] = None, fuse: bool = False) -> "GPTQForCausalLM":
         """Loads a GPTQ checkpoint (gptqkit's, AutoGPTQ's, GPTQModel's; v1 or v2).
 
         The model is built from its config on the meta device (no
         full-precision weights are ever materialised), its quantized layers
         replaced by :class:`gptqkit.nn.QuantLinear`, and every tensor
         validated while loading.
+
+        ``fuse=True`` then runs sibling layers that read the same input
+        (q/k/v, gate/up) as one GEMM each (:func:`gptqkit.nn.fuse_projections`:
+        fewer, larger kernel calls per token, same results); saving still
+        writes the original layers.
         """
         model = load_checkpoint(path, device=device, dtype=dtype)
+        if fuse:
+            from gptqkit.nn import fuse_projections
+
+            fuse_projections(model)
         qcfg = QuantizeConfig.from_quantization_config(model.config.quantization_config)
         return cls(model, qcfg, tokenizer=_load_tokenizer(path), quantized=True)
 
@@ -272,10 +281,17 @@ class GPTQForCausalLM:
         ``config.json`` with ``quantization_config``, tokenizer) atomically."""
         if not self.quantized:
             raise RuntimeError("save_quantized: the model is not quantized yet; call quantize(examples) first")
+        from gptqkit.nn import fuse_projections, unfuse_projections
+
         qc = self.quantize_config.to_quantization_config()
-        return save_checkpoint(self.model, out_dir, quantize_config_dict=qc, quantization_config_dict=qc,
-                               tokenizer=self.tokenizer, max_shard_size=max_shard_size,
-                               blocks_path=self.layout.blocks_path if self.layout is not None else None)
+        fused = unfuse_projections(self.model)  # checkpoints store the original layers
+        try:
+            return save_checkpoint(self.model, out_dir, quantize_config_dict=qc, quantization_config_dict=qc,
+                                   tokenizer=self.tokenizer, max_shard_size=max_shard_size,
+                                   blocks_path=self.layout.blocks_path if self.layout is not None else None)
+        finally:
+            if fused:
+                fuse_projections(self.model, groups=fused, verify=False)
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, token: Optional[str] = None,
                     commit_message: str = "Upload GPTQ checkpoint (gptqkit)", max_shard_size: str = "2GB") -> str:

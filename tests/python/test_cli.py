@@ -88,7 +88,7 @@ def assert_one_line_error(err: str, *needles: str):
                     "examples:", "(default: 512)"]),
     (["info"], ["--json", "CHECKPOINT", "examples:", "float16"]),
     (["generate"], ["PROMPT", "--prompt-file", "--chat", "--max-new-tokens", "--temperature", "--top-p", "--top-k",
-                    "--seed", "--device", "--json", "greedy", "examples:", "(default: 64)"]),
+                    "--seed", "--device", "--no-fuse", "--json", "greedy", "examples:", "(default: 64)"]),
 ])
 def test_help_teaches(cli, capsys, command, needles):
     assert cli.main(command + ["--help"]) == 0
@@ -246,7 +246,8 @@ def _generate_json(cli, capsys, argv):
 
 
 def test_generate_greedy_equals_model_generate(cli, quantized, capsys):
-    """The command's tokens are what the library's own ``generate`` gives (greedy, same prompt)."""
+    """The command's tokens are what the library's own ``generate`` gives (greedy, same prompt), with
+    the q/k/v and gate/up layers fused (the default) and without (``--no-fuse``)."""
     import torch
     from gptqkit import GPTQForCausalLM
 
@@ -264,6 +265,9 @@ def test_generate_greedy_equals_model_generate(cli, quantized, capsys):
     assert got["generate_seconds"] > 0 and got["time_to_first_token_seconds"] > 0
     if len(want) > 1:
         assert got["decode_tokens_per_second"] > 0
+    assert "fused into" in got["model_kind"]
+    unfused = _generate_json(cli, capsys, [quantized[0], "hello world", "--max-new-tokens", "12", "--no-fuse"])
+    assert unfused["new_token_ids"] == want and "fused" not in unfused["model_kind"]
 
 
 def test_generate_streams_text_to_stdout_and_figures_to_stderr(cli, quantized, capsys):

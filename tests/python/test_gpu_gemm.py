@@ -579,10 +579,42 @@ def test_from_quantized_on_cuda_and_generate_command(gptqkit, tmp_path, desc_act
         want = gpu.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
                             do_sample=False, pad_token_id=gpu.tokenizer.pad_token_id)[0, prompt.shape[1]:].tolist()
     status, out, err = run_cli(["generate", tmp_path / "ckpt", "hello world", "--device", "cuda", "--dtype",
-                                "float16", "--max-new-tokens", "8", "--json", "-q"])
+                                "float16", "--max-new-tokens", "8", "--json", "-q", "--no-fuse"])
     assert status == 0, err
     result = json.loads(out)
     assert result["device"] == "cuda" and result["new_token_ids"] == want
+
+
+@gpu
+def test_fused_projections_on_cuda_compile_and_capture(gptqkit):
+    """A tiny Llama with random 4-bit layers on the GPU: fused q/k/v and gate/up give the unfused
+    logits (the kernels may split K differently for the wider layer), one fused GEMM per group
+    under torch.compile(fullgraph) with CUDA graphs, and unfusing restores the exact tensors."""
+    from test_fusion import _quantize_randomly
+    from tiny_models import make_tiny_model
+
+    from gptqkit.nn import fuse_projections, unfuse_projections
+
+    model = _quantize_randomly(gptqkit, make_tiny_model("llama", hidden_size=256, intermediate_size=512,
+                                                        num_attention_heads=8, num_key_value_heads=2),
+                               group_size=128).half().cuda()
+    ids = torch.randint(4, 100, (2, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.inference_mode():
+        ref = model(ids).logits.float()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert len(fuse_projections(model)) == 4
+    with torch.inference_mode():
+        got = model(ids).logits.float()
+    assert float((got - ref).abs().max()) <= 1e-2 * float(ref.abs().max())
+    step = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+    with torch.inference_mode():
+        for _ in range(3):  # compile, record, replay
+            compiled = step(ids[:, :1]).logits.float()
+        eager = model(ids[:, :1]).logits.float()
+    assert float((compiled - eager).abs().max()) <= 1e-2 * float(eager.abs().max())
+    unfuse_projections(model)
+    after = model.state_dict()
+    assert sorted(after) == sorted(state) and all(torch.equal(after[k], state[k]) for k in state)
 
 
 def test_quant_linear_gpu_forward_compiles_without_graph_breaks(gptqkit):

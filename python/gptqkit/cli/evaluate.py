@@ -70,19 +70,24 @@ def add_parser(sub, common) -> None:
     e.set_defaults(func=cmd_eval_ppl)
 
 
-def load_model(path_arg: str, dtype_name: str, what: str, device: str = "cpu"):
+def load_model(path_arg: str, dtype_name: str, what: str, device: str = "cpu", fuse: bool = False):
     """``(model, tokenizer, description)`` of a GPTQ checkpoint or a full-precision model, in eval mode
-    on ``device``; ``what`` names the argument in error messages."""
+    on ``device``; ``what`` names the argument in error messages; ``fuse``: run a checkpoint's sibling
+    projections as one GEMM each (gptqkit.nn.fuse_projections)."""
     path = _check_model_arg(path_arg, what)
     method = _quantization_method(path) if os.path.isdir(path) else None
     dtype = _torch_dtype(dtype_name)
     if method == "gptq":
         from gptqkit.model import GPTQForCausalLM
 
-        q = GPTQForCausalLM.from_quantized(path, device=device, dtype=dtype)
+        q = GPTQForCausalLM.from_quantized(path, device=device, dtype=dtype, fuse=fuse)
         c = q.quantize_config
+        from gptqkit.nn import fused_groups
+
+        groups = fused_groups(q.model)
+        fused = f", {sum(len(g.members) for g in groups)} layers fused into {len(groups)} GEMMs" if groups else ""
         desc = (f"GPTQ checkpoint, {c.bits}-bit, group size {c.group_size}, {'sym' if c.sym else 'asym'}"
-                f"{', act-order' if c.desc_act else ''}, format {c.checkpoint_format}")
+                f"{', act-order' if c.desc_act else ''}, format {c.checkpoint_format}{fused}")
         return q.model, q.tokenizer, desc
     if method is not None and method not in DEQUANTIZED_ON_LOAD:
         raise CLIError(f"{what} {path_arg!r} is quantized with {method!r}; gptqkit evaluates GPTQ checkpoints, "

@@ -97,6 +97,9 @@ def add_parser(sub, common) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="dtype of the non-quantized weights and activations; auto = as stored (default: float32)")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder or hub id (default: the model's own)")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="run a checkpoint's q/k/v and gate/up layers as separate GEMMs (default: fused into one "
+                        "GEMM per group of siblings that read the same input; same results, fewer kernel calls)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (prompt, text, token ids, timings) instead of streaming the text")
     p.set_defaults(func=cmd_generate, adopt_extras=_adopt_prompt)
@@ -203,7 +206,7 @@ def cmd_generate(args) -> int:
 
     t0 = time.perf_counter()
     _log(args, f"loading {args.model} ...")
-    model, tok, desc = load_model(args.model, args.dtype, "MODEL_OR_CHECKPOINT", device=device)
+    model, tok, desc = load_model(args.model, args.dtype, "MODEL_OR_CHECKPOINT", device=device, fuse=args.fuse)
     if tokenizer_path is not None:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(tokenizer_path)
