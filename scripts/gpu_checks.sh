@@ -30,7 +30,7 @@
 #   quantize-7b     bench_gpu_quantize_model.py (GPTQForCausalLM.quantize of a random 7B-shape
 #                   Llama on the GPU, end to end: forward passes, Hessians, solver, packing)
 #   bench-gemm      benchmarks/bench_gpu_gemm.py (table, PNG plot, JSON)
-#   bench-generate  benchmarks/bench_gpu_generate.py (decode tokens/s, batch 1 and 16)
+#   bench-generate  benchmarks/bench_gpu_generate.py (decode tokens/s, batch 1 and 16; fp16, gptqkit, gptqkit fused)
 #
 # Each stage writes <stage>.log (and the benchmarks their tables / plots) to
 # $GPTQKIT_GPU_OUT (default build/gpu-checks), prints its time, and the
