@@ -38,7 +38,8 @@ import torch
 
 from gptqkit._native import _C
 
-__all__ = ["GpuLayout", "prepare_layout", "quantized_matmul", "dequantize_layout", "gpu_backend",
+__all__ = ["GpuLayout", "prepare_layout", "quantized_matmul", "quantized_matmul_direct", "can_bypass_dispatcher",
+           "dequantize_layout", "gpu_backend",
            "require_gpu_backend", "gpu_unavailable_reason", "dense_min_rows", "wgmma_min_rows", "mma_min_rows",
            "skinny_max_rows", "matmul_kernel"]
 
@@ -257,6 +258,32 @@ def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, c
                      perm: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: int, in_features: int,
                      out_features: int) -> torch.Tensor:
     """``x [M, K] @ W.T (+ bias)`` with ``W`` a prepared layer; ``x``, ``bias`` and the result in ``sz``'s dtype."""
+    return quantized_matmul_direct(x, qweight, sz, chunk_group, perm, bias, bits, in_features, out_features)
+
+
+def can_bypass_dispatcher(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether eager code may call :func:`quantized_matmul_direct` instead of the custom op.
+
+    True outside ``torch.compile`` tracing, for plain tensors (not FakeTensor
+    or other subclasses) that need no gradient. The dispatcher's way into a
+    Python custom op costs host time on every call: 9.2 us through
+    ``torch.ops`` under ``torch.no_grad()`` (what ``generate`` runs in), 5.4 us
+    under ``torch.inference_mode()``, 1.3 us for the direct call
+    (``benchmarks/bench_op_dispatch.py``, a do-nothing op of the same
+    signature, torch 2.13, CPU). A 7B decoder makes 224 such calls per token.
+    """
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    return bias is None or type(bias) is torch.Tensor
+
+
+def quantized_matmul_direct(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, chunk_group: torch.Tensor,
+                            perm: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: int, in_features: int,
+                            out_features: int) -> torch.Tensor:
+    """What :func:`quantized_matmul` computes, called without torch's dispatcher (no autograd, no
+    tracing): for eager inference, where :func:`can_bypass_dispatcher` says so."""
     _check_args(x, qweight, sz, chunk_group, perm, bias, bits, in_features, out_features)
     if x.is_cuda:
         require_gpu_backend()

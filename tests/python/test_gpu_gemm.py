@@ -585,6 +585,42 @@ def test_from_quantized_on_cuda_and_generate_command(gptqkit, tmp_path, desc_act
     assert result["device"] == "cuda" and result["new_token_ids"] == want
 
 
+def test_eager_inference_bypasses_the_dispatcher_and_nothing_else_does(gptqkit):
+    """No-grad eager calls run the op's function directly (the dispatcher's autograd wrapper costs
+    tens of microseconds per call under no_grad); calls that need a gradient, and traced ones, go
+    through the op. Same results either way (here on a CPU copy of the layout)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from gptqkit import ops
+    from gptqkit.nn import QuantLinear
+
+    packed = random_packed_layer(gptqkit, 40, 96, 4, 32, act_order=True)
+    layer = QuantLinear.from_packed(packed, bias=torch.randn(40).half(), group_size=32)
+    layer.__dict__["_gpu_layout"] = _layout(gptqkit, packed)
+    x = torch.randn(3, 96).half()
+
+    def op_calls(fn):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = fn()
+        return out, sum(e.count for e in prof.key_averages() if e.key == "gptqkit::quantized_matmul")
+
+    with torch.no_grad():
+        direct, n_direct = op_calls(lambda: layer._gpu_forward(x))
+    with torch.inference_mode():
+        _, n_inference = op_calls(lambda: layer._gpu_forward(x))
+    xg = x.clone().requires_grad_(True)
+    through_op, n_grad = op_calls(lambda: layer._gpu_forward(xg))
+    assert (n_direct, n_inference, n_grad) == (0, 0, 1)
+    torch.testing.assert_close(direct, through_op.detach(), rtol=0, atol=0)
+    through_op.float().sum().backward()  # the op's backward formula is still there
+    assert xg.grad is not None and xg.grad.shape == x.shape
+    assert not ops.can_bypass_dispatcher(torch.empty(2, 2, device="meta").as_subclass(torch.nn.Parameter), None)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        assert not ops.can_bypass_dispatcher(mode.from_tensor(x), None)
+
+
 @gpu
 def test_fused_projections_on_cuda_compile_and_capture(gptqkit):
     """A tiny Llama with random 4-bit layers on the GPU: fused q/k/v and gate/up give the unfused

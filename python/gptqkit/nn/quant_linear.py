@@ -341,7 +341,8 @@ class QuantLinear(nn.Module):
         self.__dict__.pop("_gpu_layout", None)
 
     def _gpu_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., K]`` on the layer's CUDA device -> ``[..., N]`` through ``torch.ops.gptqkit.quantized_matmul``."""
+        """``x [..., K]`` on the layer's CUDA device -> ``[..., N]`` through ``torch.ops.gptqkit.quantized_matmul``
+        (or, in eager inference, the same function without the dispatcher: ``ops.can_bypass_dispatcher``)."""
         self._check_runnable(x)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear: expected input with last dimension {self.in_features} "
@@ -363,8 +364,12 @@ class QuantLinear(nn.Module):
         bias = self._buffers.get("bias")
         if bias is not None and bias.dtype != x2.dtype:
             bias = bias.to(x2.dtype)
-        y = torch.ops.gptqkit.quantized_matmul(x2.contiguous(), layout.qweight, sz, layout.chunk_group, layout.perm,
-                                               bias, layout.bits, self.in_features, self.out_features)
+        args = (x2.contiguous(), layout.qweight, sz, layout.chunk_group, layout.perm, bias, layout.bits,
+                self.in_features, self.out_features)
+        if ops.can_bypass_dispatcher(x2, bias):  # eager inference: skip the op's per-call dispatch cost
+            y = ops.quantized_matmul_direct(*args)
+        else:
+            y = torch.ops.gptqkit.quantized_matmul(*args)
         if y.dtype != out_dtype:
             y = y.to(out_dtype)
         return y.reshape(*lead, self.out_features)
