@@ -31,6 +31,8 @@
 #                   Llama on the GPU, end to end: forward passes, Hessians, solver, packing)
 #   bench-gemm      benchmarks/bench_gpu_gemm.py (table, PNG plot, JSON)
 #   bench-generate  benchmarks/bench_gpu_generate.py (decode tokens/s, batch 1 and 16; fp16, gptqkit, gptqkit fused)
+#   bench-eager     benchmarks/bench_op_dispatch.py (per-call cost of eager calls), then
+#                   bench_gpu_generate.py --eager at batch 1 (no torch.compile / CUDA graphs)
 #
 # Each stage writes <stage>.log (and the benchmarks their tables / plots) to
 # $GPTQKIT_GPU_OUT (default build/gpu-checks), prints its time, and the
@@ -191,6 +193,9 @@ stage_bench_gemm() {
     ${GPTQKIT_BENCH_GEMM_ARGS:-}
 }
 stage_bench_generate() { "$py" benchmarks/bench_gpu_generate.py; }
+stage_bench_eager() {
+  "$py" benchmarks/bench_op_dispatch.py && "$py" benchmarks/bench_gpu_generate.py --eager --batches 1 --repeats 2
+}
 stage_quantize_7b() { "$py" benchmarks/bench_gpu_quantize_model.py; }
 
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print } /^set /{ exit }' "$0"; exit 2; }
@@ -205,6 +210,7 @@ for stage in "$@"; do
     solver-7b) run_stage solver-7b stage_solver_7b ;;
     bench-gemm) run_stage bench-gemm stage_bench_gemm ;;
     bench-generate) run_stage bench-generate stage_bench_generate ;;
+    bench-eager) run_stage bench-eager stage_bench_eager ;;
     quantize-7b) run_stage quantize-7b stage_quantize_7b ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
