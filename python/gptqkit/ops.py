@@ -126,6 +126,46 @@ def _check_routing_env() -> None:
     skinny_max_rows()
 
 
+_ROUTING_VARS = ("GPTQKIT_GPU_DENSE_MIN_ROWS", "GPTQKIT_GPU_WGMMA_MIN_ROWS", "GPTQKIT_GPU_MMA_MIN_ROWS",
+                 "GPTQKIT_GPU_SKINNY_MAX_ROWS")
+_routing_seen: tuple = (None, 0)  # (raw values of _ROUTING_VARS, dense_min_rows for them)
+
+
+def _routing() -> tuple:
+    """``(raw routing variables, dense_min_rows())``, parsed and checked once per distinct set of values.
+
+    Called on every GEMM: reading four variables costs well under a microsecond,
+    parsing and checking them a few (host time that eager decoding pays per layer).
+    """
+    global _routing_seen
+    raw = tuple(os.environ.get(name) for name in _ROUTING_VARS)
+    if raw != _routing_seen[0]:
+        dense = dense_min_rows()
+        _check_routing_env()
+        _routing_seen = (raw, dense)
+    return _routing_seen
+
+
+_workspace_sizes: dict = {}
+
+
+def _workspace_bytes(x, qweight, sz, chunk_group, perm, bits, in_features, out_features, routing) -> int:
+    """``_C.gpu_matmul_workspace_bytes`` for these arguments, remembered per everything the native
+    plan reads (shapes, rows, x's 16-byte alignment, device, routing variables; never the data).
+    A stale size could only change the plan (the native planner fits splits to the scratch it gets),
+    never the result."""
+    key = (x.device.index, x.shape[0], x.data_ptr() % 16, x.dtype, qweight.shape, sz.shape, chunk_group.shape,
+           perm is None, bits, in_features, out_features, routing)
+    nbytes = _workspace_sizes.get(key)
+    if nbytes is None:
+        if len(_workspace_sizes) >= 4096:  # many layer shapes x batch sizes: start over rather than grow
+            _workspace_sizes.clear()
+        nbytes = int(_C.gpu_matmul_workspace_bytes(x, qweight, sz, chunk_group, perm, bits, in_features,
+                                                   out_features))
+        _workspace_sizes[key] = nbytes
+    return nbytes
+
+
 def matmul_kernel(x: torch.Tensor, layout: "GpuLayout") -> str:
     """The kernel :func:`quantized_matmul` runs for ``x`` (a GPU tensor) and ``layout``:
     ``"gemv"``, ``"wgmma"``, ``"skinny"``, ``"mma"``, ``"tiled"`` or ``"dense"`` (dequantize + torch's GEMM)."""
@@ -293,7 +333,8 @@ def quantized_matmul_direct(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Te
         # no graph (the backward formula is registered separately).
         x = x.detach().contiguous()
         bias = None if bias is None else bias.detach()
-        if x.shape[0] >= dense_min_rows():
+        routing, dense_rows = _routing()
+        if x.shape[0] >= dense_rows:
             # Compute-bound: dequantize once (16 bits per weight written, 2-8 read)
             # and let the vendor GEMM do the rest.
             w = torch.empty((out_features, in_features), dtype=x.dtype, device=x.device)
@@ -302,11 +343,9 @@ def quantized_matmul_direct(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Te
         y = torch.empty((x.shape[0], out_features), dtype=x.dtype, device=x.device)
         workspace = None
         if bits == 4:  # only the 4-bit tensor-core kernels use scratch
-            _check_routing_env()
             # Scratch for split-K partial sums / act-order x, from torch's caching
             # allocator (reused across layers, and recorded by CUDA graphs).
-            nbytes = _C.gpu_matmul_workspace_bytes(x, qweight, sz, chunk_group, perm, bits, in_features,
-                                                   out_features)
+            nbytes = _workspace_bytes(x, qweight, sz, chunk_group, perm, bits, in_features, out_features, routing)
             if nbytes:
                 workspace = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
         _C.gpu_quantized_matmul(x, qweight, sz, chunk_group, perm, bias, y, bits, in_features, out_features, stream,

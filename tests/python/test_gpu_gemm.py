@@ -175,6 +175,50 @@ def test_routing_variables_are_checked(gptqkit, monkeypatch, name, getter, defau
             rows()
 
 
+def test_routing_is_parsed_once_per_value_and_bad_values_always_raise(gptqkit, monkeypatch):
+    from gptqkit import ops
+
+    monkeypatch.delenv("GPTQKIT_GPU_DENSE_MIN_ROWS", raising=False)
+    monkeypatch.delenv("GPTQKIT_GPU_SKINNY_MAX_ROWS", raising=False)
+    raw, dense = ops._routing()
+    assert dense == 256 and ops._routing() == (raw, dense)
+    monkeypatch.setenv("GPTQKIT_GPU_DENSE_MIN_ROWS", "64")
+    assert ops._routing()[1] == 64
+    monkeypatch.setenv("GPTQKIT_GPU_SKINNY_MAX_ROWS", "often")
+    for _ in range(2):  # never remembered as checked
+        with pytest.raises(ValueError, match="GPTQKIT_GPU_SKINNY_MAX_ROWS"):
+            ops._routing()
+    monkeypatch.setenv("GPTQKIT_GPU_SKINNY_MAX_ROWS", "16")
+    assert ops._routing()[1] == 64
+
+
+def test_workspace_size_is_asked_once_per_plan_input(gptqkit, monkeypatch):
+    """Everything the native planner reads is in the key: rows, x's alignment, shapes, routing."""
+    from gptqkit import ops
+
+    asked = []
+
+    class NativeStandIn:
+        @staticmethod
+        def gpu_matmul_workspace_bytes(x, *args):
+            asked.append((x.shape[0], x.data_ptr() % 16))
+            return 1024 * x.shape[0]
+
+    lay = _layout(gptqkit, random_packed_layer(gptqkit, 64, 128, 4, 32))
+    monkeypatch.setattr(ops, "_C", NativeStandIn)
+    monkeypatch.setattr(ops, "_workspace_sizes", {})
+    base = torch.zeros(4 * 128 + 8, dtype=torch.float16)
+    x1, x4 = base[:128].view(1, 128), base[:512].view(4, 128)
+    shifted = base[1:129].view(1, 128)  # 2 bytes off: the kernel must gather it
+    args = (lay.qweight, lay.sz, lay.chunk_group, lay.perm, 4, 128, 64)
+    routing = ("r",)
+    for x in (x1, x1, x4, x1, shifted, shifted):
+        assert ops._workspace_bytes(x, *args, routing) == 1024 * x.shape[0]
+    assert asked == [(1, 0), (4, 0), (1, 2)]
+    ops._workspace_bytes(x1, *args, ("other routing",))
+    assert len(asked) == 4
+
+
 def test_build_without_gpu_says_how_to_rebuild(gptqkit):
     from gptqkit import ops
     from gptqkit._native import _C
