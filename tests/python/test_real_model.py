@@ -64,6 +64,15 @@ def test_smollm2_4bit_beats_the_goals_and_reloads_identically(gptqkit, paths, tm
     assert k.ppl_q < 43.0
     assert k.kl < 0.40
 
+    # Act-order: q/k/v (and gate/up) saw one Hessian, so they share g_idx and fuse.
+    fused = GPTQForCausalLM.from_quantized(out, fuse=True)
+    from gptqkit.nn import fused_groups
+
+    assert len(fused_groups(fused.model)) == 30 * 2
+    ids = loaded.tokenizer("The history of the city begins in the early medieval period", return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(fused(**ids).logits, loaded(**ids).logits, rtol=0, atol=0)
+
 
 def test_smollm2_asymmetric_calibration_beats_plain_gptq(gptqkit, paths):
     """gptaq on 32 windows: KL below 0.17, where plain GPTQ with the same settings gives about 0.21
