@@ -21,8 +21,11 @@ read different tensors) do not.
 
 **Correctness never rests on the probe.** The fused output is kept only for
 the call it was computed for: a :class:`FusedProjection` reuses it when its
-input is the identical tensor (same object, unchanged since) and runs the
-fused GEMM itself otherwise. After fusing, the probe is run again and the
+input is the identical tensor (same object, and unchanged since by its
+version counter) and runs the fused GEMM itself otherwise. Tensors made
+under ``torch.inference_mode()`` have no version counter, so an in-place
+change of the input between two sibling calls there would go unseen; model
+code does not do that (the siblings read the input back to back). After fusing, the probe is run again and the
 fusion undone (with a warning) if the outputs differ or the forward fails.
 The mechanism traces into a single graph under ``torch.compile``.
 
@@ -84,8 +87,8 @@ class _SharedOutput:
 def _version_of(x: torch.Tensor) -> int:
     if torch.compiler.is_compiling():
         return 0  # a traced graph holds no in-place update of its input between sibling calls
-    if x.is_inference():  # no version counter, and no in-place update outside inference mode
-        return -1  # (asking for it raises, and torch's exceptions cost ~20 us of stack capture)
+    if x.is_inference():  # no version counter (asking raises, and a torch exception costs ~20 us)
+        return -1
     return x._version
 
 
