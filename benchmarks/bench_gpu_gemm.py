@@ -306,9 +306,22 @@ def plot(rows, path):
     print(f"plot written to {path}")
 
 
+def _shape(text: str):
+    try:
+        k, n = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KxN (e.g. 4096x12288), got {text!r}") from None
+    if k <= 0 or n <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive K and N, got {text!r}")
+    return k, n
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one shape (4096x4096), M in 1, 16, 256")
+    p.add_argument("--shapes", nargs="+", type=_shape, metavar="KxN",
+                   help="other K x N shapes (e.g. fused q/k/v and gate/up: 4096x12288 4096x22016)")
+    p.add_argument("--ms", nargs="+", type=int, metavar="M", help="other row counts (default: the issue's list)")
     p.add_argument("--act-order", action="store_true", help="time layers with an act-order permutation")
     p.add_argument("--calls", type=int, default=20, help="calls per CUDA graph")
     p.add_argument("--reps", type=int, default=20, help="graph replays (best is kept)")
@@ -334,8 +347,8 @@ def main(argv=None):
     check_correctness(gen)
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 << 20)
-    shapes = [(4096, 4096)] if args.quick else SHAPES
-    ms = [1, 16, 256] if args.quick else MS
+    shapes = args.shapes or ([(4096, 4096)] if args.quick else SHAPES)
+    ms = args.ms or ([1, 16, 256] if args.quick else MS)
     rows, notes = [], []
     for k, n in shapes:
         r, err = bench_shape(k, n, ms, args, gen, l2)

@@ -31,6 +31,8 @@
 #                   Llama on the GPU, end to end: forward passes, Hessians, solver, packing)
 #   bench-gemm      benchmarks/bench_gpu_gemm.py (table, PNG plot, JSON)
 #   bench-generate  benchmarks/bench_gpu_generate.py (decode tokens/s, batch 1 and 16; fp16, gptqkit, gptqkit fused)
+#   bench-fused     bench_gpu_gemm.py on the fused q/k/v and gate/up shapes of the 7B model next to
+#                   the separate ones (4096x4096, 4096x12288, 4096x11008, 4096x22016; M 1 to 64)
 #   bench-eager     benchmarks/bench_op_dispatch.py (per-call cost of eager calls), then
 #                   bench_gpu_generate.py --eager at batch 1 (no torch.compile / CUDA graphs)
 #
@@ -193,6 +195,10 @@ stage_bench_gemm() {
     ${GPTQKIT_BENCH_GEMM_ARGS:-}
 }
 stage_bench_generate() { "$py" benchmarks/bench_gpu_generate.py; }
+stage_bench_fused() {
+  "$py" benchmarks/bench_gpu_gemm.py --shapes 4096x4096 4096x12288 4096x11008 4096x22016 --ms 1 4 16 64 \
+    --out "$out/gpu_gemm_fused.md" --plot "$out/gpu_gemm_fused.png" --json "$out/gpu_gemm_fused.json"
+}
 stage_bench_eager() {
   "$py" benchmarks/bench_op_dispatch.py && "$py" benchmarks/bench_gpu_generate.py --eager --batches 1 --repeats 2
 }
@@ -210,6 +216,7 @@ for stage in "$@"; do
     solver-7b) run_stage solver-7b stage_solver_7b ;;
     bench-gemm) run_stage bench-gemm stage_bench_gemm ;;
     bench-generate) run_stage bench-generate stage_bench_generate ;;
+    bench-fused) run_stage bench-fused stage_bench_fused ;;
     bench-eager) run_stage bench-eager stage_bench_eager ;;
     quantize-7b) run_stage quantize-7b stage_quantize_7b ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
