@@ -258,7 +258,7 @@ def _gather_members_state(module: FusedQuantLinear, state_dict, parent: str, own
 def _default_probe_inputs(model: nn.Module) -> Dict[str, torch.Tensor]:
     dummy = getattr(model, "dummy_inputs", None)
     if isinstance(dummy, Mapping) and isinstance(dummy.get("input_ids"), torch.Tensor):
-        ids = dummy["input_ids"]
+        ids = dummy["input_ids"][:1]  # one sequence is enough, and a forward of a big model on a CPU is not free
     else:
         ids = torch.tensor([[1, 2, 3, 4, 5]])
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -318,8 +318,8 @@ def find_fusable_groups(model: nn.Module, example_inputs=None) -> List[FusionGro
         model: any module with :class:`QuantLinear` layers (a transformers model, typically).
         example_inputs: what to call ``model`` with for the probe: a mapping
             (keyword arguments), a tuple (positional) or a tensor. Default:
-            ``model.dummy_inputs`` (transformers models: a few token ids), or
-            ``input_ids`` ``[[1, 2, 3, 4, 5]]``.
+            the first row of ``model.dummy_inputs`` (transformers models: five
+            token ids), or ``input_ids`` ``[[1, 2, 3, 4, 5]]``.
 
     Returns:
         One :class:`FusionGroup` per set of siblings (children of the same
@@ -330,6 +330,11 @@ def find_fusable_groups(model: nn.Module, example_inputs=None) -> List[FusionGro
         Layers that never ran in the probe (e.g. experts no token was routed
         to) are not grouped.
     """
+    return _probe_groups(model, _default_probe_inputs(model) if example_inputs is None else example_inputs)[0]
+
+
+def _probe_groups(model: nn.Module, inputs) -> Tuple[List[FusionGroup], Optional[torch.Tensor]]:
+    """:func:`find_fusable_groups` and the probe's output (logits), from one forward pass."""
     names = {id(m): n for n, m in model.named_modules()}
     inputs_seen: Dict[str, List[torch.Tensor]] = {}
     handles = []
@@ -342,7 +347,7 @@ def find_fusable_groups(model: nn.Module, example_inputs=None) -> List[FusionGro
         if isinstance(module, QuantLinear) and not isinstance(module, FusedQuantLinear):
             handles.append(module.register_forward_pre_hook(record))
     try:
-        _run_probe(model, _default_probe_inputs(model) if example_inputs is None else example_inputs)
+        output = _probe_output(_run_probe(model, inputs))
     finally:
         for h in handles:
             h.remove()
@@ -364,7 +369,7 @@ def find_fusable_groups(model: nn.Module, example_inputs=None) -> List[FusionGro
                 else:
                     home.append(name)
             groups += [FusionGroup(parent_name, tuple(c)) for c in compatible if len(c) > 1]
-    return groups
+    return groups, output
 
 
 # ---------------------------------------------------------------------------- fusing
@@ -465,13 +470,15 @@ def fuse_projections(model: nn.Module, groups: Optional[Iterable[Sequence]] = No
             quantized or that cannot share a GEMM.
     """
     probe = _default_probe_inputs(model) if (verify or groups is None) and example_inputs is None else example_inputs
+    before = None
     if groups is None:
-        todo = find_fusable_groups(model, probe)
+        todo, before = _probe_groups(model, probe)  # the probe's output is the check's reference
     else:
         todo = [FusionGroup(str(g[0]), tuple(g[1])) for g in groups]
+        if todo and verify:
+            before = _probe_output(_run_probe(model, probe))
     if not todo:
         return []
-    before = _probe_output(_run_probe(model, probe)) if verify else None
     done: List[FusionGroup] = []
     try:
         for group in todo:
