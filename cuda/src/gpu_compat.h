@@ -273,6 +273,12 @@ template <bool BF16>
 __device__ __forceinline__ uint32_t hmul2_raw(uint32_t a, uint32_t b) {
   return half2_raw_op<BF16>(a, b, [](auto x, auto y) { return __hmul2(x, y); });
 }
+// a * b + c, fp16 pairs, one rounding (one HFMA2).
+__device__ __forceinline__ uint32_t hfma2_raw(uint32_t a, uint32_t b, uint32_t c) {
+  const __half2 v = __hfma2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b),
+                            *reinterpret_cast<const __half2*>(&c));
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
 // (a & mask) | bits in one LOP3. Written as C++ with two immediate
 // constants, ptxas emits two logic operations (LOP3 takes one immediate);
 // here the constants become operands it keeps in registers across a loop.

@@ -577,6 +577,16 @@ template <bool BF16> inline uint32_t hadd2_raw(uint32_t a, uint32_t b) { return 
 template <bool BF16> inline uint32_t hsub2_raw(uint32_t a, uint32_t b) { return emu_half2_op<BF16>(a, b, 1); }
 template <bool BF16> inline uint32_t hmul2_raw(uint32_t a, uint32_t b) { return emu_half2_op<BF16>(a, b, 2); }
 template <uint32_t kMask, uint32_t kBits> inline uint32_t and_or_u32(uint32_t a) { return (a & kMask) | kBits; }
+// fp16 a * b + c: the product of two fp16 values is exact in float, and the
+// kernels use the sum only where it is exact too (then both roundings agree).
+inline uint32_t hfma2_raw(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t out = 0;
+  for (int h = 0; h < 2; ++h) {
+    const float r = std::fma(emu_half<false>(a, h), emu_half<false>(b, h), emu_half<false>(c, h));
+    out |= static_cast<uint32_t>(gptqkit::float_to_fp16(r)) << (16 * h);
+  }
+  return out;
+}
 #endif
 
 // Byte i of the result is byte (selector nibble i) of the 8-byte value b:a.
