@@ -61,6 +61,47 @@ constexpr uint32_t mma_magic2() {
   return BF16 ? 0x43004300u : 0x64006400u;
 }
 
+#if GPTQKIT_NV_TENSOR_CORES
+// The register dequantization of the tensor-core kernels (mma, wgmma): the
+// two codes of one byte of a packed word (code 2t in bits 0-3, code 2t+1 in
+// bits 4-7 of byte t) to the 16-bit pair (scale (q_lo - zero), scale (q_hi -
+// zero)), each rounded once, bit-identical to the oracle. Per column and
+// chunk: `Decoder d(pair)` from the (scale, zero) pair; per word:
+// `d(word, lane_byte)`, lane_byte from lane_byte_selector().
+//   fp16: PRMT puts byte t in both halves; one LOP3 keeps (q_lo, 16 q_hi)
+//   under the magic 1024; one HFMA2 by (1, 1/16) minus (1024 + zero, 64 + zero)
+//   gives both q - zero exactly; HMUL2 by the scale. Four instructions.
+//   bf16: its 7-bit mantissa has no room for 16 q above 128, so the high
+//   nibble is shifted down: (magic + q) - (magic + zero), then the scale.
+__device__ __forceinline__ uint32_t lane_byte_selector(int byte) {
+  return 0x4040u + 0x0101u * static_cast<uint32_t>(byte);  // PRMT: byte in bytes 0 and 2, zeros between
+}
+
+template <bool BF16>
+struct PairDecoder {
+  uint32_t scale2, bias2;
+  __device__ __forceinline__ explicit PairDecoder(uint32_t scale_zero) {
+    scale2 = __byte_perm(scale_zero, 0u, 0x1010u);  // (scale, scale)
+    const uint32_t zero2 = __byte_perm(scale_zero, 0u, 0x3232u);
+    if constexpr (BF16) {
+      bias2 = hadd2_raw<true>(zero2, mma_magic2<true>());  // magic + zero, exact
+    } else {
+      bias2 = hsub2_raw<false>(0xD400E400u, zero2);  // (-1024 - zero, -64 - zero), exact: zero < 256
+    }
+  }
+  __device__ __forceinline__ uint32_t operator()(uint32_t word, uint32_t lane_byte) const {
+    if constexpr (BF16) {
+      const uint32_t codes = word >> (8 * (lane_byte & 3u));
+      const uint32_t magic_q2 = (codes & 0xfu) | ((codes << 12) & 0xf0000u) | mma_magic2<true>();
+      return hmul2_raw<true>(hsub2_raw<true>(magic_q2, bias2), scale2);
+    } else {
+      const uint32_t q2 = and_or_u32<0x00f0000fu, mma_magic2<false>()>(__byte_perm(word, 0u, lane_byte));
+      return hmul2_raw<false>(hfma2_raw(q2, 0x2C003C00u /* (1, 1/16) */, bias2), scale2);
+    }
+  }
+};
+#endif  // GPTQKIT_NV_TENSOR_CORES
+
 // The original column of position p, or -1 (padding). Out-of-range entries
 // of a corrupt perm read as padding instead of reading outside x.
 __device__ __forceinline__ int column_of(const int32_t* perm, int64_t p, int64_t k_dim) {

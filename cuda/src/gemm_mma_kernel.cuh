@@ -21,18 +21,10 @@
 //     words 2ks and 2ks+1 of the chunk (the GPTQ stream puts position 8w + j
 //     in nibble j of word w). The four lanes of a quad read the same word
 //     (a shared-memory broadcast) and keep one byte each;
-//   * dequantization in 16-bit pairs: nibble q in the low mantissa bits of
-//     the magic number (1024 for fp16, 128 for bf16) is the value magic + q;
-//     minus (magic + zero) that is q - zero exactly, times the scale one
-//     rounding: bit-identical to the oracle's scale * (q - zero) rounded once
-//     (the product of a small integer and a 16-bit scale is exact in fp32).
-//     fp16 takes two codes in four instructions: PRMT puts the lane's byte
-//     in both halves, one LOP3 keeps the low nibble in the low half and the
-//     high one (times 16) in the high half, OR-ed into 1024, and one HFMA2
-//     by (1, 1/16) minus (1024 + zero, 64 + zero) gives both q - zero
-//     exactly, then HMUL2 by the scale. (bf16's 7-bit mantissa has no room
-//     for 16 q under 128: it shifts the high nibble down instead, about two
-//     instructions more.)
+//   * dequantization in 16-bit pairs (PairDecoder, gemm_common.cuh): a
+//     magic number makes q - zero exact, one multiply by the scale rounds
+//     once, bit-identical to the oracle; four instructions per two codes in
+//     fp16, about six in bf16.
 // x is read as [M, x_stride] with positions == columns (no perm, K a
 // multiple of 32, 16-byte aligned rows); the launcher gathers act-order or
 // unaligned x into that form first (gather_x_kernel).
@@ -80,9 +72,6 @@ __global__ void __launch_bounds__(kMmaThreads)
   using Smem = MmaSmem<MF>;
   constexpr int kMmaStages = Smem::kStages;
   constexpr int kPiecesPerWordRow = kMmaBN / 4;  // 16-byte pieces of one word row of the tile
-  constexpr uint32_t kMagic2 = mma_magic2<BF16>();
-  constexpr uint32_t kOneAndSixteenth = 0x2C003C00u;  // fp16 (1, 1/16), low half first
-  constexpr uint32_t kMinus1024And64 = 0xD400E400u;   // fp16 (-1024, -64)
 
   unsigned char* smem = gpu_dynamic_smem();
   const int t = threadIdx.x;
@@ -148,8 +137,7 @@ __global__ void __launch_bounds__(kMmaThreads)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mf][nt][e] = 0.0f;
 
-  const int byte_shift = 8 * (lane % 4);  // this lane's byte (two codes) of every word
-  const uint32_t byte_twice = 0x4040u + 0x0101u * (lane % 4);  // PRMT: that byte in bytes 0 and 2, zeros between
+  const uint32_t lane_byte = lane_byte_selector(lane % 4);  // this lane's byte (two codes) of every word
   run_cp_async_ring<kMmaStages>(steps, issue, [&](int step, int buf) {
     const uint16_t* xs = x_tile(buf);
     const uint32_t* ws = word_tile(buf);
@@ -168,32 +156,10 @@ __global__ void __launch_bounds__(kMmaThreads)
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
         const int col = warp * 32 + nt * 8 + lane / 4;
-        const uint32_t pair = zs[j * kMmaBN + col];
-        const uint32_t scale2 = __byte_perm(pair, 0u, 0x1010u);  // (scale, scale)
-        const uint32_t zero2 = __byte_perm(pair, 0u, 0x3232u);   // (zero, zero)
+        const PairDecoder<BF16> decode(zs[j * kMmaBN + col]);
         uint32_t b[4];
-        if constexpr (BF16) {
-          const uint32_t magic_zero2 = hadd2_raw<BF16>(zero2, kMagic2);  // magic + zero, exact
 #pragma unroll
-          for (int w = 0; w < 4; ++w) {
-            const uint32_t codes = ws[(j * 4 + w) * kMmaBN + col] >> byte_shift;
-            // Code 2t to the low half, code 2t + 1 to the high half, each in
-            // the mantissa of the magic number.
-            const uint32_t magic_q2 = (codes & 0xfu) | ((codes << 12) & 0xf0000u) | kMagic2;
-            b[w] = hmul2_raw<BF16>(hsub2_raw<BF16>(magic_q2, magic_zero2), scale2);
-          }
-        } else {
-          // (-(1024 + zero), -(64 + zero)), exact: zero points are integers below 256.
-          const uint32_t minus_bias2 = hsub2_raw<false>(kMinus1024And64, zero2);
-#pragma unroll
-          for (int w = 0; w < 4; ++w) {
-            // (1024 + code 2t, 1024 + 16 * code 2t+1) ...
-            const uint32_t q2 = and_or_u32<0x00f0000fu, kMagic2>(__byte_perm(ws[(j * 4 + w) * kMmaBN + col], 0u,
-                                                                             byte_twice));
-            // ... times (1, 1/16) is (1024 + q_lo, 64 + q_hi), exact; the bias makes both q - zero.
-            b[w] = hmul2_raw<false>(hfma2_raw(q2, kOneAndSixteenth, minus_bias2), scale2);
-          }
-        }
+        for (int w = 0; w < 4; ++w) b[w] = decode(ws[(j * 4 + w) * kMmaBN + col], lane_byte);
 #pragma unroll
         for (int mf = 0; mf < MF; ++mf) {
           mma_16816<BF16>(acc[mf][nt], afrag[0][mf], b[0], b[1]);

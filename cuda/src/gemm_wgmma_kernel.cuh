@@ -78,7 +78,6 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
 #if GPTQKIT_NV_WGMMA
   static_assert(kWarpSize == 32, "warpgroups of four 32-lane warps");
   using Smem = WgmmaSmem<BT>;
-  constexpr uint32_t kMagic2 = mma_magic2<BF16>();
   constexpr int kPiecesPerRow = kWgmmaStageChunks * kChunk * 2 / 16;  // 16-byte pieces per token row: 8
   constexpr int kWordPieces = kWgmmaBN / 4;                           // per word row of the tile
 
@@ -94,7 +93,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
   const int steps = (c_end - c_begin + kWgmmaStageChunks - 1) / kWgmmaStageChunks;
   // This thread's A rows: columns col_a and col_a + 8 of the block.
   const int col_a = (warp / 4) * 64 + (warp % 4) * 16 + lane / 4;
-  const int byte_shift = 8 * (lane % 4);
+  const uint32_t lane_byte = lane_byte_selector(lane % 4);
 
   auto x_tile = [&](int buf) { return smem + buf * Smem::kStage; };
   auto word_tile = [&](int buf) { return reinterpret_cast<uint32_t*>(smem + buf * Smem::kStage + Smem::kX); };
@@ -153,15 +152,10 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {  // rows g and g + 8 of the warp's 16
         const int col = col_a + 8 * h;
-        const uint32_t pair = zs[j * kWgmmaBN + col];
-        const uint32_t scale2 = __byte_perm(pair, 0u, 0x1010u);
-        const uint32_t magic_zero2 = hadd2_raw<BF16>(__byte_perm(pair, 0u, 0x3232u), kMagic2);
+        const PairDecoder<BF16> decode(zs[j * kWgmmaBN + col]);
 #pragma unroll
-        for (int w = 0; w < 4; ++w) {
-          const uint32_t codes = ws[(j * 4 + w) * kWgmmaBN + col] >> byte_shift;
-          const uint32_t magic_q2 = (codes & 0xfu) | ((codes << 12) & 0xf0000u) | kMagic2;
-          a[2 * j + w / 2][h + 2 * (w % 2)] = hmul2_raw<BF16>(hsub2_raw<BF16>(magic_q2, magic_zero2), scale2);
-        }
+        for (int w = 0; w < 4; ++w)
+          a[2 * j + w / 2][h + 2 * (w % 2)] = decode(ws[(j * 4 + w) * kWgmmaBN + col], lane_byte);
       }
     }
     const uint32_t x_address = smem_addr(x_tile(buf));
