@@ -73,6 +73,11 @@ constexpr uint32_t mma_magic2() {
 //   gives both q - zero exactly; HMUL2 by the scale. Four instructions.
 //   bf16: its 7-bit mantissa has no room for 16 q above 128, so the high
 //   nibble is shifted down: (magic + q) - (magic + zero), then the scale.
+// Component i (0..3, a constant after unrolling) of a 16-byte shared load.
+__device__ __forceinline__ uint32_t uint4_part(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
 __device__ __forceinline__ uint32_t lane_byte_selector(int byte) {
   return 0x4040u + 0x0101u * static_cast<uint32_t>(byte);  // PRMT: byte in bytes 0 and 2, zeros between
 }

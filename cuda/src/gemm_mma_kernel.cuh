@@ -153,13 +153,19 @@ __global__ void __launch_bounds__(kMmaThreads)
         for (int mf = 0; mf < MF; ++mf)
           ldmatrix_x4(afrag[ks][mf],
                       xs + (mf * 16 + lane % 16) * kMmaAStride + j * kChunk + ks * 16 + (lane / 16) * 8);
+      // B column slot g = lane / 4 of n-tile nt is column 4g + nt of the warp's 32: the
+      // lane's four n-tiles read one 16-byte row of words (and of pairs) per load.
+      const int col4 = warp * 32 + 4 * (lane / 4);
+      const uint4 pairs = *reinterpret_cast<const uint4*>(zs + j * kMmaBN + col4);
+      uint4 words[4];
+#pragma unroll
+      for (int w = 0; w < 4; ++w) words[w] = *reinterpret_cast<const uint4*>(ws + (j * 4 + w) * kMmaBN + col4);
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
-        const int col = warp * 32 + nt * 8 + lane / 4;
-        const PairDecoder<BF16> decode(zs[j * kMmaBN + col]);
+        const PairDecoder<BF16> decode(uint4_part(pairs, nt));
         uint32_t b[4];
 #pragma unroll
-        for (int w = 0; w < 4; ++w) b[w] = decode(ws[(j * 4 + w) * kMmaBN + col], lane_byte);
+        for (int w = 0; w < 4; ++w) b[w] = decode(uint4_part(words[w], nt), lane_byte);
 #pragma unroll
         for (int mf = 0; mf < MF; ++mf) {
           mma_16816<BF16>(acc[mf][nt], afrag[0][mf], b[0], b[1]);
@@ -169,26 +175,33 @@ __global__ void __launch_bounds__(kMmaThreads)
     }
   });
 
-  // mma C fragment: c0, c1 at (row lane / 4, columns 2 * (lane % 4) + {0, 1}); c2, c3 at row + 8.
+  // mma C fragment: c0, c1 at (row lane / 4, column slots 2 * (lane % 4) + {0, 1}); c2, c3 at
+  // row + 8. Slot g of n-tile nt is column 4g + nt, so a lane holds 8 consecutive columns of a row:
+  // base + nt from c0 / c2, base + 4 + nt from c1 / c3.
+  const int base = n0 + warp * 32 + 8 * (lane % 4);
 #pragma unroll
   for (int mf = 0; mf < MF; ++mf)
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
+    for (int half = 0; half < 2; ++half) {
+      const int r = m0 + mf * 16 + lane / 4 + 8 * half;
+      if (r >= m_dim) continue;
+      if (partial != nullptr) {  // split-K: float32 partial sums, columns up to Np (a multiple of 128)
+        float* p = partial + (static_cast<int64_t>(blockIdx.z) * m_dim + r) * np + base;
+        *reinterpret_cast<float4*>(p) =
+            make_float4(acc[mf][0][2 * half], acc[mf][1][2 * half], acc[mf][2][2 * half], acc[mf][3][2 * half]);
+        *reinterpret_cast<float4*>(p + 4) = make_float4(acc[mf][0][2 * half + 1], acc[mf][1][2 * half + 1],
+                                                        acc[mf][2][2 * half + 1], acc[mf][3][2 * half + 1]);
+      } else {
+        uint16_t* out = y + static_cast<int64_t>(r) * n_dim;
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = m0 + mf * 16 + lane / 4 + 8 * half;
-        const int cn = n0 + warp * 32 + nt * 8 + 2 * (lane % 4);
-        const float v0 = acc[mf][nt][2 * half], v1 = acc[mf][nt][2 * half + 1];
-        if (r >= m_dim) continue;
-        if (partial != nullptr) {  // split-K: float32 partial sums, columns up to Np
-          float* p = partial + (static_cast<int64_t>(blockIdx.z) * m_dim + r) * np + cn;
-          *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
-        } else {
-          uint16_t* out = y + static_cast<int64_t>(r) * n_dim;
-          if (cn < n_dim) out[cn] = output_value<BF16>(v0, bias, cn);
-          if (cn + 1 < n_dim) out[cn + 1] = output_value<BF16>(v1, bias, cn + 1);
-        }
+        for (int e = 0; e < 2; ++e)
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt) {
+            const int cn = base + 4 * e + nt;
+            if (cn < n_dim) out[cn] = output_value<BF16>(acc[mf][nt][2 * half + e], bias, cn);
+          }
       }
+    }
 #else
   // Compiled for targets without mma.sync: the launcher never runs it there
   // (it asks the binary's architecture first).
