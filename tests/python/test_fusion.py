@@ -381,3 +381,19 @@ def test_moe_experts_fuse_their_gate_and_up(gptqkit, arch):
     experts = [g for g in groups if ".experts." in g.parent]
     assert experts and all(g.members == ("gate_proj", "up_proj") for g in experts)
     torch.testing.assert_close(_logits(q.model, ids), ref, rtol=0, atol=0)
+
+
+def test_a_model_in_training_mode_fuses_and_stays_in_training_mode(gptqkit):
+    """The probe runs in eval mode (dropout would make the check compare noise); the model's
+    training flags are left as they were."""
+    from gptqkit.nn import fuse_projections
+
+    model = _quantize_randomly(gptqkit, make_tiny_model("llama", attention_dropout=0.5))
+    model.train()
+    model.model.layers[1].eval()  # a mixed state, restored as it was
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(fuse_projections(model)) == 4
+    assert model.training and model.model.layers[0].self_attn.training
+    assert not model.model.layers[1].training and not model.model.layers[1].mlp.training
+    assert model.model.layers[0].self_attn.fused_q_proj_k_proj_v_proj.training

@@ -271,12 +271,20 @@ def _default_probe_inputs(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def _run_probe(model: nn.Module, inputs) -> object:
-    with torch.no_grad():
-        if isinstance(inputs, Mapping):
-            return model(**inputs)
-        if isinstance(inputs, (tuple, list)):
-            return model(*inputs)
-        return model(inputs)
+    """One forward pass in eval mode (dropout would make the before/after check compare noise),
+    every module's training flag restored afterwards."""
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(inputs, Mapping):
+                return model(**inputs)
+            if isinstance(inputs, (tuple, list)):
+                return model(*inputs)
+            return model(inputs)
+    finally:
+        for m, flag in training.items():
+            m.training = flag
 
 
 def _probe_output(out) -> Optional[torch.Tensor]:
