@@ -192,6 +192,9 @@ def test_only_siblings_reading_one_tensor_are_grouped(gptqkit):
     assert all(type(getattr(model, n)) is QuantLinear for n in ("q", "k", "v", "w3", "p1", "p2"))
     assert fuse_projections(model, example_inputs=(h, enc)) == [("", ("k", "v"))]
     torch.testing.assert_close(model(h, enc), ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="different g_idx"):  # a failed call leaves earlier fusions alone
+        fuse_projections(model, groups=[("", ("p1", "p2"))], example_inputs=(h, enc))
+    assert hasattr(model, "fused_k_v")
 
 
 def test_members_called_with_other_inputs_compute_their_own(gptqkit):

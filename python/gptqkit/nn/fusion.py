@@ -440,15 +440,18 @@ def fused_groups(model: nn.Module) -> List[FusionGroup]:
             for _, child in parent.named_children() if isinstance(child, FusedQuantLinear)]
 
 
-def unfuse_projections(model: nn.Module) -> List[FusionGroup]:
-    """Undoes :func:`fuse_projections`: every fused group becomes its original :class:`QuantLinear`
-    layers again, with bit-identical tensors. Returns the groups it unfused."""
+def unfuse_projections(model: nn.Module, groups: Optional[Iterable[FusionGroup]] = None) -> List[FusionGroup]:
+    """Undoes :func:`fuse_projections`: every fused group (or only those in ``groups``) becomes its
+    original :class:`QuantLinear` layers again, with bit-identical tensors. Returns the groups it unfused."""
+    only = None if groups is None else {FusionGroup(str(g[0]), tuple(g[1])) for g in groups}
     undone = []
     for parent_name, parent in list(model.named_modules()):
         for attr, child in list(parent.named_children()):
             if isinstance(child, FusedQuantLinear):
-                _unfuse(parent, attr, child)
-                undone.append(FusionGroup(parent_name, tuple(m.name for m in child.members)))
+                group = FusionGroup(parent_name, tuple(m.name for m in child.members))
+                if only is None or group in only:
+                    _unfuse(parent, attr, child)
+                    undone.append(group)
     return undone
 
 
@@ -493,7 +496,7 @@ def fuse_projections(model: nn.Module, groups: Optional[Iterable[Sequence]] = No
             _fuse_group(model, group)
             done.append(group)
     except Exception:
-        unfuse_projections(model)
+        unfuse_projections(model, done)  # groups fused before this call stay
         raise
     if verify:
         problem = None
@@ -508,7 +511,7 @@ def fuse_projections(model: nn.Module, groups: Optional[Iterable[Sequence]] = No
                 if not diff <= atol * scale:
                     problem = f"its output differs from the unfused model's by {diff:.3g} (tolerance {atol * scale:.3g})"
         if problem is not None:
-            unfuse_projections(model)
+            unfuse_projections(model, done)
             warnings.warn(f"fuse_projections: left the model unfused: {problem}", RuntimeWarning, stacklevel=2)
             return []
     return done
