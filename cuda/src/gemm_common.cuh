@@ -1,5 +1,5 @@
-// Shared device helpers of the GEMM kernels (gemm_gemv.cu, gemm_tiled.cu,
-// gemm_dequant.cu). The layout they read is described in docs/gpu_gemm.md:
+// Shared device helpers of the GEMM kernels (gemv, tiled, dequantize, mma, wgmma).
+// The layout they read is described in docs/gpu_gemm.md:
 //   qweight [C * BITS, Np] uint32: chunk c (32 positions of K, one group) of
 //           column n is the GPTQ bit stream of its 32 codes, words
 //           [c * BITS, c * BITS + BITS) of column n;
@@ -62,22 +62,23 @@ constexpr uint32_t mma_magic2() {
 }
 
 #if GPTQKIT_NV_TENSOR_CORES
-// The register dequantization of the tensor-core kernels (mma, wgmma): the
-// two codes of one byte of a packed word (code 2t in bits 0-3, code 2t+1 in
-// bits 4-7 of byte t) to the 16-bit pair (scale (q_lo - zero), scale (q_hi -
-// zero)), each rounded once, bit-identical to the oracle. Per column and
-// chunk: `Decoder d(pair)` from the (scale, zero) pair; per word:
-// `d(word, lane_byte)`, lane_byte from lane_byte_selector().
-//   fp16: PRMT puts byte t in both halves; one LOP3 keeps (q_lo, 16 q_hi)
-//   under the magic 1024; one HFMA2 by (1, 1/16) minus (1024 + zero, 64 + zero)
-//   gives both q - zero exactly; HMUL2 by the scale. Four instructions.
-//   bf16: its 7-bit mantissa has no room for 16 q above 128, so the high
-//   nibble is shifted down: (magic + q) - (magic + zero), then the scale.
 // Component i (0..3, a constant after unrolling) of a 16-byte shared load.
 __device__ __forceinline__ uint32_t uint4_part(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+// The register dequantization of the tensor-core kernels (mma, wgmma): the
+// two codes of one byte of a packed word (code 2t in bits 0-3, code 2t+1 in
+// bits 4-7 of byte t) to the 16-bit pair (scale (q_lo - zero), scale (q_hi -
+// zero)), each rounded once, bit-identical to the oracle. Per column and
+// chunk: `PairDecoder<BF16> decode(scale_zero)` from the column's (scale,
+// zero) pair; per word: `decode(word, lane_byte)`, where lane_byte comes from
+// lane_byte_selector(t).
+//   fp16: PRMT puts byte t in both halves; one LOP3 keeps (q_lo, 16 q_hi)
+//   under the magic 1024; one HFMA2 by (1, 1/16) minus (1024 + zero, 64 + zero)
+//   gives both q - zero exactly; HMUL2 by the scale. Four instructions.
+//   bf16: its 7-bit mantissa has no room for 16 q above 128, so the high
+//   nibble is shifted down: (magic + q) - (magic + zero), then the scale.
 __device__ __forceinline__ uint32_t lane_byte_selector(int byte) {
   return 0x4040u + 0x0101u * static_cast<uint32_t>(byte);  // PRMT: byte in bytes 0 and 2, zeros between
 }
