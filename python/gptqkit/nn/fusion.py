@@ -122,7 +122,6 @@ class FusedProjection(nn.Module):
         self.in_features = fused.in_features
         self.out_features = member.stop - member.start
         self.start, self.stop = member.start, member.stop
-        self.bits, self.group_size = fused.bits, fused.group_size
         # Plain attributes, not submodules: the fused layer is registered once, on the parent.
         self.__dict__["_fused"] = fused
         self.__dict__["_shared"] = shared
@@ -181,28 +180,26 @@ def _concatenated(parts: Sequence[Mapping[str, Optional[torch.Tensor]]], bits: i
             "g_idx": parts[0]["g_idx"].clone(), "bias": bias}
 
 
-def _member_tensors(fused: FusedQuantLinear, member: _Member) -> Dict[str, Optional[torch.Tensor]]:
-    """One member's own tensors, cut out of the fused layer (contiguous copies, bit-identical)."""
-    a, b = member.start, member.stop
-    zeros = _zero_points(fused.qzeros, fused.bits, fused.out_features, fused.format)[:, a:b]
-    bias = fused.bias[a:b].clone() if member.has_bias and fused.bias is not None else None
-    return {"qweight": fused.qweight[:, a:b].contiguous(),
-            "qzeros": _pack_zero_points(zeros, fused.bits, fused.format, fused.qweight.device),
-            "scales": fused.scales[:, a:b].contiguous(), "g_idx": fused.g_idx.clone(), "bias": bias}
-
-
-def _parent_prefix(prefix: str, fused_name_len: int) -> str:
-    return prefix[:len(prefix) - fused_name_len - 1]
+def _members_tensors(fused: FusedQuantLinear) -> List[Tuple[_Member, Dict[str, Optional[torch.Tensor]]]]:
+    """Each member's own tensors, cut out of the fused layer (contiguous copies, bit-identical)."""
+    zeros = _zero_points(fused.qzeros, fused.bits, fused.out_features, fused.format)  # unpacked once for all
+    out = []
+    for member in fused.members:
+        a, b = member.start, member.stop
+        bias = fused.bias[a:b].clone() if member.has_bias and fused.bias is not None else None
+        out.append((member, {"qweight": fused.qweight[:, a:b].contiguous(),
+                             "qzeros": _pack_zero_points(zeros[:, a:b], fused.bits, fused.format, fused.qweight.device),
+                             "scales": fused.scales[:, a:b].contiguous(), "g_idx": fused.g_idx.clone(), "bias": bias}))
+    return out
 
 
 def _present_members_state(module: FusedQuantLinear, state_dict, prefix: str, local_metadata):
     """state_dict hook: replaces the fused layer's entries by its members' (original checkpoint keys)."""
-    own = prefix.rstrip(".").rpartition(".")[2]
-    parent = _parent_prefix(prefix, len(own))
+    parent = prefix[:prefix.rstrip(".").rfind(".") + 1]  # "a.b.fused_x." -> "a.b."
     for t in _TENSORS:
         state_dict.pop(prefix + t, None)
-    for member in module.members:
-        for t, value in _member_tensors(module, member).items():
+    for member, tensors in _members_tensors(module):
+        for t, value in tensors.items():
             if value is not None:
                 state_dict[f"{parent}{member.name}.{t}"] = value
 
@@ -422,8 +419,7 @@ def _fuse_group(model: nn.Module, group: FusionGroup) -> None:
 
 
 def _unfuse(parent: nn.Module, attr: str, fused: FusedQuantLinear) -> None:
-    for member in fused.members:
-        t = _member_tensors(fused, member)
+    for member, t in _members_tensors(fused):
         layer = QuantLinear(fused.bits, fused.group_size, fused.in_features, member.stop - member.start,
                             bias=member.has_bias, format=fused.format, device="meta", dtype=fused.scales.dtype)
         layer._assign(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], t["bias"])
