@@ -61,6 +61,31 @@ struct MmaSmem {
   static_assert(kTotal <= 48 * 1024, "more than a block gets without an opt-in");
 };
 
+// Stores one row of a lane's output tile when its column slots hold 8
+// consecutive columns [cn, cn + 8): acc[nt][2 * half + e] (the C fragment
+// of n-tile nt, row half `half`) is column cn + 4e + nt. Split-K partial sums
+// go to partial[split] as two float4 (columns up to Np, a multiple of 128);
+// otherwise the 16-bit outputs (+ bias) are stored up to N.
+template <bool BF16>
+__device__ __forceinline__ void store_row_of_8_columns(const float (&acc)[4][4], int half, int64_t r, int cn,
+                                                       int split, float* partial, uint16_t* y,
+                                                       const uint16_t* bias, int m_dim, int n_dim, int np) {
+  if (partial != nullptr) {
+    float* p = partial + (static_cast<int64_t>(split) * m_dim + r) * np + cn;
+    *reinterpret_cast<float4*>(p) =
+        make_float4(acc[0][2 * half], acc[1][2 * half], acc[2][2 * half], acc[3][2 * half]);
+    *reinterpret_cast<float4*>(p + 4) =
+        make_float4(acc[0][2 * half + 1], acc[1][2 * half + 1], acc[2][2 * half + 1], acc[3][2 * half + 1]);
+  } else {
+    uint16_t* out = y + r * n_dim;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int col = cn + i;
+      if (col < n_dim) out[col] = output_value<BF16>(acc[i % 4][2 * half + i / 4], bias, col);
+    }
+  }
+}
+
 template <bool BF16, int MF>
 __global__ void __launch_bounds__(kMmaThreads)
     mma_kernel(const uint16_t* __restrict__ x, int x_stride, const uint32_t* __restrict__ qweight,
@@ -184,23 +209,8 @@ __global__ void __launch_bounds__(kMmaThreads)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int r = m0 + mf * 16 + lane / 4 + 8 * half;
-      if (r >= m_dim) continue;
-      if (partial != nullptr) {  // split-K: float32 partial sums, columns up to Np (a multiple of 128)
-        float* p = partial + (static_cast<int64_t>(blockIdx.z) * m_dim + r) * np + base;
-        *reinterpret_cast<float4*>(p) =
-            make_float4(acc[mf][0][2 * half], acc[mf][1][2 * half], acc[mf][2][2 * half], acc[mf][3][2 * half]);
-        *reinterpret_cast<float4*>(p + 4) = make_float4(acc[mf][0][2 * half + 1], acc[mf][1][2 * half + 1],
-                                                        acc[mf][2][2 * half + 1], acc[mf][3][2 * half + 1]);
-      } else {
-        uint16_t* out = y + static_cast<int64_t>(r) * n_dim;
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-#pragma unroll
-          for (int nt = 0; nt < 4; ++nt) {
-            const int cn = base + 4 * e + nt;
-            if (cn < n_dim) out[cn] = output_value<BF16>(acc[mf][nt][2 * half + e], bias, cn);
-          }
-      }
+      if (r < m_dim)
+        store_row_of_8_columns<BF16>(acc[mf], half, r, base, blockIdx.z, partial, y, bias, m_dim, n_dim, np);
     }
 #else
   // Compiled for targets without mma.sync: the launcher never runs it there

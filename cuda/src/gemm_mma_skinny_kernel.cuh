@@ -257,25 +257,13 @@ __global__ void __launch_bounds__(kMmaThreads, 4)
   });
   if (steps > 0) fold_group();
 
+  // Column slot g of n-tile nt is column 4g + nt: this lane's 8 consecutive columns start at 8 tq.
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int r = m0 + gq + 8 * half;
-    if (r >= m_dim) continue;
-    const int cn = n0 + warp * 32 + 8 * tq;  // this lane's 8 consecutive columns
-    if (partial != nullptr) {  // split-K: float32 partial sums, columns up to Np (a multiple of 128)
-      float* p = partial + (static_cast<int64_t>(blockIdx.z) * m_dim + r) * np + cn;
-      *reinterpret_cast<float4*>(p) =
-          make_float4(acc[0][2 * half], acc[1][2 * half], acc[2][2 * half], acc[3][2 * half]);
-      *reinterpret_cast<float4*>(p + 4) =
-          make_float4(acc[0][2 * half + 1], acc[1][2 * half + 1], acc[2][2 * half + 1], acc[3][2 * half + 1]);
-    } else {
-      uint16_t* out = y + static_cast<int64_t>(r) * n_dim;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int col = cn + i;
-        if (col < n_dim) out[col] = output_value<BF16>(acc[i % 4][2 * half + i / 4], bias, col);
-      }
-    }
+    if (r < m_dim)
+      store_row_of_8_columns<BF16>(acc, half, r, n0 + warp * 32 + 8 * tq, blockIdx.z, partial, y, bias, m_dim, n_dim,
+                                   np);
   }
 #else
   // Compiled for targets without mma.sync: the launcher never runs it there.

@@ -505,7 +505,8 @@ def fuse_projections(model: nn.Module, groups: Optional[Iterable[Sequence]] = No
                 scale = max(float(before.detach().abs().max()), 1.0)
                 diff = float((after.detach().float() - before.detach().float()).abs().max())
                 if not diff <= atol * scale:
-                    problem = f"its output differs from the unfused model's by {diff:.3g} (tolerance {atol * scale:.3g})"
+                    problem = (f"its output differs from the unfused model's by {diff:.3g} "
+                               f"(tolerance {atol * scale:.3g})")
         if problem is not None:
             unfuse_projections(model, done)
             warnings.warn(f"fuse_projections: left the model unfused: {problem}", RuntimeWarning, stacklevel=2)
