@@ -127,28 +127,31 @@ void register_gpu_gemm(py::module_& m) {
       "gpu_quantized_matmul",
       [](const py::handle& x, const py::handle& qweight, const py::handle& sz, const py::handle& chunk_group,
          const py::object& perm, const py::object& bias, const py::handle& y, int bits, int64_t in_features,
-         int64_t out_features, uintptr_t stream, const py::object& workspace) {
+         int64_t out_features, uintptr_t stream, const py::object& workspace, const py::object& tile_counters) {
         Prepared w = borrow_prepared(qweight, sz, chunk_group, perm, bits, in_features, out_features, false);
         auto bx = borrow_fast(x, "x", false);
-        std::optional<BorrowedTensor> bb, bws;
+        std::optional<BorrowedTensor> bb, bws, bc;
         if (!bias.is_none()) bb = borrow_fast(bias, "bias", false);
         if (!workspace.is_none()) bws = borrow_fast(workspace, "workspace", true);
+        if (!tile_counters.is_none()) bc = borrow_fast(tile_counters, "tile_counters", true);
         auto by = borrow_fast(y, "y", true);
         const TensorView* bias_view = bb ? &bb->view : nullptr;
         const TensorView* ws_view = bws ? &bws->view : nullptr;
+        const TensorView* counters_view = bc ? &bc->view : nullptr;
         Status s;
         {
           py::gil_scoped_release release;
-          s = gpu_quantized_matmul(bx.view, w.view, bias_view, by.view, ws_view, as_stream(stream));
+          s = gpu_quantized_matmul(bx.view, w.view, bias_view, by.view, ws_view, counters_view, as_stream(stream));
         }
         throw_if_error(s);
       },
       py::arg("x"), py::arg("qweight"), py::arg("sz"), py::arg("chunk_group"), py::arg("perm"), py::arg("bias"),
       py::arg("y"), py::arg("bits"), py::arg("in_features"), py::arg("out_features"), py::arg("stream") = 0,
-      py::arg("workspace") = py::none(),
+      py::arg("workspace") = py::none(), py::arg("tile_counters") = py::none(),
       "y[M, N] = x[M, K] @ W.T (+ bias) on the GPU, enqueued on `stream` (an integer cudaStream_t/hipStream_t);\n"
-      "workspace: a device buffer of gpu_matmul_workspace_bytes(...) bytes, or None. Internal: use\n"
-      "gptqkit.ops.quantized_matmul.");
+      "workspace: a device buffer of gpu_matmul_workspace_bytes(...) bytes, or None; tile_counters: int32\n"
+      "zeros that the call leaves zero (split-K sums added in the GEMM kernel, see\n"
+      "GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS), or None. Internal: use gptqkit.ops.quantized_matmul.");
 
   m.def(
       "gpu_dequantize_prepared",

@@ -495,6 +495,11 @@ Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const
 
 Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const TensorView* bias, const TensorView& y,
                             const TensorView* workspace, void* stream) {
+  return gpu_quantized_matmul(x, w, bias, y, workspace, nullptr, stream);
+}
+
+Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const TensorView* bias, const TensorView& y,
+                            const TensorView* workspace, const TensorView* tile_counters, void* stream) {
   try {
 #if !defined(GPTQKIT_HAS_GPU)
     return Status::Unsupported(std::string("gpu_quantized_matmul: ") + kNoGpu);
@@ -532,6 +537,18 @@ Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const
       if (overlaps(*workspace, y)) return Status::InvalidArgument("workspace: overlaps the memory of y");
       workspace_bytes = byte_size(*workspace);
     }
+    const bool with_counters = tile_counters != nullptr && tile_counters->data != nullptr;
+    if (with_counters) {
+      GPTQKIT_RETURN_IF_ERROR(on_gpu(*tile_counters, "tile_counters", device));
+      GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(*tile_counters, "tile_counters", {DType::kInt32}));
+      GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(*tile_counters, "tile_counters", 1));
+      for (int i = 0; i < 6; ++i)
+        if (inputs[i] != nullptr && overlaps(*tile_counters, *inputs[i]))
+          return Status::InvalidArgument(std::string("tile_counters: overlaps the memory of ") + names[i]);
+      if (overlaps(*tile_counters, y)) return Status::InvalidArgument("tile_counters: overlaps the memory of y");
+      if (workspace_bytes > 0 && overlaps(*tile_counters, *workspace))
+        return Status::InvalidArgument("tile_counters: overlaps the memory of workspace");
+    }
     if (m_dim == 0) return Status::Ok();
 #if defined(GPTQKIT_HAS_GPU)
     gpu::GemmArgs a = layer_args(w, layer, stream);
@@ -539,6 +556,10 @@ Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const
     a.bias = bias != nullptr ? bias->data : nullptr;
     a.y = y.data;
     a.m = m_dim;
+    if (with_counters) {
+      a.tile_counters = static_cast<unsigned*>(tile_counters->data);
+      a.tile_counter_count = tile_counters->shape[0];
+    }
     std::string err;
     const gpu::MmaPlan plan = gpu::plan_mma(a, workspace_bytes);
     if (plan.usable) {

@@ -46,6 +46,14 @@ constexpr int64_t kWgmmaMinRows = 128;
 // skinny kernel's time next to the mma kernel's for M <= 16.
 constexpr int64_t kSkinnyMaxRows = 0;
 
+// Rows up to which a split mma / skinny call given tile counters adds its
+// partial sums in the GEMM kernel (the last block of each tile) instead of
+// a second kernel (env GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS; 0: never). The
+// last block reads splits x rows x 128 sums alone, so the gain (one launch
+// less per call) shrinks with M. Off until benchmarks/bench_gpu_gemm.py has
+// timed both on a GPU (its "separate reduce" column).
+constexpr int64_t kInKernelReduceMaxRows = 0;
+
 size_t round_up(size_t v, size_t to) { return (v + to - 1) / to * to; }
 
 // A non-negative integer from the environment, or `fallback` (unset or
@@ -63,6 +71,9 @@ int64_t wgmma_min_rows() { return env_rows("GPTQKIT_GPU_WGMMA_MIN_ROWS", kWgmmaM
 int64_t mma_min_rows() { return std::max<int64_t>(1, env_rows("GPTQKIT_GPU_MMA_MIN_ROWS", kMmaMinRows)); }
 int64_t skinny_max_rows() {
   return std::min<int64_t>(kSkinnyRows, env_rows("GPTQKIT_GPU_SKINNY_MAX_ROWS", kSkinnyMaxRows));
+}
+int64_t in_kernel_reduce_max_rows() {
+  return env_rows("GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS", kInKernelReduceMaxRows);
 }
 int64_t blocks_per_sm() { return std::clamp<int64_t>(env_rows("GPTQKIT_GPU_MMA_BLOCKS_PER_SM", kBlocksPerSm), 1, 16); }
 
@@ -116,25 +127,27 @@ bool mma_compiled_for(int device) {
 }
 
 template <bool BF16>
-std::string launch_skinny(const GemmArgs& a, const MmaPlan& plan, const uint16_t* x, int x_stride, float* partial) {
+std::string launch_skinny(const GemmArgs& a, const MmaPlan& plan, const uint16_t* x, int x_stride, float* partial,
+                          unsigned* counters) {
   const dim3 grid(static_cast<unsigned>(a.np / kMmaBN), static_cast<unsigned>(ceil_div(a.m, kSkinnyRows)),
                   static_cast<unsigned>(plan.splits));
   GPTQKIT_LAUNCH(grid, kMmaThreads, SkinnySmem::kTotal, static_cast<gpuStream_t>(a.stream), mma_skinny_kernel<BF16>)(
       x, x_stride, a.qweight, static_cast<const uint16_t*>(a.sz), a.chunk_group,
-      static_cast<const uint16_t*>(a.bias), static_cast<uint16_t*>(a.y), partial, static_cast<int>(a.m),
+      static_cast<const uint16_t*>(a.bias), static_cast<uint16_t*>(a.y), partial, counters, static_cast<int>(a.m),
       static_cast<int>(a.n), static_cast<int>(a.np), static_cast<int>(a.chunks), static_cast<int>(a.groups),
       plan.chunks_per_split);
   return launch_error("mma_skinny_kernel");
 }
 
 template <bool BF16, int MF>
-std::string launch_tile(const GemmArgs& a, const MmaPlan& plan, const uint16_t* x, int x_stride, float* partial) {
+std::string launch_tile(const GemmArgs& a, const MmaPlan& plan, const uint16_t* x, int x_stride, float* partial,
+                        unsigned* counters) {
   using Smem = MmaSmem<MF>;
   const dim3 grid(static_cast<unsigned>(a.np / kMmaBN), static_cast<unsigned>(ceil_div(a.m, Smem::kBM)),
                   static_cast<unsigned>(plan.splits));
   GPTQKIT_LAUNCH(grid, kMmaThreads, Smem::kTotal, static_cast<gpuStream_t>(a.stream), mma_kernel<BF16, MF>)(
       x, x_stride, a.qweight, static_cast<const uint16_t*>(a.sz), a.chunk_group,
-      static_cast<const uint16_t*>(a.bias), static_cast<uint16_t*>(a.y), partial, static_cast<int>(a.m),
+      static_cast<const uint16_t*>(a.bias), static_cast<uint16_t*>(a.y), partial, counters, static_cast<int>(a.m),
       static_cast<int>(a.n), static_cast<int>(a.np), static_cast<int>(a.chunks), static_cast<int>(a.groups),
       plan.chunks_per_split);
   return launch_error("mma_kernel");
@@ -181,20 +194,21 @@ std::string launch_act(const GemmArgs& a, const MmaPlan& plan, void* workspace) 
     x_stride = static_cast<int>(kp);
   }
   float* partial = plan.splits > 1 ? reinterpret_cast<float*>(ws + plan.x_bytes) : nullptr;
+  unsigned* counters = plan.reduce_in_kernel ? a.tile_counters : nullptr;
   std::string err;
   if (plan.wgmma) {
     err = plan.rows_per_tile == 64 ? launch_wgmma_tile<BF16, 64>(a, plan, x, x_stride, partial)
                                    : launch_wgmma_tile<BF16, 128>(a, plan, x, x_stride, partial);
   } else if (plan.skinny) {
-    err = launch_skinny<BF16>(a, plan, x, x_stride, partial);
+    err = launch_skinny<BF16>(a, plan, x, x_stride, partial, counters);
   } else {
     switch (plan.mf) {
-      case 1: err = launch_tile<BF16, 1>(a, plan, x, x_stride, partial); break;
-      case 2: err = launch_tile<BF16, 2>(a, plan, x, x_stride, partial); break;
-      default: err = launch_tile<BF16, 4>(a, plan, x, x_stride, partial); break;
+      case 1: err = launch_tile<BF16, 1>(a, plan, x, x_stride, partial, counters); break;
+      case 2: err = launch_tile<BF16, 2>(a, plan, x, x_stride, partial, counters); break;
+      default: err = launch_tile<BF16, 4>(a, plan, x, x_stride, partial, counters); break;
     }
   }
-  if (!err.empty() || partial == nullptr) return err;
+  if (!err.empty() || partial == nullptr || counters != nullptr) return err;
   const int64_t total = a.m * a.n;
   GPTQKIT_LAUNCH(static_cast<unsigned>(ceil_div(total, kHelperThreads)), kHelperThreads, 0, stream,
                  splitk_reduce_kernel<BF16>)(partial, plan.splits, static_cast<const uint16_t*>(a.bias),
@@ -245,6 +259,10 @@ MmaPlan plan_mma(const GemmArgs& a, size_t workspace_bytes) {
   plan.splits = static_cast<int>(splits);
   plan.chunks_per_split = static_cast<int>(per_split);
   plan.partial_bytes = partial_bytes;
+  // The wgmma kernel (many rows: a long serial sum for one block) always
+  // leaves the sums to splitk_reduce_kernel.
+  plan.reduce_in_kernel = splits > 1 && !plan.wgmma && a.tile_counters != nullptr &&
+                          blocks <= a.tile_counter_count && a.m <= in_kernel_reduce_max_rows();
   plan.usable = true;
   return plan;
 }

@@ -86,12 +86,59 @@ __device__ __forceinline__ void store_row_of_8_columns(const float (&acc)[4][4],
   }
 }
 
+#if GPTQKIT_NV_TENSOR_CORES
+// Split-K without a second kernel (the launcher's choice: gemm_mma.cu),
+// called by every thread of every block of a split launch after the
+// block's partial sums are stored. Each block takes a ticket from its
+// tile's counter; the block that gets the last one (splits - 1) knows
+// every other split has stored its sums, adds the tile's partial sums in
+// split order -- splitk_reduce_kernel's order and arithmetic, so y has the
+// same bits either way -- and sets the counter back to zero for the next
+// call. The fence before the ticket orders each thread's partial-sum
+// stores before it; the one after orders the tickets before the last
+// block's loads (the threadfence-reduction pattern of the CUDA guide).
+template <bool BF16>
+__device__ void reduce_splits_if_last(const float* partial, unsigned* counter, int splits, const uint16_t* bias,
+                                      uint16_t* y, int m0, int tile_rows, int n0, int m_dim, int n_dim, int np) {
+  __shared__ int is_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    is_last = atomicAdd(counter, 1u) == static_cast<unsigned>(splits - 1) ? 1 : 0;
+    if (is_last) atomicExch(counter, 0u);  // every split has its ticket: nobody reads it again this call
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  constexpr int kQuads = kMmaBN / 4;  // float4 column groups of the tile
+  const int rows = min(tile_rows, m_dim - m0);
+  for (int i = threadIdx.x; i < rows * kQuads; i += blockDim.x) {
+    const int64_t r = m0 + i / kQuads;
+    const int c = n0 + 4 * (i % kQuads);
+    if (c >= n_dim) continue;
+    float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int s = 0; s < splits; ++s) {
+      const float4 p = load_float4_l2(partial + (static_cast<int64_t>(s) * m_dim + r) * np + c);
+      sum[0] += p.x;
+      sum[1] += p.y;
+      sum[2] += p.z;
+      sum[3] += p.w;
+    }
+    uint16_t* out = y + r * n_dim;
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (c + e < n_dim) out[c + e] = output_value<BF16>(sum[e], bias, c + e);
+  }
+}
+#endif
+
 template <bool BF16, int MF>
 __global__ void __launch_bounds__(kMmaThreads)
     mma_kernel(const uint16_t* __restrict__ x, int x_stride, const uint32_t* __restrict__ qweight,
                const uint16_t* __restrict__ sz, const int32_t* __restrict__ chunk_group,
                const uint16_t* __restrict__ bias, uint16_t* __restrict__ y, float* __restrict__ partial,
-               int m_dim, int n_dim, int np, int chunks, int groups, int chunks_per_split) {
+               unsigned* __restrict__ tile_counters, int m_dim, int n_dim, int np, int chunks, int groups,
+               int chunks_per_split) {
 #if GPTQKIT_NV_TENSOR_CORES
   static_assert(kWarpSize == 32, "the mma fragment layout is that of 32-lane warps");
   using Smem = MmaSmem<MF>;
@@ -212,11 +259,14 @@ __global__ void __launch_bounds__(kMmaThreads)
       if (r < m_dim)
         store_row_of_8_columns<BF16>(acc[mf], half, r, base, blockIdx.z, partial, y, bias, m_dim, n_dim, np);
     }
+  if (tile_counters != nullptr)  // split (partial != nullptr), sums added here
+    reduce_splits_if_last<BF16>(partial, tile_counters + blockIdx.y * gridDim.x + blockIdx.x, gridDim.z, bias, y,
+                                m0, Smem::kBM, n0, m_dim, n_dim, np);
 #else
   // Compiled for targets without mma.sync: the launcher never runs it there
   // (it asks the binary's architecture first).
-  unused_args(x, x_stride, qweight, sz, chunk_group, bias, y, partial, m_dim, n_dim, np, chunks, groups,
-              chunks_per_split);
+  unused_args(x, x_stride, qweight, sz, chunk_group, bias, y, partial, tile_counters, m_dim, n_dim, np, chunks,
+              groups, chunks_per_split);
 #endif
 }
 

@@ -79,7 +79,8 @@ __global__ void __launch_bounds__(kMmaThreads, 4)
     mma_skinny_kernel(const uint16_t* __restrict__ x, int x_stride, const uint32_t* __restrict__ qweight,
                       const uint16_t* __restrict__ sz, const int32_t* __restrict__ chunk_group,
                       const uint16_t* __restrict__ bias, uint16_t* __restrict__ y, float* __restrict__ partial,
-                      int m_dim, int n_dim, int np, int chunks, int groups, int chunks_per_split) {
+                      unsigned* __restrict__ tile_counters, int m_dim, int n_dim, int np, int chunks, int groups,
+                      int chunks_per_split) {
 #if GPTQKIT_NV_TENSOR_CORES
   static_assert(kWarpSize == 32, "the mma fragment layout is that of 32-lane warps");
   using Smem = SkinnySmem;
@@ -265,10 +266,13 @@ __global__ void __launch_bounds__(kMmaThreads, 4)
       store_row_of_8_columns<BF16>(acc, half, r, n0 + warp * 32 + 8 * tq, blockIdx.z, partial, y, bias, m_dim, n_dim,
                                    np);
   }
+  if (tile_counters != nullptr)  // split (partial != nullptr), sums added here
+    reduce_splits_if_last<BF16>(partial, tile_counters + blockIdx.y * gridDim.x + blockIdx.x, gridDim.z, bias, y,
+                                m0, kSkinnyRows, n0, m_dim, n_dim, np);
 #else
   // Compiled for targets without mma.sync: the launcher never runs it there.
-  unused_args(x, x_stride, qweight, sz, chunk_group, bias, y, partial, m_dim, n_dim, np, chunks, groups,
-              chunks_per_split);
+  unused_args(x, x_stride, qweight, sz, chunk_group, bias, y, partial, tile_counters, m_dim, n_dim, np, chunks,
+              groups, chunks_per_split);
 #endif
 }
 

@@ -204,6 +204,12 @@ __device__ __forceinline__ T gpu_warp_max(T value) {
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+// A float4 read through L2 only (ld.global.cg): for data that other blocks
+// of the running kernel wrote (split-K partial sums), which this SM's L1,
+// not coherent with them, must not serve.
+__device__ __forceinline__ float4 load_float4_l2(const float* p) {
+  return __ldcg(reinterpret_cast<const float4*>(p));
+}
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   // .cg: cache in L2 only; streamed operands are read once per block.
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));

@@ -26,6 +26,10 @@ struct GemmArgs {
   Act act = Act::kFloat16;
   int device = 0;
   void* stream = nullptr;
+  // Zeroed counters that the mma kernels may use to add split-K sums
+  // themselves (MmaPlan::reduce_in_kernel), left zeroed; nullptr: none.
+  unsigned* tile_counters = nullptr;
+  int64_t tile_counter_count = 0;
 };
 
 // M <= 8 (kGemvMaxRows): the weight streamed once, CUDA-core FMAs. For 4-bit
@@ -46,6 +50,8 @@ struct MmaPlan {
   int mf = 1;                 // mma.sync: tiles of 16 * mf rows
   int rows_per_tile = 16;     // rows of x per block (16 * mf, or 64 / 128 for wgmma)
   int splits = 1;             // K split across blocks: float32 partial sums, then a reduction
+  bool reduce_in_kernel = false;  // the splits' sums added by the GEMM kernel's last block per tile
+                                  // (a.tile_counters), not by splitk_reduce_kernel
   int chunks_per_split = 0;
   bool gather_x = false;      // x first gathered into [M, Kp] (act-order, K % 32 != 0, misaligned x)
   size_t x_bytes = 0;         // workspace: the gathered x, then

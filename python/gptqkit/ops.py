@@ -41,7 +41,7 @@ from gptqkit._native import _C
 __all__ = ["GpuLayout", "prepare_layout", "quantized_matmul", "quantized_matmul_direct", "can_bypass_dispatcher",
            "dequantize_layout", "gpu_backend",
            "require_gpu_backend", "gpu_unavailable_reason", "dense_min_rows", "wgmma_min_rows", "mma_min_rows",
-           "skinny_max_rows", "matmul_kernel"]
+           "skinny_max_rows", "inkernel_reduce_max_rows", "matmul_kernel"]
 
 _GPU_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -119,22 +119,34 @@ def skinny_max_rows() -> int:
     return _rows_from_env("GPTQKIT_GPU_SKINNY_MAX_ROWS", 0, 0, "an integer >= 0 (0 turns the skinny kernel off)")
 
 
+def inkernel_reduce_max_rows() -> int:
+    """Rows of ``x`` up to which a 4-bit call that splits K across blocks adds the splits' partial sums
+    in the GEMM kernel itself (the last block of each output tile) instead of a second kernel (env
+    ``GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS``, default 0: off until timed on a GPU). The result has the
+    same bits either way. See ``docs/gpu_gemm.md``."""
+    return _rows_from_env("GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS", 0, 0,
+                          "an integer >= 0 (0 turns the in-kernel reduction off)")
+
+
 def _check_routing_env() -> None:
     """Raises ValueError for a malformed routing variable, which the native library would silently ignore."""
     wgmma_min_rows()
     mma_min_rows()
     skinny_max_rows()
+    inkernel_reduce_max_rows()
 
 
 _ROUTING_VARS = ("GPTQKIT_GPU_DENSE_MIN_ROWS", "GPTQKIT_GPU_WGMMA_MIN_ROWS", "GPTQKIT_GPU_MMA_MIN_ROWS",
-                 "GPTQKIT_GPU_SKINNY_MAX_ROWS")
-_routing_seen: tuple = (None, 0)  # (raw values of _ROUTING_VARS, dense_min_rows for them)
+                 "GPTQKIT_GPU_SKINNY_MAX_ROWS", "GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS")
+# (raw values of _ROUTING_VARS, dense_min_rows, inkernel_reduce_max_rows for them)
+_routing_seen: tuple = (None, 0, 0)
 
 
 def _routing() -> tuple:
-    """``(raw routing variables, dense_min_rows())``, parsed and checked once per distinct set of values.
+    """``(raw routing variables, dense_min_rows(), inkernel_reduce_max_rows())``, parsed and checked
+    once per distinct set of values.
 
-    Called on every GEMM: reading four variables costs well under a microsecond,
+    Called on every GEMM: reading the variables costs well under a microsecond,
     parsing and checking them a few (host time that eager decoding pays per layer).
     """
     global _routing_seen
@@ -142,8 +154,43 @@ def _routing() -> tuple:
     if raw != _routing_seen[0]:
         dense = dense_min_rows()
         _check_routing_env()
-        _routing_seen = (raw, dense)
+        _routing_seen = (raw, dense, inkernel_reduce_max_rows())
     return _routing_seen
+
+
+# Counters of the in-kernel split-K reduction (the native call's tile_counters):
+# zeroed once, left zeroed by every call. Calls that may overlap in time need
+# their own, so each stream of a device gets its own row of the device's
+# buffer. The buffer is made at load time (prepare_layout), never while a CUDA
+# graph is captured: a zeroed buffer made there would belong to the graph.
+_COUNTER_STREAMS = 8         # streams per device with their own row; calls on others take the separate reduction
+_COUNTERS_PER_STREAM = 1024  # output tiles of one split call (an H100 splits calls of fewer than 264 tiles)
+_tile_counter_buffers: dict = {}  # device index -> int32 [_COUNTER_STREAMS, _COUNTERS_PER_STREAM]
+_tile_counter_rows: dict = {}     # (device index, stream handle) -> that stream's row (a view)
+
+
+def _make_tile_counters(device: torch.device) -> None:
+    """Creates the device's tile counters (zeroed, and synchronised so that any stream may use them)."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index in _tile_counter_buffers:
+        return
+    counters = torch.zeros((_COUNTER_STREAMS, _COUNTERS_PER_STREAM), dtype=torch.int32,
+                           device=torch.device(device.type, index))
+    torch.cuda.synchronize(index)
+    _tile_counter_buffers[index] = counters
+
+
+def _tile_counters(index: int, stream: int) -> Optional[torch.Tensor]:
+    """The tile counters of ``stream`` on device ``index``, or None (none made for the device yet,
+    or all rows taken by other streams): the call then adds its splits in a second kernel."""
+    row = _tile_counter_rows.get((index, stream))
+    if row is None:
+        counters = _tile_counter_buffers.get(index)
+        taken = sum(1 for d, _ in _tile_counter_rows if d == index)
+        if counters is None or taken >= _COUNTER_STREAMS:
+            return None
+        row = _tile_counter_rows[(index, stream)] = counters[taken]
+    return row
 
 
 _workspace_sizes: dict = {}
@@ -193,9 +240,13 @@ class GpuLayout(NamedTuple):
         return self.sz.dtype
 
     def to(self, device) -> "GpuLayout":
+        """The layout on ``device`` (load-time work: also makes that GPU's split-K tile counters)."""
         move = (lambda t: None if t is None else t.to(device))
-        return self._replace(qweight=move(self.qweight), sz=move(self.sz), chunk_group=move(self.chunk_group),
-                             perm=move(self.perm))
+        moved = self._replace(qweight=move(self.qweight), sz=move(self.sz), chunk_group=move(self.chunk_group),
+                              perm=move(self.perm))
+        if moved.qweight.is_cuda and _BACKEND != "none":
+            _make_tile_counters(moved.qweight.device)
+        return moved
 
 
 def prepare_layout(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
@@ -333,7 +384,7 @@ def quantized_matmul_direct(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Te
         # no graph (the backward formula is registered separately).
         x = x.detach().contiguous()
         bias = None if bias is None else bias.detach()
-        routing, dense_rows = _routing()
+        routing, dense_rows, reduce_rows = _routing()
         if x.shape[0] >= dense_rows:
             # Compute-bound: dequantize once (16 bits per weight written, 2-8 read)
             # and let the vendor GEMM do the rest.
@@ -341,15 +392,17 @@ def quantized_matmul_direct(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Te
             _C.gpu_dequantize_prepared(qweight, sz, chunk_group, perm, w, bits, in_features, out_features, stream)
             return torch.nn.functional.linear(x, w, bias)
         y = torch.empty((x.shape[0], out_features), dtype=x.dtype, device=x.device)
-        workspace = None
+        workspace = counters = None
         if bits == 4:  # only the 4-bit tensor-core kernels use scratch
             # Scratch for split-K partial sums / act-order x, from torch's caching
             # allocator (reused across layers, and recorded by CUDA graphs).
             nbytes = _workspace_bytes(x, qweight, sz, chunk_group, perm, bits, in_features, out_features, routing)
             if nbytes:
                 workspace = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+                if x.shape[0] <= reduce_rows:
+                    counters = _tile_counters(x.device.index, stream)
         _C.gpu_quantized_matmul(x, qweight, sz, chunk_group, perm, bias, y, bits, in_features, out_features, stream,
-                                workspace)
+                                workspace, counters)
         return y
     w = _dequantize_reference(qweight, sz, chunk_group, perm, bits, in_features, out_features)
     y = x.to(torch.float32) @ w.t()

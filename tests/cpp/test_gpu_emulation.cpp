@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -699,8 +700,9 @@ struct EmuPreparedLayer {
   // y = x W^T + bias for M random rows (with a workspace of the size the
   // library asks for, or none), checked against the float64 product with the
   // oracle's dense weight: one rounding of x W and of y. Returns the
-  // workspace size it was asked for.
-  size_t check_matmul(int64_t m, bool with_workspace, uint32_t seed) {
+  // workspace size it was asked for; y stays in last_y.
+  std::vector<uint16_t> last_y;
+  size_t check_matmul(int64_t m, bool with_workspace, uint32_t seed, const TensorView* tile_counters = nullptr) {
     const int64_t n = w.out_features, k = w.in_features;
     const DType dtype = w.sz.dtype;
     const double u = dtype == DType::kFloat16 ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
@@ -727,9 +729,10 @@ struct EmuPreparedLayer {
     DeviceArray<unsigned char> ws(std::max<size_t>(bytes, 1));
     TensorView ws_view = ws.view(DType::kUInt8, static_cast<int64_t>(bytes));
     s = gptqkit::gpu_quantized_matmul(xd.view(dtype, m, k), w, &bias_view, yd.view(dtype, m, n),
-                                      with_workspace && bytes > 0 ? &ws_view : nullptr, nullptr);
+                                      with_workspace && bytes > 0 ? &ws_view : nullptr, tile_counters, nullptr);
     EXPECT_TRUE(s.ok()) << s.message();
-    const std::vector<uint16_t> y = yd.host();
+    last_y = yd.host();
+    const std::vector<uint16_t>& y = last_y;
     for (int64_t r = 0; r < m; ++r)
       for (int64_t j = 0; j < n; ++j) {
         double ref = bias[j], mag = 0.0;
@@ -941,6 +944,112 @@ TEST(EmuGemmWgmmaRouting, FromTheRowThresholdAndNeverWhenTurnedOff) {
     const ScopedEnv env("GPTQKIT_GPU_WGMMA_MIN_ROWS", "0");  // off
     EXPECT_FALSE(wgmma_ran(200));
   }
+}
+
+// Split-K sums added by the GEMM kernel's last block of each tile (tile
+// counters, GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS) instead of
+// splitk_reduce_kernel: the same bits as the separate reduction, no second
+// launch, and the counters back at zero after every call (the next call
+// relies on it). The mma kernel's three tile heights (partial tiles, two
+// row tiles), the
+// skinny kernel, splits that end mid-stage, gathered x (act-order, K % 32),
+// N past the last column, bf16; under EMU_SCHEDULE=random a different
+// split of each tile comes last.
+class EmuGemmInKernelReduce : public ::testing::TestWithParam<MmaCase> {};
+
+TEST_P(EmuGemmInKernelReduce, SameBitsAsTheReduceKernelAndCountersBackAtZero) {
+  const MmaCase c = GetParam();
+  EmuPreparedLayer p(c.n, c.k, c.group_size, 4, c.act_order, c.dtype, 99);
+  constexpr int64_t kCounters = 16;
+  DeviceArray<int32_t> counters(std::vector<int32_t>(kCounters, 0));
+  const TensorView cv = counters.view(DType::kInt32, kCounters);
+  int64_t split_calls = 0;
+  for (const char* skinny : {"0", "16"}) {
+    const ScopedEnv skinny_env("GPTQKIT_GPU_SKINNY_MAX_ROWS", skinny);
+    for (const int64_t m : c.rows) {
+      const uint32_t seed = static_cast<uint32_t>(m) + 7000;
+      int64_t before = emu_device::launches("splitk_reduce_kernel");
+      {
+        const ScopedEnv off("GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS", nullptr);  // default: off
+        p.check_matmul(m, true, seed, &cv);
+      }
+      const bool split = emu_device::launches("splitk_reduce_kernel") > before;
+      split_calls += split ? 1 : 0;
+      const std::vector<uint16_t> separate = p.last_y;
+      before = emu_device::launches("splitk_reduce_kernel");
+      (void)emu_device::take_unsigned_atomic_adds();
+      {
+        const ScopedEnv on("GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS", "1000");
+        p.check_matmul(m, true, seed, &cv);
+      }
+      EXPECT_EQ(emu_device::launches("splitk_reduce_kernel"), before) << "M = " << m << ", " << target();
+      // Every split of a tile took one ticket, 0 .. splits - 1 (so exactly one block added the sums).
+      const std::vector<std::vector<unsigned>> tickets = emu_device::take_unsigned_atomic_adds();
+      EXPECT_EQ(!tickets.empty(), split) << "M = " << m << ", " << target();
+      for (std::vector<unsigned> t : tickets) {
+        std::sort(t.begin(), t.end());
+        std::vector<unsigned> expected(t.size());
+        std::iota(expected.begin(), expected.end(), 0u);
+        EXPECT_TRUE(t.size() >= 2 && t == expected) << "M = " << m << ", " << target();
+      }
+      EXPECT_EQ(p.last_y, separate) << "M = " << m << ", skinny " << skinny << ", " << target();
+      EXPECT_EQ(counters.host(), std::vector<int32_t>(kCounters, 0)) << "M = " << m << ", " << target();
+    }
+  }
+  EXPECT_EQ(split_calls > 0, emu_device::tensor_cores()) << target();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Emulated, EmuGemmInKernelReduce,
+    ::testing::Values(MmaCase{256, 1024, 128, false, DType::kFloat16, {1, 9, 16, 17, 40, 64, 100}},  // 100: 2 row tiles
+                      MmaCase{130, 928, 64, false, DType::kBFloat16, {3, 33}},  // 29 chunks: a split ends mid-stage
+                      MmaCase{128, 1000, 128, false, DType::kFloat16, {5}},    // K % 32 != 0: x gathered
+                      MmaCase{200, 480, 96, true, DType::kBFloat16, {12}}));   // act-order: x gathered through perm
+
+// Calls the counters cannot serve take the separate reduction: more tiles
+// than counters, rows above the threshold, the wgmma kernel.
+TEST(EmuGemmInKernelReduce, FallsBackToTheReduceKernel) {
+  EmuPreparedLayer wide(512, 1024, 128, 4, false, DType::kFloat16, 8);   // 4 column tiles
+  EmuPreparedLayer narrow(128, 1024, 128, 4, false, DType::kFloat16, 9);  // 1: the wgmma kernel splits too
+  DeviceArray<int32_t> counters(std::vector<int32_t>(8, 0));
+  const TensorView two = counters.view(DType::kInt32, 2), eight = counters.view(DType::kInt32, 8);
+  auto reduce_kernel_ran = [&](EmuPreparedLayer& p, int64_t m, const TensorView& cv) {
+    const int64_t before = emu_device::launches("splitk_reduce_kernel");
+    p.check_matmul(m, true, static_cast<uint32_t>(m), &cv);
+    EXPECT_EQ(counters.host(), std::vector<int32_t>(8, 0));
+    return emu_device::launches("splitk_reduce_kernel") > before;
+  };
+  const ScopedEnv on("GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS", "16");
+  const bool tc = emu_device::tensor_cores();
+  EXPECT_FALSE(reduce_kernel_ran(wide, 1, eight));
+  EXPECT_EQ(reduce_kernel_ran(wide, 1, two), tc);     // 4 tiles, 2 counters
+  EXPECT_EQ(reduce_kernel_ran(wide, 17, eight), tc);  // above the threshold
+  const ScopedEnv wgmma("GPTQKIT_GPU_WGMMA_MIN_ROWS", "9");
+  const ScopedEnv all_rows("GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS", "1000");
+  EXPECT_EQ(reduce_kernel_ran(narrow, 10, eight), tc);  // the wgmma kernel
+}
+
+TEST(EmuGemmErrors, BadTileCountersAreRejected) {
+  EmuPreparedLayer p(128, 64, 32, 4, false, DType::kFloat16, 3);
+  DeviceArray<uint16_t> x(2 * 64), y(2 * 128);
+  DeviceArray<int32_t> counters(16);
+  DeviceArray<float> floats(16);
+  const TensorView xv = x.view(DType::kFloat16, 2, 64), yv = y.view(DType::kFloat16, 2, 128);
+  auto call = [&](const TensorView& cv) { return gptqkit::gpu_quantized_matmul(xv, p.w, nullptr, yv, nullptr, &cv, nullptr); };
+  Status s = call(floats.view(DType::kFloat32, 16));
+  EXPECT_EQ(s.code(), gptqkit::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("tile_counters"), std::string::npos) << s.message();
+  s = call(counters.view(DType::kInt32, 4, 4));
+  EXPECT_EQ(s.code(), gptqkit::StatusCode::kInvalidArgument) << s.message();
+  TensorView on_host = gptqkit::make_view(counters.data(), DType::kInt32, 16);
+  s = call(on_host);
+  EXPECT_EQ(s.code(), gptqkit::StatusCode::kInvalidArgument) << s.message();
+  TensorView inside_y = y.view(DType::kInt32, 16);  // the counters would overwrite outputs
+  s = call(inside_y);
+  EXPECT_EQ(s.code(), gptqkit::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("overlaps the memory of y"), std::string::npos) << s.message();
+  s = call(counters.view(DType::kInt32, 16));
+  EXPECT_TRUE(s.ok()) << s.message();
 }
 
 TEST(EmuGemmErrors, BadArgumentsAreRejected) {

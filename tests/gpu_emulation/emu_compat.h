@@ -326,6 +326,23 @@ inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v)
   return old;
 }
 inline float atomicAdd(float* p, float v) { const float old = *p; *p = old + v; return old; }
+namespace emu {
+// What every atomicAdd on an unsigned returned, with its address: blocks
+// run one after another here, so a kernel that takes split-K tickets can
+// be wrong in ways that only the tickets show (e.g. every block reducing,
+// the last one correctly).
+inline std::vector<std::pair<const void*, unsigned>> unsigned_atomic_adds;
+}  // namespace emu
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old + v;
+  emu::unsigned_atomic_adds.emplace_back(p, old);
+  return old;
+}
+inline unsigned atomicExch(unsigned* p, unsigned v) { const unsigned old = *p; *p = v; return old; }
+// Blocks run one after another here, so every store of an earlier block is
+// visible to a later one: the fence has nothing to order.
+inline void __threadfence() {}
 inline double atomicAdd(double* p, double v) { const double old = *p; *p = old + v; return old; }
 
 // ---- 16-bit floating point ---------------------------------------------------------
@@ -395,6 +412,7 @@ inline void cp_async16_zfill(void* dst, const void* src, bool valid) {
   emu::fibers[static_cast<size_t>(emu::current)].pending.push_back(c);
 }
 inline void cp_async16(void* dst, const void* src) { cp_async16_zfill(dst, src, true); }
+inline float4 load_float4_l2(const float* p) { float4 v; std::memcpy(&v, p, sizeof(v)); return v; }
 inline void cp_async_commit() {
   emu::Fiber& f = emu::fibers[static_cast<size_t>(emu::current)];
   f.groups.push_back(f.pending);

@@ -25,4 +25,20 @@ int64_t launches(const char* prefix) {
   return count;
 }
 
+std::vector<std::vector<unsigned>> take_unsigned_atomic_adds() {
+  std::vector<const void*> addresses;
+  std::vector<std::vector<unsigned>> values;
+  for (const auto& [address, old] : emu::unsigned_atomic_adds) {
+    const auto it = std::find(addresses.begin(), addresses.end(), address);
+    if (it == addresses.end()) {
+      addresses.push_back(address);
+      values.push_back({old});
+    } else {
+      values[static_cast<size_t>(it - addresses.begin())].push_back(old);
+    }
+  }
+  emu::unsigned_atomic_adds.clear();
+  return values;
+}
+
 }  // namespace emu_device

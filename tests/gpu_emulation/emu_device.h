@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace emu_device {
 
@@ -21,5 +22,8 @@ bool tensor_cores();
 // Launches so far of kernels whose name (as written at the launch, e.g.
 // "wgmma_kernel<BF16, BT>") starts with `prefix`.
 int64_t launches(const char* prefix);
+// The values atomicAdd on unsigned counters returned since the last call,
+// per counter address, in the order they were taken; the log is cleared.
+std::vector<std::vector<unsigned>> take_unsigned_atomic_adds();
 
 }  // namespace emu_device

@@ -159,6 +159,7 @@ def test_native_prepare_validates_outputs(gptqkit):
 @pytest.mark.parametrize("name,getter,default,good,bads", [
     ("GPTQKIT_GPU_WGMMA_MIN_ROWS", "wgmma_min_rows", 128, "0", ("-1", "lots", "1.5")),
     ("GPTQKIT_GPU_SKINNY_MAX_ROWS", "skinny_max_rows", 0, "16", ("-1", "all", "8.0")),
+    ("GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS", "inkernel_reduce_max_rows", 0, "16", ("-2", "yes", "1e3")),
 ])
 def test_routing_variables_are_checked(gptqkit, monkeypatch, name, getter, default, good, bads):
     """The native library ignores a malformed routing variable; the op must refuse it instead."""
@@ -180,10 +181,13 @@ def test_routing_is_parsed_once_per_value_and_bad_values_always_raise(gptqkit, m
 
     monkeypatch.delenv("GPTQKIT_GPU_DENSE_MIN_ROWS", raising=False)
     monkeypatch.delenv("GPTQKIT_GPU_SKINNY_MAX_ROWS", raising=False)
-    raw, dense = ops._routing()
-    assert dense == 256 and ops._routing() == (raw, dense)
+    monkeypatch.delenv("GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS", raising=False)
+    raw, dense, reduce_rows = ops._routing()
+    assert (dense, reduce_rows) == (256, 0) and ops._routing() == (raw, dense, reduce_rows)
     monkeypatch.setenv("GPTQKIT_GPU_DENSE_MIN_ROWS", "64")
     assert ops._routing()[1] == 64
+    monkeypatch.setenv("GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS", "16")
+    assert ops._routing()[1:] == (64, 16)
     monkeypatch.setenv("GPTQKIT_GPU_SKINNY_MAX_ROWS", "often")
     for _ in range(2):  # never remembered as checked
         with pytest.raises(ValueError, match="GPTQKIT_GPU_SKINNY_MAX_ROWS"):
@@ -349,6 +353,109 @@ def test_gpu_skinny_on_a_real_shape(gptqkit, monkeypatch, dtype, group_size, act
     for name, out in (("workspace", y), ("no workspace", y_plain)):
         err = (out.cpu().double() - ref).abs()
         assert (err <= bound).all(), f"{name}: max error {err.max():.3g}, worst ratio {(err / bound).max():.3g}"
+
+
+def _kernel_names(fn):
+    """Names of the GPU kernels ``fn()`` launches (torch's profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("act_order", [False, True], ids=["direct", "act_order"])
+@pytest.mark.parametrize("m,skinny", [(1, 0), (1, 16), (4, 16), (16, 0), (33, 0), (64, 0)])
+def test_gpu_inkernel_reduce_matches_the_reduce_kernel(gptqkit, monkeypatch, dtype, act_order, m, skinny):
+    """Split-K sums added by the GEMM kernel's last block per tile (GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS):
+    the same bits as the separate reduction, no second kernel, the tile counters back at zero."""
+    from gptqkit import ops
+
+    monkeypatch.setenv("GPTQKIT_GPU_DENSE_MIN_ROWS", "1000000000")
+    monkeypatch.setenv("GPTQKIT_GPU_SKINNY_MAX_ROWS", str(skinny))
+    n = k = 4096  # 32 column tiles: K is split on every GPU with 16 or more SMs
+    packed = random_packed_layer(gptqkit, n, k, 4, 128, act_order=act_order, seed=m + 21)
+    lay = _layout(gptqkit, packed, dtype=dtype, device="cuda")
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    w = _oracle(packed).double()
+    ref = x.double() @ w.T + bias.double()
+    xc, bc = x.cuda(), bias.cuda()
+    monkeypatch.setenv("GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS", "0")
+    separate = _call(lay, xc, bc)
+    separate_kernels = _kernel_names(lambda: _call(lay, xc, bc))
+    monkeypatch.setenv("GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS", "64")
+    fused = [_call(lay, xc, bc) for _ in range(3)]
+    fused_kernels = _kernel_names(lambda: _call(lay, xc, bc))
+    torch.cuda.synchronize()
+    counters = ops._tile_counter_buffers[torch.cuda.current_device()]
+    assert int(counters.abs().sum()) == 0, "every call must leave the tile counters at zero"
+    if ops.gpu_backend() == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
+        assert any("splitk_reduce" in name for name in separate_kernels), separate_kernels
+        assert not any("splitk_reduce" in name for name in fused_kernels), fused_kernels
+    for y in fused:
+        assert torch.equal(y, separate), "the in-kernel sums must have the reduce kernel's bits"
+    err = (separate.cpu().double() - ref).abs()
+    assert (err <= _bound(x, w, ref, dtype)).all(), f"max error {err.max():.3g}"
+
+
+@gpu
+def test_gpu_inkernel_reduce_on_concurrent_streams_and_in_a_graph(gptqkit, monkeypatch):
+    """Each stream has its own row of tile counters: the same layer on two streams at once, and inside a
+    captured CUDA graph replayed many times, gives the separate reduction's bits."""
+    from gptqkit import ops
+
+    monkeypatch.setenv("GPTQKIT_GPU_DENSE_MIN_ROWS", "1000000000")
+    n = k = 4096
+    packed = random_packed_layer(gptqkit, n, k, 4, 128, seed=5)
+    lay = _layout(gptqkit, packed, device="cuda")
+    xs = [torch.randn(m, k, device="cuda").half() for m in (1, 8)]
+    monkeypatch.setenv("GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS", "0")
+    expected = [_call(lay, x) for x in xs]
+    monkeypatch.setenv("GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS", "16")
+    streams = [torch.cuda.Stream() for _ in xs]
+    torch.cuda.synchronize()
+    outs = [[], []]
+    for _ in range(20):
+        for i, (x, st) in enumerate(zip(xs, streams)):
+            with torch.cuda.stream(st):
+                outs[i].append(_call(lay, x))
+    torch.cuda.synchronize()
+    for i in range(2):
+        assert all(torch.equal(y, expected[i]) for y in outs[i]), f"stream {i}: wrong sums"
+    rows = [ops._tile_counters(torch.cuda.current_device(), st.cuda_stream) for st in streams]
+    assert rows[0] is not None and rows[1] is not None and rows[0].data_ptr() != rows[1].data_ptr()
+
+    x = xs[0]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = _call(lay, x)
+    for _ in range(10):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, expected[0])
+    assert int(ops._tile_counter_buffers[torch.cuda.current_device()].abs().sum()) == 0
+
+
+def test_tile_counter_rows_are_per_stream(gptqkit, monkeypatch):
+    """The row assignment of the in-kernel reduction's counters (device-independent logic): one row per
+    stream, the same row again for the same stream, none once every row is taken or before the device's
+    counters exist."""
+    from gptqkit import ops
+
+    buffer = torch.zeros((ops._COUNTER_STREAMS, 4), dtype=torch.int32)
+    monkeypatch.setattr(ops, "_tile_counter_buffers", {0: buffer})
+    monkeypatch.setattr(ops, "_tile_counter_rows", {})
+    rows = [ops._tile_counters(0, stream) for stream in range(100, 100 + ops._COUNTER_STREAMS)]
+    assert len({r.data_ptr() for r in rows}) == ops._COUNTER_STREAMS
+    assert all(r.shape == (4,) for r in rows)
+    assert ops._tile_counters(0, 103) is rows[3]
+    assert ops._tile_counters(0, 999) is None  # every row taken: the separate reduction
+    assert ops._tile_counters(1, 100) is None  # no counters made for device 1
 
 
 def _wgmma_expected():

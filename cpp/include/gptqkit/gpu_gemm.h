@@ -116,6 +116,18 @@ Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const
 // The same without a workspace.
 Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const TensorView* bias, const TensorView& y,
                             void* stream);
+// The same with `tile_counters` (may be nullptr): int32 [count] on w's
+// device, all zero before the first call, which every call leaves all zero.
+// With them a split call of the 4-bit mma kernels of up to
+// GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS rows (default 0: off until timed on
+// a GPU) adds its split-K partial sums in the GEMM kernel itself, one
+// counter per output tile (a call with more tiles than `count` does not),
+// instead of in a second kernel; the result has the same bits either way.
+// Calls that may run at the same time (on different streams) need
+// different counters; a call that does not complete (a fault) can leave
+// them non-zero, and the next call using them then computes wrong sums.
+Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const TensorView* bias, const TensorView& y,
+                            const TensorView* workspace, const TensorView* tile_counters, void* stream);
 
 // Bytes of workspace gpu_quantized_matmul would use for this x (validated
 // like the matmul's); 0 when it needs none (the GEMV kernel, other bit widths, GPUs
