@@ -10,7 +10,9 @@
 //   * blocks of BM = 16 * MF rows by kMmaBN = 128 columns, and K split across
 //     blocks (blockIdx.z, chunks_per_split chunks each) until there are about
 //     two blocks per SM; each split writes float32 partial sums that
-//     splitk_reduce_kernel adds in a fixed order (deterministic, no atomics);
+//     splitk_reduce_kernel adds in a fixed order (deterministic), or, given
+//     tile counters, the last block of each tile adds them in the same
+//     order (reduce_splits_if_last: one launch less per call);
 //   * a 3- or 4-deep cp.async ring of stages of 2 chunks (64 positions):
 //     the x tile, the packed words and the (scale, zero) pairs of the stage,
 //     one barrier per stage;

@@ -366,8 +366,8 @@ def _kernel_names(fn):
 
 
 @gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("act_order", [False, True], ids=["direct", "act_order"])
+@pytest.mark.parametrize("dtype,act_order", [(torch.float16, False), (torch.bfloat16, True)],
+                         ids=["float16-direct", "bfloat16-act_order"])
 @pytest.mark.parametrize("m,skinny", [(1, 0), (1, 16), (4, 16), (16, 0), (33, 0), (64, 0)])
 def test_gpu_inkernel_reduce_matches_the_reduce_kernel(gptqkit, monkeypatch, dtype, act_order, m, skinny):
     """Split-K sums added by the GEMM kernel's last block per tile (GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS):
