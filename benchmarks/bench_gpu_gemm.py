@@ -16,7 +16,8 @@ the two small-M tensor-core kernels is timed too (the skinny variant,
 ``GPTQKIT_GPU_SKINNY_MAX_ROWS``, or the mma kernel): where that threshold
 should be; up to M = 64 the split-K sums added in the GEMM kernel or by a
 second kernel, whichever the routing did not pick
-(``GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS``); from ``--paths-from`` rows the
+(``GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS``) and programmatic dependent launches
+or ordinary ones, likewise (``GPTQKIT_GPU_PDL``); from ``--paths-from`` rows the
 native kernel and dequantize + cuBLAS are timed apart, and on Hopper also the
 mma.sync kernel where wgmma runs (``GPTQKIT_GPU_WGMMA_MIN_ROWS=0``): where the
 two routing thresholds should be.
@@ -184,6 +185,13 @@ def bench_shape(k, n, ms, args, gen, l2):
             key = "separate_reduce_us" if inkernel else "inkernel_reduce_us"
             with env_vars(GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS=0 if inkernel else 64):
                 row[key] = time_graph(ours, x, args.calls, args.reps)
+        if m <= 64 and row["kernel"] in ("mma", "skinny"):
+            # Programmatic dependent launches or ordinary ones, whichever the routing did not
+            # pick: where GPTQKIT_GPU_PDL should be (the graph's calls follow each other).
+            overlapped = overlapped_launches()
+            key = "ordinary_launch_us" if overlapped else "pdl_us"
+            with env_vars(GPTQKIT_GPU_PDL=0 if overlapped else 1):
+                row[key] = time_graph(ours, x, args.calls, args.reps)
         if args.tune and row["kernel"] in ("mma", "skinny"):
             # The split-K plan's target occupancy (GPTQKIT_GPU_MMA_BLOCKS_PER_SM).
             for bps in TUNE_BLOCKS_PER_SM:
@@ -218,6 +226,8 @@ def bench_shape(k, n, ms, args, gen, l2):
               + (f"  [mma kernel {row['mma_small_us']:.2f} us]" if "mma_small_us" in row else "")
               + (f"  [in-kernel reduce {row['inkernel_reduce_us']:.2f} us]" if "inkernel_reduce_us" in row else "")
               + (f"  [separate reduce {row['separate_reduce_us']:.2f} us]" if "separate_reduce_us" in row else "")
+              + (f"  [PDL {row['pdl_us']:.2f} us]" if "pdl_us" in row else "")
+              + (f"  [ordinary launches {row['ordinary_launch_us']:.2f} us]" if "ordinary_launch_us" in row else "")
               + "".join(f"  [{bps} blocks/SM {row[f'blocks_per_sm_{bps}_us']:.2f} us]" for bps in TUNE_BLOCKS_PER_SM
                         if f"blocks_per_sm_{bps}_us" in row)
               + (f"  [no workspace {row['unsplit_us']:.2f} us]" if "unsplit_us" in row else "")
@@ -241,6 +251,12 @@ def inkernel_reduce_max_rows():
     return ops.inkernel_reduce_max_rows()
 
 
+def overlapped_launches():
+    from gptqkit import ops
+
+    return ops.overlapped_launches()
+
+
 def unsplit_call(x, lay, k, n):
     """The native matmul without a workspace (what a C++ caller gets that passes none)."""
     from gptqkit._native import _C
@@ -260,10 +276,10 @@ def check_correctness(gen):
         x = torch.randn(m, 1024, device=dev, dtype=torch.float16, generator=gen)
         # The default routing, mma.sync where wgmma would run, the skinny kernel where it can, and the
         # split-K sums added in the GEMM kernels.
-        for wgmma_rows, skinny_rows, reduce_rows in ((128, 0, 0), (0, 0, 0), (128, 16, 0), (128, 16, 64),
-                                                      (128, 0, 64)):
+        for wgmma_rows, skinny_rows, reduce_rows, pdl in ((128, 0, 0, 0), (0, 0, 0, 0), (128, 16, 0, 0),
+                                                           (128, 16, 64, 1), (128, 0, 64, 1)):
             with env_vars(GPTQKIT_GPU_WGMMA_MIN_ROWS=wgmma_rows, GPTQKIT_GPU_SKINNY_MAX_ROWS=skinny_rows,
-                          GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS=reduce_rows):
+                          GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS=reduce_rows, GPTQKIT_GPU_PDL=pdl):
                 kernel = matmul_kernel(x, lay)
                 y = torch.ops.gptqkit.quantized_matmul(x, lay.qweight, lay.sz, lay.chunk_group, lay.perm, None, 4,
                                                        1024, 768)
@@ -281,8 +297,9 @@ def write_table(rows, path, meta):
              + ("".join(f" {k}={v}." for k, v in meta.get("routing_env", {}).items())), ""]
     lines.append("| K x N | M | kernel | fp16 (us) | tinygemm (us) | gptqkit (us) | vs fp16 | vs tinygemm | M=1 GB/s "
                  "| GEMV kernel (us) | skinny / mma kernel (us) | in-kernel / separate reduce (us) "
+                 "| PDL / ordinary launches (us) "
                  "| no workspace (us) | native kernel (us) | mma.sync (us) | dequantize + cuBLAS (us) |")
-    lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         tiny = f"{r['tinygemm_us']:.1f}" if r["tinygemm_us"] else "n/a"
         vt = f"{r['speedup_vs_tinygemm']:.2f}x" if r["speedup_vs_tinygemm"] else "n/a"
@@ -293,11 +310,13 @@ def write_table(rows, path, meta):
         small = f"{small:.1f}" if small is not None else ""
         reduce = r.get("inkernel_reduce_us", r.get("separate_reduce_us"))
         reduce = f"{reduce:.1f}" if reduce is not None else ""
+        launches = r.get("pdl_us", r.get("ordinary_launch_us"))
+        launches = f"{launches:.1f}" if launches is not None else ""
         mma = f"{r['mma_us']:.1f}" if "mma_us" in r else ""
         paths = (f"{r['kernel_us']:.1f} | {mma} | {r['dense_us']:.1f}" if "kernel_us" in r else " | | ")
         lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['kernel']} | {r['fp16_us']:.1f} | {tiny} | "
                      f"{r['gptqkit_us']:.1f} | "
-                     f"{r['speedup_vs_fp16']:.2f}x | {vt} | {bw} | {gemv} | {small} | {reduce} | {unsplit} | {paths} |")
+                     f"{r['speedup_vs_fp16']:.2f}x | {vt} | {bw} | {gemv} | {small} | {reduce} | {launches} | {unsplit} | {paths} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"table written to {path}")

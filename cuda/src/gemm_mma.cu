@@ -54,6 +54,13 @@ constexpr int64_t kSkinnyMaxRows = 0;
 // timed both on a GPU (its "separate reduce" column).
 constexpr int64_t kInKernelReduceMaxRows = 0;
 
+// Whether the mma.sync path launches its kernels as programmatic dependent
+// launches on GPUs that have them (env GPTQKIT_GPU_PDL=1; 0: ordinary
+// launches): each kernel then starts while the one before it on the stream
+// finishes, and asks L2 for its first weights meanwhile. Off until
+// benchmarks/bench_gpu_gemm.py has timed both on a GPU (its "PDL" column).
+constexpr int64_t kOverlapLaunches = 0;
+
 size_t round_up(size_t v, size_t to) { return (v + to - 1) / to * to; }
 
 // A non-negative integer from the environment, or `fallback` (unset or
@@ -74,6 +81,23 @@ int64_t skinny_max_rows() {
 }
 int64_t in_kernel_reduce_max_rows() {
   return env_rows("GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS", kInKernelReduceMaxRows);
+}
+bool overlap_launches_on(int device) {
+  if (env_rows("GPTQKIT_GPU_PDL", kOverlapLaunches) == 0) return false;
+#if GPTQKIT_GPU_IS_HIP
+  (void)device;
+  return false;
+#else
+  static std::atomic<int> cache[64];  // 0 unknown, 1 yes, 2 no
+  if (device >= 0 && device < 64) {
+    const int known = cache[device].load(std::memory_order_relaxed);
+    if (known != 0) return known == 1;
+  }
+  int major = 0;
+  const bool yes = gpuDeviceGetAttribute(&major, gpuDevAttrComputeCapabilityMajor, device) == gpuSuccess && major >= 9;
+  if (device >= 0 && device < 64) cache[device].store(yes ? 1 : 2, std::memory_order_relaxed);
+  return yes;
+#endif
 }
 int64_t blocks_per_sm() { return std::clamp<int64_t>(env_rows("GPTQKIT_GPU_MMA_BLOCKS_PER_SM", kBlocksPerSm), 1, 16); }
 
@@ -131,7 +155,8 @@ std::string launch_skinny(const GemmArgs& a, const MmaPlan& plan, const uint16_t
                           unsigned* counters) {
   const dim3 grid(static_cast<unsigned>(a.np / kMmaBN), static_cast<unsigned>(ceil_div(a.m, kSkinnyRows)),
                   static_cast<unsigned>(plan.splits));
-  GPTQKIT_LAUNCH(grid, kMmaThreads, SkinnySmem::kTotal, static_cast<gpuStream_t>(a.stream), mma_skinny_kernel<BF16>)(
+  GPTQKIT_LAUNCH_OVERLAPPED(plan.overlap_launches, grid, kMmaThreads, SkinnySmem::kTotal,
+                            static_cast<gpuStream_t>(a.stream), mma_skinny_kernel<BF16>)(
       x, x_stride, a.qweight, static_cast<const uint16_t*>(a.sz), a.chunk_group,
       static_cast<const uint16_t*>(a.bias), static_cast<uint16_t*>(a.y), partial, counters, static_cast<int>(a.m),
       static_cast<int>(a.n), static_cast<int>(a.np), static_cast<int>(a.chunks), static_cast<int>(a.groups),
@@ -145,7 +170,8 @@ std::string launch_tile(const GemmArgs& a, const MmaPlan& plan, const uint16_t* 
   using Smem = MmaSmem<MF>;
   const dim3 grid(static_cast<unsigned>(a.np / kMmaBN), static_cast<unsigned>(ceil_div(a.m, Smem::kBM)),
                   static_cast<unsigned>(plan.splits));
-  GPTQKIT_LAUNCH(grid, kMmaThreads, Smem::kTotal, static_cast<gpuStream_t>(a.stream), mma_kernel<BF16, MF>)(
+  GPTQKIT_LAUNCH_OVERLAPPED(plan.overlap_launches, grid, kMmaThreads, Smem::kTotal,
+                            static_cast<gpuStream_t>(a.stream), mma_kernel<BF16, MF>)(
       x, x_stride, a.qweight, static_cast<const uint16_t*>(a.sz), a.chunk_group,
       static_cast<const uint16_t*>(a.bias), static_cast<uint16_t*>(a.y), partial, counters, static_cast<int>(a.m),
       static_cast<int>(a.n), static_cast<int>(a.np), static_cast<int>(a.chunks), static_cast<int>(a.groups),
@@ -186,8 +212,9 @@ std::string launch_act(const GemmArgs& a, const MmaPlan& plan, void* workspace) 
     uint16_t* xc = reinterpret_cast<uint16_t*>(ws);
     const int64_t kp = a.chunks * kChunk;
     const int64_t total = a.m * kp;
-    GPTQKIT_LAUNCH(static_cast<unsigned>(ceil_div(total, kHelperThreads)), kHelperThreads, 0, stream,
-                   gather_x_kernel)(x, a.perm, xc, static_cast<int>(a.m), static_cast<int>(a.k), static_cast<int>(kp));
+    GPTQKIT_LAUNCH_OVERLAPPED(plan.overlap_launches, static_cast<unsigned>(ceil_div(total, kHelperThreads)),
+                              kHelperThreads, 0, stream, gather_x_kernel)(x, a.perm, xc, static_cast<int>(a.m),
+                                                                          static_cast<int>(a.k), static_cast<int>(kp));
     std::string err = launch_error("gather_x_kernel");
     if (!err.empty()) return err;
     x = xc;
@@ -210,10 +237,10 @@ std::string launch_act(const GemmArgs& a, const MmaPlan& plan, void* workspace) 
   }
   if (!err.empty() || partial == nullptr || counters != nullptr) return err;
   const int64_t total = a.m * a.n;
-  GPTQKIT_LAUNCH(static_cast<unsigned>(ceil_div(total, kHelperThreads)), kHelperThreads, 0, stream,
-                 splitk_reduce_kernel<BF16>)(partial, plan.splits, static_cast<const uint16_t*>(a.bias),
-                                             static_cast<uint16_t*>(a.y), static_cast<int>(a.m),
-                                             static_cast<int>(a.n), static_cast<int>(a.np));
+  GPTQKIT_LAUNCH_OVERLAPPED(plan.overlap_launches, static_cast<unsigned>(ceil_div(total, kHelperThreads)),
+                            kHelperThreads, 0, stream, splitk_reduce_kernel<BF16>)(
+      partial, plan.splits, static_cast<const uint16_t*>(a.bias), static_cast<uint16_t*>(a.y),
+      static_cast<int>(a.m), static_cast<int>(a.n), static_cast<int>(a.np));
   return launch_error("splitk_reduce_kernel");
 }
 
@@ -263,6 +290,8 @@ MmaPlan plan_mma(const GemmArgs& a, size_t workspace_bytes) {
   // leaves the sums to splitk_reduce_kernel.
   plan.reduce_in_kernel = splits > 1 && !plan.wgmma && a.tile_counters != nullptr &&
                           blocks <= a.tile_counter_count && a.m <= in_kernel_reduce_max_rows();
+  // (The wgmma kernel, compute-bound at its row counts, launches ordinarily.)
+  plan.overlap_launches = !plan.wgmma && overlap_launches_on(a.device);
   plan.usable = true;
   return plan;
 }

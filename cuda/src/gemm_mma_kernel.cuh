@@ -89,6 +89,25 @@ __device__ __forceinline__ void store_row_of_8_columns(const float (&acc)[4][4],
 }
 
 #if GPTQKIT_NV_TENSOR_CORES
+// The start of a programmatic dependent launch (gpu_compat.h): asks L2 for
+// the weights of the block's first 8 chunks -- 4 stages, the ring's depth --
+// and their first group's (scale, zero) pairs, which no kernel writes, so
+// their DRAM latency overlaps the previous kernel's tail; then waits for
+// that kernel (x may be its output, and y or the workspace memory it still
+// reads) and lets the next one launch. One 128-byte line per thread: a
+// chunk's 4 word rows of 128 columns are 16 lines.
+__device__ __forceinline__ void prefetch_weights_then_wait(const uint32_t* qweight, const uint16_t* sz,
+                                                           const int32_t* chunk_group, int c_begin, int c_end,
+                                                           int n0, int np, int groups) {
+  const int t = threadIdx.x;
+  const int c = c_begin + t / 16;
+  if (c < c_end) prefetch_l2(qweight + (static_cast<int64_t>(c) * 4 + (t / 4) % 4) * np + n0 + 32 * (t % 4));
+  if (t < 4 && c_begin < c_end)  // 128 columns x (scale, zero) = 512 bytes
+    prefetch_l2(sz + (static_cast<int64_t>(group_of(chunk_group, c_begin, groups)) * np + n0) * 2 + 64 * t);
+  wait_for_prior_grids();
+  allow_dependent_grids();
+}
+
 // Split-K without a second kernel (the launcher's choice: gemm_mma.cu),
 // called by every thread of every block of a split launch after the
 // block's partial sums are stored. Each block takes a ticket from its
@@ -99,18 +118,23 @@ __device__ __forceinline__ void store_row_of_8_columns(const float (&acc)[4][4],
 // call. The fence before the ticket orders each thread's partial-sum
 // stores before it; the one after orders the tickets before the last
 // block's loads (the threadfence-reduction pattern of the CUDA guide).
+// Not inlined: inlined, ptxas hoisted its address arithmetic above the
+// kernel's main loop, which then ran 10-25 % more instructions per stage
+// (sm_90a SASS); as a call the loop is the same as without it.
 template <bool BF16>
-__device__ void reduce_splits_if_last(const float* partial, unsigned* counter, int splits, const uint16_t* bias,
+__device__ __noinline__ void reduce_splits_if_last(const float* partial, unsigned* counter, int splits, const uint16_t* bias,
                                       uint16_t* y, int m0, int tile_rows, int n0, int m_dim, int n_dim, int np) {
-  __shared__ int is_last;
+  // The flag reuses the pipeline's shared memory, which every thread has
+  // left at the barrier below.
+  volatile int* is_last = reinterpret_cast<volatile int*>(gpu_dynamic_smem());
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
-    is_last = atomicAdd(counter, 1u) == static_cast<unsigned>(splits - 1) ? 1 : 0;
-    if (is_last) atomicExch(counter, 0u);  // every split has its ticket: nobody reads it again this call
+    *is_last = atomicAdd(counter, 1u) == static_cast<unsigned>(splits - 1) ? 1 : 0;
+    if (*is_last) atomicExch(counter, 0u);  // every split has its ticket: nobody reads it again this call
   }
   __syncthreads();
-  if (!is_last) return;
+  if (!*is_last) return;
   __threadfence();
   constexpr int kQuads = kMmaBN / 4;  // float4 column groups of the tile
   const int rows = min(tile_rows, m_dim - m0);
@@ -119,8 +143,11 @@ __device__ void reduce_splits_if_last(const float* partial, unsigned* counter, i
     const int c = n0 + 4 * (i % kQuads);
     if (c >= n_dim) continue;
     float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const float* p0 = partial + r * np + c;
+    const int64_t split_stride = static_cast<int64_t>(m_dim) * np;
+#pragma unroll 1
     for (int s = 0; s < splits; ++s) {
-      const float4 p = load_float4_l2(partial + (static_cast<int64_t>(s) * m_dim + r) * np + c);
+      const float4 p = load_float4_l2(p0 + s * split_stride);
       sum[0] += p.x;
       sum[1] += p.y;
       sum[2] += p.z;
@@ -203,6 +230,8 @@ __global__ void __launch_bounds__(kMmaThreads)
     }
   };
 
+  prefetch_weights_then_wait(qweight, sz, chunk_group, c_begin, c_end, n0, np, groups);
+
   float acc[MF][4][4];
 #pragma unroll
   for (int mf = 0; mf < MF; ++mf)
@@ -277,6 +306,8 @@ __global__ void __launch_bounds__(kMmaThreads)
 template <bool BF16>
 __global__ void splitk_reduce_kernel(const float* __restrict__ partial, int splits, const uint16_t* __restrict__ bias,
                                      uint16_t* __restrict__ y, int m_dim, int n_dim, int np) {
+  wait_for_prior_grids();  // the partial sums (and y's memory) belong to the GEMM kernel before it
+  allow_dependent_grids();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= static_cast<int64_t>(m_dim) * n_dim) return;
   const int64_t m = i / n_dim;
@@ -291,6 +322,8 @@ __global__ void splitk_reduce_kernel(const float* __restrict__ partial, int spli
 // multiple of 32 (or rows that are not 16-byte aligned).
 __global__ void gather_x_kernel(const uint16_t* __restrict__ x, const int32_t* __restrict__ perm,
                                 uint16_t* __restrict__ xc, int m_dim, int k_dim, int kp) {
+  wait_for_prior_grids();  // x may be the previous kernel's output
+  allow_dependent_grids();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= static_cast<int64_t>(m_dim) * kp) return;
   const int64_t m = i / kp;

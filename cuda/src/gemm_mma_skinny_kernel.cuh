@@ -199,6 +199,7 @@ __global__ void __launch_bounds__(kMmaThreads, 4)
   const int zero_col = warp * 32 + 4 * gq;
   const int scale_col = warp * 32 + 8 * tq;
 
+  prefetch_weights_then_wait(qweight, sz, chunk_group, c_begin, c_end, n0, np, groups);
   if (t < kMmaStageChunks * kPieces) look_up_groups(0);
   run_cp_async_ring<kStages>(steps, issue, [&](int step, int buf) {
     const uint16_t* xs = x_tile(buf);

@@ -376,6 +376,72 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[BN / 2], const uint32_t (&a)
 // template arguments may contain commas.
 #define GPTQKIT_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 
+// ---- programmatic dependent launch (sm_90+) ------------------------------------------
+// GPTQKIT_LAUNCH_OVERLAPPED(overlap, grid, block, smem, stream, kernel)(args...)
+// launches like GPTQKIT_LAUNCH, and with `overlap` (CUDA, compute capability
+// 9.0+) as a programmatic dependent launch: the kernel may start while the
+// kernel before it on the stream is still finishing (when that one calls
+// allow_dependent_grids(), or as its blocks exit), instead of after it has
+// completed. Such a kernel must call wait_for_prior_grids() before it reads
+// anything an earlier kernel may write and before it writes any global
+// memory (its output may reuse memory an earlier kernel still reads); what
+// it does before -- L2 prefetches of the weights -- overlaps the previous
+// kernel's tail. Both device calls are no-ops where the kernel was launched
+// the ordinary way, below sm_90 and on ROCm (which launches ordinarily).
+__device__ __forceinline__ void wait_for_prior_grids() {
+#if !GPTQKIT_GPU_IS_HIP && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_dependent_grids() {
+#if !GPTQKIT_GPU_IS_HIP && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+// Asks L2 for the 128-byte line at `p` (a read-only operand), without waiting.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#if !GPTQKIT_GPU_IS_HIP && defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+#else
+  (void)p;
+#endif
+}
+
+#if GPTQKIT_GPU_IS_HIP
+#define GPTQKIT_LAUNCH_OVERLAPPED(overlap, grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#else
+template <typename... Params>
+struct OverlappedLaunch {
+  void (*kernel)(Params...);
+  dim3 grid, block;
+  size_t smem;
+  gpuStream_t stream;
+  bool overlap;
+  // Errors reach gpuGetLastError like those of <<<...>>>.
+  template <typename... Args>
+  void operator()(Args&&... args) const {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attribute;
+    config.numAttrs = overlap ? 1 : 0;
+    (void)cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+  }
+};
+template <typename... Params>
+OverlappedLaunch<Params...> make_overlapped_launch(dim3 grid, dim3 block, size_t smem, gpuStream_t stream,
+                                                   bool overlap, void (*kernel)(Params...)) {
+  return OverlappedLaunch<Params...>{kernel, grid, block, smem, stream, overlap};
+}
+#define GPTQKIT_LAUNCH_OVERLAPPED(overlap, grid, block, smem, stream, ...) \
+  make_overlapped_launch(dim3(grid), dim3(block), static_cast<size_t>(smem), stream, overlap, __VA_ARGS__)
+#endif
+
 // ---- host helpers -----------------------------------------------------------------
 // Warp size of the current device (32 or 64), asked at run time.
 inline int gpu_warp_size() {

@@ -52,6 +52,8 @@ struct MmaPlan {
   int splits = 1;             // K split across blocks: float32 partial sums, then a reduction
   bool reduce_in_kernel = false;  // the splits' sums added by the GEMM kernel's last block per tile
                                   // (a.tile_counters), not by splitk_reduce_kernel
+  bool overlap_launches = false;  // mma.sync kernels (and gather, reduce) as programmatic dependent
+                                  // launches (GPTQKIT_GPU_PDL, compute capability 9.0+)
   int chunks_per_split = 0;
   bool gather_x = false;      // x first gathered into [M, Kp] (act-order, K % 32 != 0, misaligned x)
   size_t x_bytes = 0;         // workspace: the gathered x, then

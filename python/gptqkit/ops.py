@@ -41,7 +41,7 @@ from gptqkit._native import _C
 __all__ = ["GpuLayout", "prepare_layout", "quantized_matmul", "quantized_matmul_direct", "can_bypass_dispatcher",
            "dequantize_layout", "gpu_backend",
            "require_gpu_backend", "gpu_unavailable_reason", "dense_min_rows", "wgmma_min_rows", "mma_min_rows",
-           "skinny_max_rows", "inkernel_reduce_max_rows", "matmul_kernel"]
+           "skinny_max_rows", "inkernel_reduce_max_rows", "overlapped_launches", "matmul_kernel"]
 
 _GPU_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -128,16 +128,28 @@ def inkernel_reduce_max_rows() -> int:
                           "an integer >= 0 (0 turns the in-kernel reduction off)")
 
 
+def overlapped_launches() -> bool:
+    """Whether the mma.sync path launches its kernels as programmatic dependent launches on GPUs of
+    compute capability 9.0+ (env ``GPTQKIT_GPU_PDL``: 1 on, default 0 = off until timed on a GPU): a
+    kernel then starts while the one before it on the stream finishes, and fetches its first weights
+    into L2 meanwhile. See ``docs/gpu_gemm.md``."""
+    value = os.environ.get("GPTQKIT_GPU_PDL", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"GPTQKIT_GPU_PDL: expected 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def _check_routing_env() -> None:
     """Raises ValueError for a malformed routing variable, which the native library would silently ignore."""
     wgmma_min_rows()
     mma_min_rows()
     skinny_max_rows()
     inkernel_reduce_max_rows()
+    overlapped_launches()
 
 
 _ROUTING_VARS = ("GPTQKIT_GPU_DENSE_MIN_ROWS", "GPTQKIT_GPU_WGMMA_MIN_ROWS", "GPTQKIT_GPU_MMA_MIN_ROWS",
-                 "GPTQKIT_GPU_SKINNY_MAX_ROWS", "GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS")
+                 "GPTQKIT_GPU_SKINNY_MAX_ROWS", "GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS", "GPTQKIT_GPU_PDL")
 # (raw values of _ROUTING_VARS, dense_min_rows, inkernel_reduce_max_rows for them)
 _routing_seen: tuple = (None, 0, 0)
 

@@ -1029,6 +1029,29 @@ TEST(EmuGemmInKernelReduce, FallsBackToTheReduceKernel) {
   EXPECT_EQ(reduce_kernel_ran(narrow, 10, eight), tc);  // the wgmma kernel
 }
 
+// Programmatic dependent launches (GPTQKIT_GPU_PDL=1) of the mma path: the
+// emulation runs kernels one after another, so this checks the host side
+// (the launch helper, the plan) and that the kernels' prefetch-then-wait
+// prologue leaves the results alone; the overlap itself needs a GPU
+// (test_gpu_overlapped_launches_keep_every_dependency).
+TEST(EmuGemmOverlappedLaunches, GatheredSplitAndSkinnyCallsMatchTheOracle) {
+  EmuPreparedLayer direct(256, 1024, 128, 4, false, DType::kFloat16, 12);
+  EmuPreparedLayer act_order(200, 480, 96, 4, true, DType::kBFloat16, 13);
+  DeviceArray<int32_t> counters(std::vector<int32_t>(16, 0));
+  const TensorView cv = counters.view(DType::kInt32, 16);
+  const ScopedEnv pdl("GPTQKIT_GPU_PDL", "1");
+  for (const char* reduce_rows : {"0", "64"}) {
+    const ScopedEnv reduce("GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS", reduce_rows);
+    for (const int64_t m : {1, 16, 40}) {
+      direct.check_matmul(m, true, static_cast<uint32_t>(m) + 11, &cv);
+      act_order.check_matmul(m, true, static_cast<uint32_t>(m) + 12, &cv);
+    }
+    const ScopedEnv skinny("GPTQKIT_GPU_SKINNY_MAX_ROWS", "16");
+    direct.check_matmul(5, true, 13, &cv);
+  }
+  EXPECT_EQ(counters.host(), std::vector<int32_t>(16, 0));
+}
+
 TEST(EmuGemmErrors, BadTileCountersAreRejected) {
   EmuPreparedLayer p(128, 64, 32, 4, false, DType::kFloat16, 3);
   DeviceArray<uint16_t> x(2 * 64), y(2 * 128);

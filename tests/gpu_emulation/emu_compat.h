@@ -64,6 +64,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__
 #define __launch_bounds__(...)
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
@@ -297,6 +298,14 @@ Launch<Body> make_launch(dim3 grid, dim3 block, size_t smem, const void* /*strea
 #define GPTQKIT_LAUNCH(grid, block, smem, stream, ...)                                                  \
   emu::make_launch(dim3(grid), dim3(block), static_cast<size_t>(smem), static_cast<const void*>(stream), \
                    #__VA_ARGS__, [](auto&... emu_args) { __VA_ARGS__(emu_args...); })
+
+// Kernels run one after another, each after the previous one completed:
+// every programmatic dependent launch is an ordinary one here.
+#define GPTQKIT_LAUNCH_OVERLAPPED(overlap, grid, block, smem, stream, ...) \
+  ((void)(overlap), GPTQKIT_LAUNCH(grid, block, smem, stream, __VA_ARGS__))
+inline void wait_for_prior_grids() {}
+inline void allow_dependent_grids() {}
+inline void prefetch_l2(const void*) {}
 
 #define threadIdx (emu::fibers[static_cast<size_t>(emu::current)].thread_idx)
 #define blockIdx emu::block_idx

@@ -176,6 +176,21 @@ def test_routing_variables_are_checked(gptqkit, monkeypatch, name, getter, defau
             rows()
 
 
+def test_overlapped_launches_variable_is_checked(gptqkit, monkeypatch):
+    from gptqkit import ops
+
+    monkeypatch.delenv("GPTQKIT_GPU_PDL", raising=False)
+    assert ops.overlapped_launches() is False
+    monkeypatch.setenv("GPTQKIT_GPU_PDL", "1")
+    assert ops.overlapped_launches() is True
+    for bad in ("2", "yes", "on", ""):
+        monkeypatch.setenv("GPTQKIT_GPU_PDL", bad)
+        with pytest.raises(ValueError, match="GPTQKIT_GPU_PDL: expected 0 or 1"):
+            ops.overlapped_launches()
+        with pytest.raises(ValueError, match="GPTQKIT_GPU_PDL"):
+            ops._routing()
+
+
 def test_routing_is_parsed_once_per_value_and_bad_values_always_raise(gptqkit, monkeypatch):
     from gptqkit import ops
 
@@ -439,6 +454,41 @@ def test_gpu_inkernel_reduce_on_concurrent_streams_and_in_a_graph(gptqkit, monke
     torch.cuda.synchronize()
     assert torch.equal(y, expected[0])
     assert int(ops._tile_counter_buffers[torch.cuda.current_device()].abs().sum()) == 0
+
+
+@gpu
+@pytest.mark.parametrize("reduce_rows", ["0", "64"], ids=["reduce_kernel", "inkernel_reduce"])
+def test_gpu_overlapped_launches_keep_every_dependency(gptqkit, monkeypatch, reduce_rows):
+    """Programmatic dependent launches (GPTQKIT_GPU_PDL=1): a chain of layers where each reads the output
+    of the one before (x gathered for act-order, K split, sums added by either path), eager and in a CUDA
+    graph, gives the ordinary launches' bits. A kernel that read x or wrote before waiting for the previous
+    one would read stale inputs here."""
+    monkeypatch.setenv("GPTQKIT_GPU_DENSE_MIN_ROWS", "1000000000")
+    monkeypatch.setenv("GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS", reduce_rows)
+    k = 4096
+    layers = [_layout(gptqkit, random_packed_layer(gptqkit, k, k, 4, 128, act_order=i % 2 == 1, seed=40 + i),
+                      device="cuda") for i in range(4)]
+    x0 = torch.randn(3, k, device="cuda").half() * 0.5
+
+    def chain(x):
+        for lay in layers:
+            x = torch.tanh(_call(lay, x))  # bounded, and a torch kernel between two of ours
+            x = _call(lay, x)
+        return x
+
+    monkeypatch.setenv("GPTQKIT_GPU_PDL", "0")
+    expected = chain(x0)
+    monkeypatch.setenv("GPTQKIT_GPU_PDL", "1")
+    for _ in range(5):
+        assert torch.equal(chain(x0), expected), "eager chain differs with overlapped launches"
+    x = x0.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = chain(x)
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, expected), "graph replay differs with overlapped launches"
 
 
 def test_tile_counter_rows_are_per_stream(gptqkit, monkeypatch):
