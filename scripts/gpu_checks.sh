@@ -181,8 +181,9 @@ stage_sanitize() {
     "$py" -m pytest -q -x -p no:cacheprovider tests/python/test_gpu_gemm.py -k "$gemm_racecheck_sel" || rc=1
   # CUDA-graph capture needs torch's caching allocator (a cudaMalloc inside a
   # capture is refused), so the graph tests run under memcheck with it on.
-  timeout 90 "$cs" --tool memcheck --error-exitcode 1 \
-    "$py" -m pytest -q -x -p no:cacheprovider tests/python/test_gpu_gemm.py -k "graph" || rc=1
+  # (The overlapped-launch chain test captures a graph too.)
+  timeout 150 "$cs" --tool memcheck --error-exitcode 1 \
+    "$py" -m pytest -q -x -p no:cacheprovider tests/python/test_gpu_gemm.py -k "graph or overlapped_launches" || rc=1
   return $rc
 }
 
