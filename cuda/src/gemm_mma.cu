@@ -82,24 +82,28 @@ int64_t skinny_max_rows() {
 int64_t in_kernel_reduce_max_rows() {
   return env_rows("GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS", kInKernelReduceMaxRows);
 }
-bool overlap_launches_on(int device) {
-  if (env_rows("GPTQKIT_GPU_PDL", kOverlapLaunches) == 0) return false;
-#if GPTQKIT_GPU_IS_HIP
-  (void)device;
-  return false;
-#else
-  static std::atomic<int> cache[64];  // 0 unknown, 1 yes, 2 no
-  if (device >= 0 && device < 64) {
-    const int known = cache[device].load(std::memory_order_relaxed);
+int64_t blocks_per_sm() { return std::clamp<int64_t>(env_rows("GPTQKIT_GPU_MMA_BLOCKS_PER_SM", kBlocksPerSm), 1, 16); }
+
+// ask(device), remembered in `cache` for devices 0..63 (others are asked
+// every time): the device properties below never change in a process.
+template <typename Ask>
+bool once_per_device(std::atomic<int> (&cache)[64], int device, Ask ask) {
+  const bool cached = device >= 0 && device < 64;
+  if (cached) {
+    const int known = cache[device].load(std::memory_order_relaxed);  // 0 unknown, 1 yes, 2 no
     if (known != 0) return known == 1;
   }
-  int major = 0;
-  const bool yes = gpuDeviceGetAttribute(&major, gpuDevAttrComputeCapabilityMajor, device) == gpuSuccess && major >= 9;
-  if (device >= 0 && device < 64) cache[device].store(yes ? 1 : 2, std::memory_order_relaxed);
+  const bool yes = ask(device);
+  if (cached) cache[device].store(yes ? 1 : 2, std::memory_order_relaxed);
   return yes;
-#endif
 }
-int64_t blocks_per_sm() { return std::clamp<int64_t>(env_rows("GPTQKIT_GPU_MMA_BLOCKS_PER_SM", kBlocksPerSm), 1, 16); }
+
+#if !GPTQKIT_GPU_IS_HIP
+int compute_capability_major(int device) {
+  int major = 0;
+  return gpuDeviceGetAttribute(&major, gpuDevAttrComputeCapabilityMajor, device) == gpuSuccess ? major : 0;
+}
+#endif
 
 // Whether the wgmma kernel can run on `device`: the library was built with
 // sm_90a code (which the runtime then picks for compute capability 9.0, the
@@ -109,17 +113,26 @@ bool wgmma_runs_on(int device) {
   (void)device;
   return false;
 #else
-  static std::atomic<int> cache[64];  // 0 unknown, 1 yes, 2 no
-  if (device >= 0 && device < 64) {
-    const int known = cache[device].load(std::memory_order_relaxed);
-    if (known != 0) return known == 1;
-  }
-  int major = 0, minor = 0;
-  const bool yes = gpuDeviceGetAttribute(&major, gpuDevAttrComputeCapabilityMajor, device) == gpuSuccess &&
-                   gpuDeviceGetAttribute(&minor, gpuDevAttrComputeCapabilityMinor, device) == gpuSuccess &&
-                   major == 9 && minor == 0;
-  if (device >= 0 && device < 64) cache[device].store(yes ? 1 : 2, std::memory_order_relaxed);
-  return yes;
+  static std::atomic<int> cache[64];
+  return once_per_device(cache, device, [](int d) {
+    int minor = 0;
+    return compute_capability_major(d) == 9 &&
+           gpuDeviceGetAttribute(&minor, gpuDevAttrComputeCapabilityMinor, d) == gpuSuccess && minor == 0;
+  });
+#endif
+}
+
+// Whether the mma path launches its kernels overlapped on `device`
+// (GPTQKIT_GPU_PDL, and compute capability 9.0+: programmatic dependent
+// launches exist from Hopper on). The capability is asked once per device.
+bool overlap_launches_on(int device) {
+  if (env_rows("GPTQKIT_GPU_PDL", kOverlapLaunches) == 0) return false;
+#if GPTQKIT_GPU_IS_HIP
+  (void)device;
+  return false;
+#else
+  static std::atomic<int> cache[64];
+  return once_per_device(cache, device, [](int d) { return compute_capability_major(d) >= 9; });
 #endif
 }
 
@@ -130,23 +143,14 @@ bool mma_compiled_for(int device) {
   (void)device;
   return false;
 #else
-  static std::atomic<int> cache[64];  // 0 unknown, 1 yes, 2 no
-  if (device >= 0 && device < 64) {
-    const int known = cache[device].load(std::memory_order_relaxed);
-    if (known != 0) return known == 1;
-  }
-  gpuFuncAttributes attr;
-  bool yes = false;
-  {
-    DeviceGuard guard(device);
-    if (gpuFuncGetAttributes(&attr, (mma_kernel<false, 1>)) == gpuSuccess) {
-      yes = attr.binaryVersion >= 80;
-    } else {
-      (void)gpuGetLastError();
-    }
-  }
-  if (device >= 0 && device < 64) cache[device].store(yes ? 1 : 2, std::memory_order_relaxed);
-  return yes;
+  static std::atomic<int> cache[64];
+  return once_per_device(cache, device, [](int d) {
+    DeviceGuard guard(d);
+    gpuFuncAttributes attr;
+    if (gpuFuncGetAttributes(&attr, (mma_kernel<false, 1>)) == gpuSuccess) return attr.binaryVersion >= 80;
+    (void)gpuGetLastError();
+    return false;
+  });
 #endif
 }
 
