@@ -32,6 +32,7 @@ tests and for ``torch.library.opcheck``); CPU inference uses
 from __future__ import annotations
 
 import os
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -179,17 +180,19 @@ _COUNTER_STREAMS = 8         # streams per device with their own row; calls on o
 _COUNTERS_PER_STREAM = 1024  # output tiles of one split call (an H100 splits calls of fewer than 264 tiles)
 _tile_counter_buffers: dict = {}  # device index -> int32 [_COUNTER_STREAMS, _COUNTERS_PER_STREAM]
 _tile_counter_rows: dict = {}     # (device index, stream handle) -> that stream's row (a view)
+_tile_counter_lock = threading.Lock()
 
 
 def _make_tile_counters(device: torch.device) -> None:
     """Creates the device's tile counters (zeroed, and synchronised so that any stream may use them)."""
     index = torch.cuda.current_device() if device.index is None else device.index
-    if index in _tile_counter_buffers:
-        return
-    counters = torch.zeros((_COUNTER_STREAMS, _COUNTERS_PER_STREAM), dtype=torch.int32,
-                           device=torch.device(device.type, index))
-    torch.cuda.synchronize(index)
-    _tile_counter_buffers[index] = counters
+    with _tile_counter_lock:
+        if index in _tile_counter_buffers:
+            return
+        counters = torch.zeros((_COUNTER_STREAMS, _COUNTERS_PER_STREAM), dtype=torch.int32,
+                               device=torch.device(device.type, index))
+        torch.cuda.synchronize(index)
+        _tile_counter_buffers[index] = counters
 
 
 def _tile_counters(index: int, stream: int) -> Optional[torch.Tensor]:
@@ -197,11 +200,14 @@ def _tile_counters(index: int, stream: int) -> Optional[torch.Tensor]:
     or all rows taken by other streams): the call then adds its splits in a second kernel."""
     row = _tile_counter_rows.get((index, stream))
     if row is None:
-        counters = _tile_counter_buffers.get(index)
-        taken = sum(1 for d, _ in _tile_counter_rows if d == index)
-        if counters is None or taken >= _COUNTER_STREAMS:
-            return None
-        row = _tile_counter_rows[(index, stream)] = counters[taken]
+        with _tile_counter_lock:  # two threads meeting new streams must not take the same row
+            row = _tile_counter_rows.get((index, stream))
+            if row is None:
+                counters = _tile_counter_buffers.get(index)
+                taken = sum(1 for d, _ in _tile_counter_rows if d == index)
+                if counters is None or taken >= _COUNTER_STREAMS:
+                    return None
+                row = _tile_counter_rows[(index, stream)] = counters[taken]
     return row
 
 

@@ -507,6 +507,14 @@ def test_tile_counter_rows_are_per_stream(gptqkit, monkeypatch):
     assert ops._tile_counters(0, 999) is None  # every row taken: the separate reduction
     assert ops._tile_counters(1, 100) is None  # no counters made for device 1
 
+    # Threads meeting new streams at the same time still get a row each.
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(ops, "_tile_counter_rows", {})
+    with ThreadPoolExecutor(max_workers=ops._COUNTER_STREAMS) as pool:
+        rows = list(pool.map(lambda stream: ops._tile_counters(0, stream), range(ops._COUNTER_STREAMS)))
+    assert len({r.data_ptr() for r in rows}) == ops._COUNTER_STREAMS
+
 
 def _wgmma_expected():
     """Whether this GPU runs the wgmma kernel: Hopper (compute capability 9.0) with the default build (sm_90a)."""
