@@ -25,6 +25,13 @@ compile and capture), times the batch size.
     python benchmarks/bench_gpu_generate.py --layers 4       # a quick check with fewer blocks
     python benchmarks/bench_gpu_generate.py --eager          # no torch.compile / CUDA graphs
     python benchmarks/bench_gpu_generate.py --kinds fp16 gptqkit-fused
+    python benchmarks/bench_gpu_generate.py --kinds fp16 gptqkit-fused \
+        --routing default GPTQKIT_GPU_SKINNY_MAX_ROWS=16,GPTQKIT_GPU_PDL=1
+
+``--routing`` times the gptqkit contenders under several kernel-routing
+settings (``GPTQKIT_GPU_*`` variables, ``docs/gpu_gemm.md``) with one model
+build each: the decode step is compiled and captured again for every
+setting, since a CUDA graph keeps the kernels chosen when it was captured.
 """
 
 from __future__ import annotations
@@ -108,6 +115,56 @@ def decode_tokens_per_s(model, batch, prompt_len, new_tokens, repeats, compiled)
     return batch * (new_tokens - 1) / (full - one)
 
 
+def parse_routing(text):
+    """'default' -> {}; 'A=1,B=2' -> {'A': '1', 'B': '2'} (GPTQKIT_GPU_* names only)."""
+    if text == "default":
+        return {}
+    settings = {}
+    for item in text.split(","):
+        name, eq, value = item.partition("=")
+        if not eq or not name.startswith("GPTQKIT_GPU_"):
+            raise SystemExit(f"--routing: expected 'default' or GPTQKIT_GPU_NAME=VALUE[,...], got {text!r}")
+        settings[name] = value
+    return settings
+
+
+class routing_env:
+    """Sets routing variables for a block, then restores the environment, and makes the model's next
+    compiled call compile and capture again (the graphs of the last setting keep its kernels)."""
+
+    def __init__(self, model, settings):
+        self.model, self.settings, self.saved = model, settings, {}
+
+    def _recompile(self):
+        self.model.__dict__.pop("_compiled_call", None)  # transformers' cached torch.compile of the step
+        torch._dynamo.reset()
+
+    def __enter__(self):
+        for name, value in self.settings.items():
+            self.saved[name] = os.environ.get(name)
+            os.environ[name] = value
+        from gptqkit import ops
+
+        try:
+            ops._check_routing_env()  # a malformed value fails here, not mid-capture
+        except ValueError:
+            self._restore()
+            raise
+        self._recompile()
+        return self
+
+    def _restore(self):
+        for name, value in self.saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    def __exit__(self, *exc):
+        self._restore()
+        self._recompile()
+
+
 def weight_bytes(model):
     from gptqkit.nn import QuantLinear
 
@@ -136,7 +193,11 @@ def main(argv=None):
     p.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
                    help="contenders (default: all; fp16 is the reference of the speed-ups)")
+    p.add_argument("--routing", nargs="+", default=["default"], metavar="SETTING",
+                   help="kernel-routing settings for the gptqkit contenders: 'default' or comma-separated "
+                        "GPTQKIT_GPU_NAME=VALUE (default: default)")
     args = p.parse_args(argv)
+    variants = [(text, parse_routing(text)) for text in args.routing]
 
     from gptqkit.ops import gpu_unavailable_reason
 
@@ -149,6 +210,7 @@ def main(argv=None):
     gen = torch.Generator(device="cuda").manual_seed(0)
     config = llama_7b_config(args.layers)
     results = {}
+    labels = []
     for kind in args.kinds:
         model = build_fp16(config)
         if kind != "fp16":
@@ -161,11 +223,16 @@ def main(argv=None):
         gc.collect()
         torch.cuda.empty_cache()
         wb = weight_bytes(model)
-        for batch in args.batches:
-            tps = decode_tokens_per_s(model, batch, args.prompt, args.new_tokens, args.repeats, not args.eager)
-            results[(kind, batch)] = tps
-            print(f"{kind:13s} batch {batch:3d}: {tps:9.1f} decode tokens/s  (decoder linear weights "
-                  f"{wb / 2 ** 30:.2f} GiB)", flush=True)
+        for text, settings in (variants if kind != "fp16" else [("default", {})]):
+            label = kind if len(variants) == 1 or kind == "fp16" else f"{kind} [{text}]"
+            labels.append(label)
+            with routing_env(model, settings):
+                for batch in args.batches:
+                    tps = decode_tokens_per_s(model, batch, args.prompt, args.new_tokens, args.repeats,
+                                              not args.eager)
+                    results[(label, batch)] = tps
+                    print(f"{label} batch {batch:3d}: {tps:9.1f} decode tokens/s  (decoder linear weights "
+                          f"{wb / 2 ** 30:.2f} GiB)", flush=True)
         del model
         gc.collect()
         torch.cuda.empty_cache()
@@ -177,16 +244,28 @@ def main(argv=None):
           f"{'eager' if args.eager else 'static KV cache, decode step compiled by transformers (CompileConfig(fullgraph=True, mode=reduce-overhead): CUDA graphs)'}")
     routing = {k: v for k, v in sorted(os.environ.items()) if k.startswith("GPTQKIT_GPU_")}
     print("kernel routing: " + (", ".join(f"{k}={v}" for k, v in routing.items()) or "defaults"))
-    names = {"fp16": "fp16", "gptqkit": "gptqkit 4-bit", "gptqkit-fused": "gptqkit 4-bit fused"}
-    print("| batch | " + " | ".join(f"{names[k]} tokens/s" for k in args.kinds)
-          + "".join(f" | {names[k]} speed-up" for k in args.kinds if k != "fp16" and "fp16" in args.kinds) + " |")
-    print("|---:|" + "---:|" * (len(args.kinds) + (len(args.kinds) - 1 if "fp16" in args.kinds else 0)))
-    for batch in args.batches:
-        row = [f"{results[(k, batch)]:.1f}" for k in args.kinds]
-        if "fp16" in args.kinds:
-            row += [f"{results[(k, batch)] / results[('fp16', batch)]:.2f}x" for k in args.kinds if k != "fp16"]
-        print(f"| {batch} | " + " | ".join(row) + " |")
+    print("\n".join(table_lines(labels, results, args.batches)))
     return 0
+
+
+def table_lines(labels, results, batches):
+    """Markdown table of decode tokens/s per contender (``labels``: kind, or "kind [routing]") and batch,
+    with speed-ups over fp16 when it ran."""
+    names = {"fp16": "fp16", "gptqkit": "gptqkit 4-bit", "gptqkit-fused": "gptqkit 4-bit fused"}
+
+    def name(label):
+        kind, _, rest = label.partition(" ")
+        return names[kind] + (" " + rest if rest else "")
+
+    others = [lab for lab in labels if lab != "fp16"] if "fp16" in labels else []
+    lines = ["| batch | " + " | ".join(f"{name(lab)} tokens/s" for lab in labels)
+             + "".join(f" | {name(lab)} speed-up" for lab in others) + " |",
+             "|---:|" + "---:|" * (len(labels) + len(others))]
+    for batch in batches:
+        row = [f"{results[(lab, batch)]:.1f}" for lab in labels]
+        row += [f"{results[(lab, batch)] / results[('fp16', batch)]:.2f}x" for lab in others]
+        lines.append(f"| {batch} | " + " | ".join(row) + " |")
+    return lines
 
 
 if __name__ == "__main__":

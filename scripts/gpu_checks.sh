@@ -31,6 +31,8 @@
 #                   Llama on the GPU, end to end: forward passes, Hessians, solver, packing)
 #   bench-gemm      benchmarks/bench_gpu_gemm.py (table, PNG plot, JSON)
 #   bench-generate  benchmarks/bench_gpu_generate.py (decode tokens/s, batch 1 and 16; fp16, gptqkit, gptqkit fused)
+#   bench-variants  bench_gpu_generate.py, fp16 and gptqkit fused at batch 1 and 16, under three routings:
+#                   default, the skinny kernel, and skinny + in-kernel split-K sums + overlapped launches
 #   bench-fused     bench_gpu_gemm.py on the fused q/k/v and gate/up shapes of the 7B model next to
 #                   the separate ones (4096x4096, 4096x12288, 4096x11008, 4096x22016; M 1 to 64)
 #   bench-eager     benchmarks/bench_op_dispatch.py (per-call cost of eager calls), then
@@ -196,6 +198,11 @@ stage_bench_gemm() {
     ${GPTQKIT_BENCH_GEMM_ARGS:-}
 }
 stage_bench_generate() { "$py" benchmarks/bench_gpu_generate.py; }
+stage_bench_variants() {
+  "$py" benchmarks/bench_gpu_generate.py --kinds fp16 gptqkit-fused --repeats 2 --new-tokens 96 --routing default \
+    GPTQKIT_GPU_SKINNY_MAX_ROWS=16 \
+    GPTQKIT_GPU_SKINNY_MAX_ROWS=16,GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS=16,GPTQKIT_GPU_PDL=1
+}
 stage_bench_fused() {
   "$py" benchmarks/bench_gpu_gemm.py --shapes 4096x4096 4096x12288 4096x11008 4096x22016 --ms 1 4 16 64 \
     --out "$out/gpu_gemm_fused.md" --plot "$out/gpu_gemm_fused.png" --json "$out/gpu_gemm_fused.json"
@@ -217,6 +224,7 @@ for stage in "$@"; do
     solver-7b) run_stage solver-7b stage_solver_7b ;;
     bench-gemm) run_stage bench-gemm stage_bench_gemm ;;
     bench-generate) run_stage bench-generate stage_bench_generate ;;
+    bench-variants) run_stage bench-variants stage_bench_variants ;;
     bench-fused) run_stage bench-fused stage_bench_fused ;;
     bench-eager) run_stage bench-eager stage_bench_eager ;;
     quantize-7b) run_stage quantize-7b stage_quantize_7b ;;
