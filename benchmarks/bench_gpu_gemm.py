@@ -20,7 +20,8 @@ second kernel, whichever the routing did not pick
 or ordinary ones, likewise (``GPTQKIT_GPU_PDL``); from ``--paths-from`` rows the
 native kernel and dequantize + cuBLAS are timed apart, and on Hopper also the
 mma.sync kernel where wgmma runs (``GPTQKIT_GPU_WGMMA_MIN_ROWS=0``): where the
-two routing thresholds should be.
+two routing thresholds should be; from M = 32 below ``--paths-from`` the
+wgmma kernel where the mma.sync kernel runs, likewise.
 
 Method: every contender runs inside a CUDA graph that makes ``--calls`` calls
 in a row; each call uses the next of several copies of the weight, enough
@@ -203,6 +204,12 @@ def bench_shape(k, n, ms, args, gen, l2):
             # to show what splitting K buys at each M.
             row["unsplit_us"] = time_graph([lambda x, L=L: unsplit_call(x, L, k, n) for L in lays], x, args.calls,
                                            args.reps)
+        if 32 <= m < args.paths_from and row["kernel"] == "mma":
+            # The wgmma kernel below its default threshold (Hopper): where GPTQKIT_GPU_WGMMA_MIN_ROWS
+            # should be, e.g. for M = 64 (issue 6 asks 1.5x fp16 there).
+            with env_vars(GPTQKIT_GPU_WGMMA_MIN_ROWS=m):
+                if matmul_kernel(x, lay0) == "wgmma":
+                    row["wgmma_us"] = time_graph(ours, x, args.calls, args.reps)
         if m >= args.paths_from:
             # Both large-M paths, whatever the default crossover picks: where
             # GPTQKIT_GPU_DENSE_MIN_ROWS should be.
@@ -233,7 +240,8 @@ def bench_shape(k, n, ms, args, gen, l2):
               + (f"  [no workspace {row['unsplit_us']:.2f} us]" if "unsplit_us" in row else "")
               + (f"  [native kernel {row['kernel_us']:.2f} us, dequantize + cuBLAS {row['dense_us']:.2f} us]"
                  if "kernel_us" in row else "")
-              + (f"  [mma.sync instead of wgmma {row['mma_us']:.2f} us]" if "mma_us" in row else ""), flush=True)
+              + (f"  [mma.sync instead of wgmma {row['mma_us']:.2f} us]" if "mma_us" in row else "")
+              + (f"  [wgmma instead of mma.sync {row['wgmma_us']:.2f} us]" if "wgmma_us" in row else ""), flush=True)
     del lays, w16, tiny
     torch.cuda.empty_cache()
     return rows, tiny_err
@@ -298,7 +306,7 @@ def write_table(rows, path, meta):
     lines.append("| K x N | M | kernel | fp16 (us) | tinygemm (us) | gptqkit (us) | vs fp16 | vs tinygemm | M=1 GB/s "
                  "| GEMV kernel (us) | skinny / mma kernel (us) | in-kernel / separate reduce (us) "
                  "| PDL / ordinary launches (us) "
-                 "| no workspace (us) | native kernel (us) | mma.sync (us) | dequantize + cuBLAS (us) |")
+                 "| no workspace (us) | native kernel (us) | mma.sync / wgmma (us) | dequantize + cuBLAS (us) |")
     lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         tiny = f"{r['tinygemm_us']:.1f}" if r["tinygemm_us"] else "n/a"
@@ -312,8 +320,9 @@ def write_table(rows, path, meta):
         reduce = f"{reduce:.1f}" if reduce is not None else ""
         launches = r.get("pdl_us", r.get("ordinary_launch_us"))
         launches = f"{launches:.1f}" if launches is not None else ""
-        mma = f"{r['mma_us']:.1f}" if "mma_us" in r else ""
-        paths = (f"{r['kernel_us']:.1f} | {mma} | {r['dense_us']:.1f}" if "kernel_us" in r else " | | ")
+        other_tc = r.get("mma_us", r.get("wgmma_us"))  # the tensor-core kernel the routing did not pick
+        paths = " | ".join(f"{v:.1f}" if v is not None else ""
+                           for v in (r.get("kernel_us"), other_tc, r.get("dense_us")))
         lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['kernel']} | {r['fp16_us']:.1f} | {tiny} | "
                      f"{r['gptqkit_us']:.1f} | "
                      f"{r['speedup_vs_fp16']:.2f}x | {vt} | {bw} | {gemv} | {small} | {reduce} | {launches} | {unsplit} | {paths} |")

@@ -21,6 +21,7 @@ def test_gemm_table_rows_have_every_column(tmp_path):
                       pdl_us=8.0),
             _gemm_row(16, "skinny", mma_small_us=11.0, separate_reduce_us=9.5, ordinary_launch_us=9.9,
                       unsplit_us=20.0),
+            _gemm_row(64, "mma", unsplit_us=59.0, wgmma_us=15.5),
             _gemm_row(128, "wgmma", unsplit_us=30.0, kernel_us=23.0, mma_us=28.0, dense_us=26.0),
             _gemm_row(1024, "dense", tinygemm_us=None, speedup_vs_tinygemm=None, unsplit_us=124.0, kernel_us=124.0,
                       dense_us=61.0)]
@@ -39,6 +40,11 @@ def test_gemm_table_rows_have_every_column(tmp_path):
     second = [c.strip() for c in table[3].strip("|").split("|")]
     assert second[header.index("in-kernel / separate reduce (us)")] == "9.5"
     assert second[header.index("skinny / mma kernel (us)")] == "11.0"
+    third = [c.strip() for c in table[4].strip("|").split("|")]
+    assert third[header.index("mma.sync / wgmma (us)")] == "15.5" and third[header.index("native kernel (us)")] == ""
+    fourth = [c.strip() for c in table[5].strip("|").split("|")]
+    assert fourth[header.index("mma.sync / wgmma (us)")] == "28.0"
+    assert fourth[header.index("dequantize + cuBLAS (us)")] == "26.0"
     assert "GPTQKIT_GPU_PDL=1" in lines[0]
 
 
