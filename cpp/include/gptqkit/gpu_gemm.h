@@ -111,6 +111,10 @@ Status prepare_gpu_weight(const TensorView& qweight, const TensorView& qzeros, c
 // partial sums and for gathering act-order x; without it the call still
 // runs, unsplit, or on the GEMV / tiled kernel. No allocation, no host
 // synchronisation; results are deterministic (fixed summation order).
+// With GPTQKIT_GPU_PDL=1 (compute capability 9.0+; default off until timed)
+// the mma path's kernels are programmatic dependent launches: they may start
+// while the previous kernel on the stream finishes, prefetch their first
+// weights into L2, and wait for it before they read x or write anything.
 Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const TensorView* bias, const TensorView& y,
                             const TensorView* workspace, void* stream);
 // The same without a workspace.
