@@ -1039,7 +1039,14 @@ TEST(EmuGemmOverlappedLaunches, GatheredSplitAndSkinnyCallsMatchTheOracle) {
   EmuPreparedLayer act_order(200, 480, 96, 4, true, DType::kBFloat16, 13);
   DeviceArray<int32_t> counters(std::vector<int32_t>(16, 0));
   const TensorView cv = counters.view(DType::kInt32, 16);
+  {  // off by default: ordinary launches
+    const ScopedEnv off("GPTQKIT_GPU_PDL", nullptr);
+    const int64_t before = emu_device::overlapped_launches();
+    direct.check_matmul(1, true, 10, &cv);
+    EXPECT_EQ(emu_device::overlapped_launches(), before);
+  }
   const ScopedEnv pdl("GPTQKIT_GPU_PDL", "1");
+  const int64_t before = emu_device::overlapped_launches();
   for (const char* reduce_rows : {"0", "64"}) {
     const ScopedEnv reduce("GPTQKIT_GPU_INKERNEL_REDUCE_MAX_ROWS", reduce_rows);
     for (const int64_t m : {1, 16, 40}) {
@@ -1050,6 +1057,9 @@ TEST(EmuGemmOverlappedLaunches, GatheredSplitAndSkinnyCallsMatchTheOracle) {
     direct.check_matmul(5, true, 13, &cv);
   }
   EXPECT_EQ(counters.host(), std::vector<int32_t>(16, 0));
+  // The tensor-core target is compute capability 9.0: every mma-path kernel
+  // (gather, mma / skinny, reduce) was asked for as an overlapped launch.
+  EXPECT_EQ(emu_device::overlapped_launches() > before, emu_device::tensor_cores()) << target();
 }
 
 TEST(EmuGemmErrors, BadTileCountersAreRejected) {

@@ -25,6 +25,7 @@ int64_t launches(const char* prefix) {
   return count;
 }
 
+int64_t overlapped_launches() { return emu::overlapped_launches; }
 std::vector<std::vector<unsigned>> take_unsigned_atomic_adds() {
   std::vector<const void*> addresses;
   std::vector<std::vector<unsigned>> values;

@@ -22,6 +22,9 @@ bool tensor_cores();
 // Launches so far of kernels whose name (as written at the launch, e.g.
 // "wgmma_kernel<BF16, BT>") starts with `prefix`.
 int64_t launches(const char* prefix);
+// Launches made so far as programmatic dependent launches (GPTQKIT_LAUNCH_OVERLAPPED
+// with overlap on; the emulation runs them as ordinary ones).
+int64_t overlapped_launches();
 // The values atomicAdd on unsigned counters returned since the last call,
 // per counter address, in the order they were taken; the log is cleared.
 std::vector<std::vector<unsigned>> take_unsigned_atomic_adds();
