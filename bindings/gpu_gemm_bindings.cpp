@@ -156,19 +156,23 @@ void register_gpu_gemm(py::module_& m) {
   m.def(
       "gpu_dequantize_prepared",
       [](const py::handle& qweight, const py::handle& sz, const py::handle& chunk_group, const py::object& perm,
-         const py::handle& weight, int bits, int64_t in_features, int64_t out_features, uintptr_t stream) {
+         const py::handle& weight, int bits, int64_t in_features, int64_t out_features, uintptr_t stream,
+         bool positions) {
         Prepared w = borrow_prepared(qweight, sz, chunk_group, perm, bits, in_features, out_features, false);
         auto bw = borrow_fast(weight, "weight", true);
         Status s;
         {
           py::gil_scoped_release release;
-          s = gpu_dequantize_prepared(w.view, bw.view, as_stream(stream));
+          s = positions ? gpu_dequantize_prepared_positions(w.view, bw.view, as_stream(stream))
+                        : gpu_dequantize_prepared(w.view, bw.view, as_stream(stream));
         }
         throw_if_error(s);
       },
       py::arg("qweight"), py::arg("sz"), py::arg("chunk_group"), py::arg("perm"), py::arg("weight"),
       py::arg("bits"), py::arg("in_features"), py::arg("out_features"), py::arg("stream") = 0,
-      "weight[N, K] = the dense weight of a prepared layer, in the dtype of sz, enqueued on `stream`.");
+      py::arg("positions") = false,
+      "weight[N, K] = the dense weight of a prepared layer, in the dtype of sz, enqueued on `stream`;\n"
+      "positions=True: weight[N, Kp] in the layout's position order (gpu_dequantize_prepared_positions).");
 }
 
 }  // namespace gptqkit::bindings

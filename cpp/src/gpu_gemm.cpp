@@ -578,29 +578,49 @@ Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const
   }
 }
 
-Status gpu_dequantize_prepared(const GpuPreparedView& w, const TensorView& weight, void* stream) {
+namespace {
+
+// gpu_dequantize_prepared (positions false: [N, K], act-order undone) and
+// gpu_dequantize_prepared_positions (true: [N, Kp], the layout's order).
+Status dequantize_prepared(const GpuPreparedView& w, const TensorView& weight, bool positions, void* stream,
+                           const char* fn) {
   try {
 #if !defined(GPTQKIT_HAS_GPU)
-    return Status::Unsupported(std::string("gpu_dequantize_prepared: ") + kNoGpu);
-#endif
+    (void)w, (void)weight, (void)positions, (void)stream;
+    return Status::Unsupported(std::string(fn) + ": " + kNoGpu);
+#else
     ValidatedLayer layer;
     GPTQKIT_RETURN_IF_ERROR(validate_prepared(w, &layer));
     GPTQKIT_RETURN_IF_ERROR(on_gpu(weight, "weight", layer.device));
     GPTQKIT_RETURN_IF_ERROR(with_reason(checks::dtype_is(weight, "weight", {layer.act}), "the dtype of w.sz"));
-    GPTQKIT_RETURN_IF_ERROR(checks::shape_is(weight, "weight", {w.out_features, w.in_features}));
+    const int64_t kp = layer.chunks * kGpuChunk;
+    GPTQKIT_RETURN_IF_ERROR(positions ? with_reason(checks::shape_is(weight, "weight", {w.out_features, kp}),
+                                                    "[N, Kp] with Kp = 32 * chunks = " + std::to_string(kp))
+                                      : checks::shape_is(weight, "weight", {w.out_features, w.in_features}));
     for (const TensorView* in : {&w.qweight, &w.sz, &w.chunk_group, &w.perm})
       if (overlaps(weight, *in)) return Status::InvalidArgument("weight: overlaps the prepared layer's memory");
-#if defined(GPTQKIT_HAS_GPU)
-    const gpu::GemmArgs a = layer_args(w, layer, stream);
+    gpu::GemmArgs a = layer_args(w, layer, stream);
+    if (positions) {  // every position in place: the kernels' own order, no scatter
+      a.perm = nullptr;
+      a.k = kp;
+    }
     const std::string err = gpu::launch_dequantize(a, weight.data);
-    if (!err.empty()) return Status::Internal("gpu_dequantize_prepared: " + err);
+    if (!err.empty()) return Status::Internal(std::string(fn) + ": " + err);
     return Status::Ok();
-#else
-    return Status::Unsupported(std::string("gpu_dequantize_prepared: ") + kNoGpu);
 #endif
   } catch (const std::exception& e) {
-    return Status::Internal(std::string("gpu_dequantize_prepared: ") + e.what());
+    return Status::Internal(std::string(fn) + ": " + e.what());
   }
+}
+
+}  // namespace
+
+Status gpu_dequantize_prepared(const GpuPreparedView& w, const TensorView& weight, void* stream) {
+  return dequantize_prepared(w, weight, false, stream, "gpu_dequantize_prepared");
+}
+
+Status gpu_dequantize_prepared_positions(const GpuPreparedView& w, const TensorView& weight, void* stream) {
+  return dequantize_prepared(w, weight, true, stream, "gpu_dequantize_prepared_positions");
 }
 
 }  // namespace gptqkit

@@ -406,6 +406,9 @@ def quantized_matmul_direct(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Te
         if x.shape[0] >= dense_rows:
             # Compute-bound: dequantize once (16 bits per weight written, 2-8 read)
             # and let the vendor GEMM do the rest.
+            if perm is not None:
+                return _dense_in_position_order(x, qweight, sz, chunk_group, perm, bias, bits, in_features,
+                                                out_features, stream)
             w = torch.empty((out_features, in_features), dtype=x.dtype, device=x.device)
             _C.gpu_dequantize_prepared(qweight, sz, chunk_group, perm, w, bits, in_features, out_features, stream)
             return torch.nn.functional.linear(x, w, bias)
@@ -427,6 +430,24 @@ def quantized_matmul_direct(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Te
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)
+
+
+def gather_positions(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x [M, K]`` in a layout's position order, ``[M, Kp]``: column ``p`` is ``x[:, perm[p]]``, and 0
+    where ``perm[p]`` is -1 (padding). Any device; ``perm`` int32 on ``x``'s device."""
+    padded = torch.nn.functional.pad(x, (0, 1))  # column K: the zero that padding positions read
+    index = torch.where(perm < 0, x.shape[1], perm)
+    return padded.index_select(1, index)
+
+
+def _dense_in_position_order(x, qweight, sz, chunk_group, perm, bias, bits, in_features, out_features, stream):
+    """The dense path of an act-order layer: the weight dequantized in the layout's position order
+    (whole rows written) and x gathered into that order, instead of the weight scattered back to its
+    original columns (one 2-byte store per row and position). The same products, summed in another order."""
+    w = torch.empty((out_features, perm.shape[0]), dtype=x.dtype, device=x.device)
+    _C.gpu_dequantize_prepared(qweight, sz, chunk_group, perm, w, bits, in_features, out_features, stream,
+                               positions=True)
+    return torch.nn.functional.linear(gather_positions(x, perm), w, bias)
 
 
 @quantized_matmul.register_fake

@@ -772,6 +772,49 @@ TEST_P(EmuGemm, MatmulAndDequantizeMatchTheOracle) {
   for (int64_t i = 0; i < n * k; ++i)
     ASSERT_LE(std::fabs(from_bits16(d[i], dtype) - p.layer.dense[i]), 2 * u * std::fabs(p.layer.dense[i]) + 1e-7)
         << "weight[" << i / k << ", " << i % k << "]";
+
+  // The same weights in the layout's position order: column p holds the
+  // weight of column perm[p] (of p without perm), bit for bit.
+  const int64_t kp = p.shape.positions;
+  DeviceArray<uint16_t> by_position(static_cast<size_t>(n * kp));
+  Status sp = gptqkit::gpu_dequantize_prepared_positions(p.w, by_position.view(dtype, n, kp), nullptr);
+  ASSERT_TRUE(sp.ok()) << sp.message();
+  const std::vector<uint16_t> dp = by_position.host();
+  const std::vector<int32_t> perm = p.perm.host();
+  for (int64_t pos = 0; pos < kp; ++pos) {
+    const int64_t col = p.shape.reordered ? perm[pos] : (pos < k ? pos : -1);
+    if (col < 0) continue;  // padding
+    for (int64_t j = 0; j < n; ++j) ASSERT_EQ(dp[j * kp + pos], d[j * k + col]) << "position " << pos << ", row " << j;
+  }
+}
+
+// Position order with padding positions (groups of 48 with act-order: each
+// group padded to 64; K = 1000 without: padded at the end), and its shape check.
+TEST(EmuGemmPositions, PaddedLayoutsKeepEveryColumnsWeight) {
+  for (const auto& [k, group_size, act_order] : {std::make_tuple(int64_t{480}, int64_t{48}, true),
+                                                 std::make_tuple(int64_t{1000}, int64_t{128}, false)}) {
+    const int64_t n = 130;
+    EmuPreparedLayer p(n, k, group_size, 4, act_order, DType::kBFloat16, 21);
+    const int64_t kp = p.shape.positions;
+    ASSERT_GT(kp, k);
+    DeviceArray<uint16_t> dense(static_cast<size_t>(n * k)), by_position(static_cast<size_t>(n * kp));
+    ASSERT_TRUE(gptqkit::gpu_dequantize_prepared(p.w, dense.view(DType::kBFloat16, n, k), nullptr).ok());
+    Status s = gptqkit::gpu_dequantize_prepared_positions(p.w, by_position.view(DType::kBFloat16, n, kp), nullptr);
+    ASSERT_TRUE(s.ok()) << s.message();
+    const std::vector<uint16_t> d = dense.host(), dp = by_position.host();
+    const std::vector<int32_t> perm = p.perm.host();
+    int64_t checked = 0;
+    for (int64_t pos = 0; pos < kp; ++pos) {
+      const int64_t col = p.shape.reordered ? perm[pos] : (pos < k ? pos : -1);
+      if (col < 0) continue;
+      ++checked;
+      for (int64_t j = 0; j < n; ++j) ASSERT_EQ(dp[j * kp + pos], d[j * k + col]) << "position " << pos << ", row " << j;
+    }
+    EXPECT_EQ(checked, k);
+    s = gptqkit::gpu_dequantize_prepared_positions(p.w, dense.view(DType::kBFloat16, n, k), nullptr);
+    EXPECT_EQ(s.code(), gptqkit::StatusCode::kInvalidArgument);
+    EXPECT_NE(s.message().find("Kp"), std::string::npos) << s.message();
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(

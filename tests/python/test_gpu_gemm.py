@@ -491,6 +491,64 @@ def test_gpu_overlapped_launches_keep_every_dependency(gptqkit, monkeypatch, red
         assert torch.equal(y, expected), "graph replay differs with overlapped launches"
 
 
+@pytest.mark.parametrize("k,group_size", [(256, 32), (200, 48)], ids=["g32", "g48-padded"])
+def test_position_order_product_equals_the_original(gptqkit, k, group_size):
+    """The act-order dense path's identity, on the CPU with the pure-torch layout reference: the weight in
+    position order (padding positions included, whose value is scale * (0 - zero)) times x gathered into
+    that order (zeros at padding) is x @ W.T."""
+    from gptqkit import ops
+
+    n = 96
+    packed = random_packed_layer(gptqkit, n, k, 4, group_size, act_order=True, seed=k)
+    lay = _layout(gptqkit, packed)
+    assert lay.perm is not None and int((lay.perm < 0).sum()) == (lay.perm.shape[0] - k)
+    codes = ops._codes_reference(lay.qweight, 4).double()  # [C, 32, Np]
+    g = lay.chunk_group.long()
+    scale = lay.sz[..., 0].double()[g][:, None, :]
+    zero = lay.sz[..., 1].double()[g][:, None, :]
+    w_pos = (scale * (codes - zero)).reshape(-1, lay.qweight.shape[1])[:, :n].T  # [N, Kp]
+    if group_size == 48:
+        assert (w_pos[:, lay.perm < 0] != 0).any(), "padding positions must not be zero here, or x's zeros go untested"
+    x = torch.randn(5, k, dtype=torch.float64)
+    xp = ops.gather_positions(x, lay.perm)
+    assert xp.shape == (5, lay.perm.shape[0]) and (xp[:, lay.perm < 0] == 0).all()
+    ref = x @ _oracle(packed).double().T
+    torch.testing.assert_close(xp @ w_pos.T, ref, rtol=1e-9, atol=1e-9)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("group_size", [128, 48])
+def test_gpu_act_order_dense_path_writes_whole_rows(gptqkit, monkeypatch, dtype, group_size):
+    """Act-order layers at large M: the weight dequantized in position order by the row-writing tile
+    kernel (never the scattering one), x gathered, within the oracle's bound; and the positions' weights
+    are exactly the original-order weights of their columns."""
+    from gptqkit import ops
+    from gptqkit._native import _C
+
+    n, k, m = 1000, 4096, 300
+    packed = random_packed_layer(gptqkit, n, k, 4, group_size, act_order=True, seed=group_size)
+    lay = _layout(gptqkit, packed, dtype=dtype, device="cuda")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    w = _oracle(packed).double()
+    ref = x.double() @ w.T + bias.double()
+    assert ops.matmul_kernel(x.cuda(), lay) == "dense"
+    y = _call(lay, x.cuda(), bias.cuda())
+    names = _kernel_names(lambda: _call(lay, x.cuda(), bias.cuda()))
+    assert any("dequant_tile_kernel" in name for name in names), names
+    assert not any("dequant_kernel<" in name for name in names), names
+    err = (y.cpu().double() - ref).abs()
+    assert (err <= _bound(x, w, ref, dtype)).all(), f"max error {err.max():.3g}"
+    args = (lay.qweight, lay.sz, lay.chunk_group, lay.perm, 4, k, n)
+    w_pos = torch.empty(n, lay.perm.shape[0], dtype=dtype, device="cuda")
+    _C.gpu_dequantize_prepared(*args[:4], w_pos, *args[4:], torch.cuda.current_stream().cuda_stream, positions=True)
+    w_orig = ops.dequantize_layout(*args)
+    valid = lay.perm >= 0
+    assert torch.equal(w_pos[:, valid], w_orig[:, lay.perm[valid].long()])
+
+
 def test_tile_counter_rows_are_per_stream(gptqkit, monkeypatch):
     """The row assignment of the in-kernel reduction's counters (device-independent logic): one row per
     stream, the same row again for the same stream, none once every row is taken or before the device's

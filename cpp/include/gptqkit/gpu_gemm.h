@@ -153,4 +153,15 @@ Status gpu_matmul_kernel(const TensorView& x, const GpuPreparedView& w, bool wit
 // use for large M.
 Status gpu_dequantize_prepared(const GpuPreparedView& w, const TensorView& weight, void* stream);
 
+// weight[N, Kp] (Kp = 32 * chunks) = dequant(W) in the layout's position
+// order, enqueued on `stream`: column p is the weight at position p, and a
+// padding position holds scale * (0 - zero). For act-order layers this is
+// the fast way to the dense path: gpu_dequantize_prepared must scatter each
+// weight to its original column (one 2-byte store per row and position),
+// while here every layout is written in whole rows. The caller gathers x
+// into the same order instead, x_pos[m, p] = x[m, perm[p]], and 0 where
+// perm[p] = -1 so that the padding drops out (M * Kp values, not N * K);
+// without perm, positions past K are padding.
+Status gpu_dequantize_prepared_positions(const GpuPreparedView& w, const TensorView& weight, void* stream);
+
 }  // namespace gptqkit
