@@ -166,7 +166,7 @@ stage_sanitize() {
   # The selections of docs/gpu.md and docs/gpu_gemm.md: every test but the
   # big option matrices, of which a few representative cases.
   local solver_sel='not test_gpu_matches_cpu or 4-128-True-False-False-0 or 3-32-False-True-True-8'
-  local gemm_memcheck_sel='(gpu_matches and (1-128-False-4 or 16-32-True-4 or 255-128-False-4 or 1024-128-False-4 or 33--1-False-3)) or (mma_split_k and (16-direct-float16 or 64-act_order-bfloat16)) or (wgmma_on and (65-direct-float16 or 255-act_order-bfloat16)) or (skinny_on and (1-128-False-float16 or 16-128-True-bfloat16)) or kernel_routing or workspace or backward or gpu_bad or gpu_dequantize'
+  local gemm_memcheck_sel='(gpu_matches and (1-128-False-4 or 16-32-True-4 or 255-128-False-4 or 1024-128-False-4 or 1024-128-True-4 or 33--1-False-3)) or (mma_split_k and (16-direct-float16 or 64-act_order-bfloat16)) or (wgmma_on and (65-direct-float16 or 255-act_order-bfloat16)) or (skinny_on and (1-128-False-float16 or 16-128-True-bfloat16)) or kernel_routing or workspace or backward or gpu_bad or gpu_dequantize'
   local gemm_racecheck_sel='(gpu_matches and (1-128-False-4 or 16-32-True-4 or 255-128-False-4)) or (mma_split_k and 64-act_order-bfloat16) or (wgmma_on and 65-direct-float16) or (skinny_on and 9-32-False-float16)'
   local rc=0
   # No --leak-check: in a Python + torch process what is still allocated at
