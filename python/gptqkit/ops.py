@@ -329,13 +329,19 @@ def _codes_reference(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(straddles, lo | hi, lo) & ((1 << bits) - 1)
 
 
+def _positions_reference(qweight, sz, chunk_group, bits, out_features, dtype=torch.float32):
+    """``[Kp, N]`` weight of a layout in its position order, padding positions included (pure torch,
+    computed in ``dtype``)."""
+    codes = _codes_reference(qweight, bits).to(dtype)  # [C, 32, Np]
+    g = chunk_group.to(torch.int64)
+    scale = sz[..., 0].to(dtype)[g][:, None, :]
+    zero = sz[..., 1].to(dtype)[g][:, None, :]
+    return (scale * (codes - zero)).reshape(-1, qweight.shape[1])[:, :out_features]
+
+
 def _dequantize_reference(qweight, sz, chunk_group, perm, bits, in_features, out_features, dtype=torch.float32):
     """Dense ``[N, K]`` weight of a layout in the original column order (pure torch)."""
-    codes = _codes_reference(qweight, bits).to(torch.float32)  # [C, 32, Np]
-    g = chunk_group.to(torch.int64)
-    scale = sz[..., 0].to(torch.float32)[g][:, None, :]
-    zero = sz[..., 1].to(torch.float32)[g][:, None, :]
-    w = (scale * (codes - zero)).reshape(-1, qweight.shape[1])[:, :out_features]  # [Kp, N]
+    w = _positions_reference(qweight, sz, chunk_group, bits, out_features)  # [Kp, N]
     positions = torch.arange(w.shape[0], device=w.device)
     cols = perm.to(torch.int64) if perm is not None else torch.where(positions < in_features, positions, -1)
     keep = cols >= 0

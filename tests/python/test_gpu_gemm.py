@@ -502,11 +502,7 @@ def test_position_order_product_equals_the_original(gptqkit, k, group_size):
     packed = random_packed_layer(gptqkit, n, k, 4, group_size, act_order=True, seed=k)
     lay = _layout(gptqkit, packed)
     assert lay.perm is not None and int((lay.perm < 0).sum()) == (lay.perm.shape[0] - k)
-    codes = ops._codes_reference(lay.qweight, 4).double()  # [C, 32, Np]
-    g = lay.chunk_group.long()
-    scale = lay.sz[..., 0].double()[g][:, None, :]
-    zero = lay.sz[..., 1].double()[g][:, None, :]
-    w_pos = (scale * (codes - zero)).reshape(-1, lay.qweight.shape[1])[:, :n].T  # [N, Kp]
+    w_pos = ops._positions_reference(lay.qweight, lay.sz, lay.chunk_group, 4, n, torch.float64).T  # [N, Kp]
     if group_size == 48:
         assert (w_pos[:, lay.perm < 0] != 0).any(), "padding positions must not be zero here, or x's zeros go untested"
     x = torch.randn(5, k, dtype=torch.float64)
