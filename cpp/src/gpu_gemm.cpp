@@ -526,15 +526,20 @@ Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const
       if (inputs[i] != nullptr && overlaps(y, *inputs[i]))
         return Status::InvalidArgument(std::string("y: overlaps the memory of ") + names[i] +
                                        "; pass a separate output array");
+    // Scratch the kernels write (workspace, tile counters) shares memory with nothing else of the call.
+    auto scratch_apart = [&](const TensorView& t, const char* name) {
+      for (int i = 0; i < 6; ++i)
+        if (inputs[i] != nullptr && overlaps(t, *inputs[i]))
+          return Status::InvalidArgument(std::string(name) + ": overlaps the memory of " + names[i]);
+      if (overlaps(t, y)) return Status::InvalidArgument(std::string(name) + ": overlaps the memory of y");
+      return Status::Ok();
+    };
     size_t workspace_bytes = 0;
     if (workspace != nullptr && workspace->data != nullptr) {
       GPTQKIT_RETURN_IF_ERROR(on_gpu(*workspace, "workspace", device));
       if (reinterpret_cast<uintptr_t>(workspace->data) % 16 != 0)
         return Status::InvalidArgument("workspace: data must be 16-byte aligned");
-      for (int i = 0; i < 6; ++i)
-        if (inputs[i] != nullptr && overlaps(*workspace, *inputs[i]))
-          return Status::InvalidArgument(std::string("workspace: overlaps the memory of ") + names[i]);
-      if (overlaps(*workspace, y)) return Status::InvalidArgument("workspace: overlaps the memory of y");
+      GPTQKIT_RETURN_IF_ERROR(scratch_apart(*workspace, "workspace"));
       workspace_bytes = byte_size(*workspace);
     }
     const bool with_counters = tile_counters != nullptr && tile_counters->data != nullptr;
@@ -542,10 +547,7 @@ Status gpu_quantized_matmul(const TensorView& x, const GpuPreparedView& w, const
       GPTQKIT_RETURN_IF_ERROR(on_gpu(*tile_counters, "tile_counters", device));
       GPTQKIT_RETURN_IF_ERROR(checks::dtype_is(*tile_counters, "tile_counters", {DType::kInt32}));
       GPTQKIT_RETURN_IF_ERROR(checks::ndim_is(*tile_counters, "tile_counters", 1));
-      for (int i = 0; i < 6; ++i)
-        if (inputs[i] != nullptr && overlaps(*tile_counters, *inputs[i]))
-          return Status::InvalidArgument(std::string("tile_counters: overlaps the memory of ") + names[i]);
-      if (overlaps(*tile_counters, y)) return Status::InvalidArgument("tile_counters: overlaps the memory of y");
+      GPTQKIT_RETURN_IF_ERROR(scratch_apart(*tile_counters, "tile_counters"));
       if (workspace_bytes > 0 && overlaps(*tile_counters, *workspace))
         return Status::InvalidArgument("tile_counters: overlaps the memory of workspace");
     }
