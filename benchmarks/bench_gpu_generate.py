@@ -44,6 +44,7 @@ import time
 
 import torch
 
+from bench_gpu_gemm import env_vars  # (benchmarks/ is on sys.path when a script in it runs)
 
 
 KINDS = ("fp16", "gptqkit", "gptqkit-fused")
@@ -128,40 +129,32 @@ def parse_routing(text):
     return settings
 
 
-class routing_env:
+class routing_env(env_vars):
     """Sets routing variables for a block, then restores the environment, and makes the model's next
     compiled call compile and capture again (the graphs of the last setting keep its kernels)."""
 
     def __init__(self, model, settings):
-        self.model, self.settings, self.saved = model, settings, {}
+        super().__init__(**settings)
+        self.model = model
 
     def _recompile(self):
         self.model.__dict__.pop("_compiled_call", None)  # transformers' cached torch.compile of the step
         torch._dynamo.reset()
 
     def __enter__(self):
-        for name, value in self.settings.items():
-            self.saved[name] = os.environ.get(name)
-            os.environ[name] = value
+        super().__enter__()
         from gptqkit import ops
 
         try:
             ops._check_routing_env()  # a malformed value fails here, not mid-capture
         except ValueError:
-            self._restore()
+            super().__exit__(None, None, None)
             raise
         self._recompile()
         return self
 
-    def _restore(self):
-        for name, value in self.saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
     def __exit__(self, *exc):
-        self._restore()
+        super().__exit__(*exc)
         self._recompile()
 
 
