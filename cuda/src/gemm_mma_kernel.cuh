@@ -122,8 +122,9 @@ __device__ __forceinline__ void prefetch_weights_then_wait(const uint32_t* qweig
 // kernel's main loop, which then ran 10-25 % more instructions per stage
 // (sm_90a SASS); as a call the loop is the same as without it.
 template <bool BF16>
-__device__ __noinline__ void reduce_splits_if_last(const float* partial, unsigned* counter, int splits, const uint16_t* bias,
-                                      uint16_t* y, int m0, int tile_rows, int n0, int m_dim, int n_dim, int np) {
+__device__ __noinline__ void reduce_splits_if_last(const float* partial, unsigned* counter, int splits,
+                                                   const uint16_t* bias, uint16_t* y, int m0, int tile_rows, int n0,
+                                                   int m_dim, int n_dim, int np) {
   // The flag reuses the pipeline's shared memory, which every thread has
   // left at the barrier below.
   volatile int* is_last = reinterpret_cast<volatile int*>(gpu_dynamic_smem());
@@ -138,13 +139,13 @@ __device__ __noinline__ void reduce_splits_if_last(const float* partial, unsigne
   __threadfence();
   constexpr int kQuads = kMmaBN / 4;  // float4 column groups of the tile
   const int rows = min(tile_rows, m_dim - m0);
+  const int64_t split_stride = static_cast<int64_t>(m_dim) * np;
   for (int i = threadIdx.x; i < rows * kQuads; i += blockDim.x) {
     const int64_t r = m0 + i / kQuads;
     const int c = n0 + 4 * (i % kQuads);
     if (c >= n_dim) continue;
     float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const float* p0 = partial + r * np + c;
-    const int64_t split_stride = static_cast<int64_t>(m_dim) * np;
 #pragma unroll 1
     for (int s = 0; s < splits; ++s) {
       const float4 p = load_float4_l2(p0 + s * split_stride);
